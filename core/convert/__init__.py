@@ -1,0 +1,1 @@
+"""Checkpoint I/O and declarative weight mappings (HF <-> mm)."""

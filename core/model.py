@@ -1,0 +1,134 @@
+"""VLModel: vision encoder -> projector -> scatter into text embeddings -> text decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmzoo.errors import MmzooError
+
+
+@dataclass
+class VLOutput:
+    """``logits`` ``(B, S, V)`` (zeros at padded positions) and ``loss`` when labels were given."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class VLModel(nn.Module):
+    """A vision-language model composed of ready-built parts (keyword-only).
+
+    Args:
+        vision_encoder: ``(pixel_values, grid_thw) -> (patches, C)`` in input patch order.
+        projector: ``(patches, C) -> (tokens, hidden)``; ``patches / tokens`` patches per token.
+        text_decoder: a :class:`mmzoo.nn.TextDecoder`-like module.
+        position_ids: the family's position-id function (see ``ModelSpec.position_ids``).
+        loss: ``(logits (T, V), labels (T,), cu_seqlens) -> loss``.
+        image_token_id, video_token_id: placeholder ids that receive media features.
+        config: the family config the parts were built from.
+        name: registry name of the family.
+    """
+
+    def __init__(
+        self,
+        *,
+        vision_encoder: nn.Module,
+        projector: nn.Module,
+        text_decoder: nn.Module,
+        position_ids: Callable[..., torch.Tensor],
+        loss: Callable[..., torch.Tensor],
+        image_token_id: int,
+        video_token_id: int,
+        config: Any,
+        name: str,
+    ) -> None:
+        super().__init__()
+        self.vision_encoder = vision_encoder
+        self.projector = projector
+        self.text_decoder = text_decoder
+        self.position_ids_fn = position_ids
+        self.loss_fn = loss
+        self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
+        self.config = config
+        self.name = name
+
+    def encode_media(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Vision encoder + projector: patches ``(N, patch_dim)`` -> LLM tokens ``(N / merge, hidden)``."""
+        dtype = next(self.vision_encoder.parameters()).dtype
+        return self.projector(self.vision_encoder(pixel_values.to(dtype), grid_thw))
+
+    def _scatter(self, embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, features, kind: str):
+        mask = input_ids == token_id
+        count = int(mask.sum())
+        if count != features.shape[0]:
+            raise MmzooError(
+                f"{kind} tokens and {kind} features differ: the input ids hold {count} {kind} tokens "
+                f"(id {token_id}) but the {kind}s give {features.shape[0]} features; check that each "
+                f"placeholder was expanded for its {kind}'s grid_thw"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> VLOutput:
+        """Run the model on a padded batch ``(B, S)`` or on one packed row with ``cu_seqlens``.
+
+        Arguments match transformers' Qwen2.5-VL. ``cu_seqlens`` (packed input, ``B == 1``)
+        marks sample boundaries; ``position_ids`` ``(rows, B, S)`` skips the family's
+        position-id function (the packed path computes them per sample in the collator).
+        """
+        batch, seq = input_ids.shape
+        embeds = self.text_decoder.embed(input_ids)
+        for pixels, grid, token_id, kind in (
+            (pixel_values, image_grid_thw, self.image_token_id, "image"),
+            (pixel_values_videos, video_grid_thw, self.video_token_id, "video"),
+        ):
+            if pixels is not None:
+                if grid is None:
+                    raise MmzooError(f"{kind} pixels were given without their {kind}_grid_thw")
+                embeds = self._scatter(embeds, input_ids, token_id, self.encode_media(pixels, grid), kind)
+
+        if cu_seqlens is not None:
+            if batch != 1:
+                raise MmzooError(f"a packed batch (cu_seqlens given) must be one row, got {batch} rows")
+            keep = torch.ones_like(input_ids, dtype=torch.bool)
+        else:
+            keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            lengths = keep.sum(dim=1)
+            cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        if position_ids is None:
+            position_ids = self.position_ids_fn(
+                self.config,
+                input_ids,
+                attention_mask=None if attention_mask is None else keep,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts,
+            )
+
+        hidden = self.text_decoder(embeds[keep], position_ids[:, keep], cu_seqlens)  # (T, H)
+        logits_packed = self.text_decoder.logits(hidden)  # (T, V)
+        loss = None if labels is None else self.loss_fn(logits_packed, labels[keep], cu_seqlens)
+        if bool(keep.all()):
+            logits = logits_packed.view(batch, seq, -1)
+        else:
+            logits = logits_packed.new_zeros(batch, seq, logits_packed.shape[-1])
+            logits[keep] = logits_packed
+        return VLOutput(logits=logits, loss=loss)

@@ -1,0 +1,94 @@
+"""A decoder-only language model with Megatron GPTModel names (GQA, SwiGLU, RMSNorm, rotary)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmzoo.nn.layers import GatedMLP, RMSNorm, SelfAttention, TransformerLayer
+from mmzoo.nn.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Sizes of a GQA decoder. ``mrope_section`` set means multimodal rotary (3 position rows)."""
+
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    tie_word_embeddings: bool = False
+    mrope_section: tuple[int, ...] | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class _Embedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+
+
+class _Block(nn.Module):
+    def __init__(self, layers: list[nn.Module], hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.final_layernorm = RMSNorm(hidden_size, eps)
+
+
+class TextDecoder(nn.Module):
+    """``embedding`` -> ``decoder.layers`` -> ``decoder.final_layernorm`` -> ``output_layer``.
+
+    Works on packed tokens: ``forward(embeds (T, H), position_ids (rows, T), cu_seqlens)``
+    returns hidden states ``(T, H)``; :meth:`logits` applies the output layer (the tied
+    embedding when ``tie_word_embeddings``).
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embedding = _Embedding(c.vocab_size, c.hidden_size)
+        layers = [
+            TransformerLayer(
+                self_attention=SelfAttention(
+                    c.hidden_size,
+                    c.num_heads,
+                    c.num_kv_heads,
+                    c.head_dim,
+                    qkv_bias=c.qkv_bias,
+                    proj_bias=False,
+                    causal=True,
+                ),
+                mlp=GatedMLP(c.hidden_size, c.ffn_hidden_size, bias=False),
+                hidden_size=c.hidden_size,
+                eps=c.rms_norm_eps,
+            )
+            for _ in range(c.num_layers)
+        ]
+        self.decoder = _Block(layers, c.hidden_size, c.rms_norm_eps)
+        self.output_layer = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.mrope_section)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding.word_embeddings(input_ids)
+
+    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(position_ids, embeds.dtype)
+        x = embeds
+        for layer in self.decoder.layers:
+            x = layer(x, cos, sin, cu_seqlens)
+        return self.decoder.final_layernorm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        return hidden @ weight.t()

@@ -1,0 +1,169 @@
+"""The model registry: ``ModelSpec`` entries registered by plugins through ``mmzoo_register_models``."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from mmzoo.errors import MmzooError, nearest
+from mmzoo.plugins import PluginInfo, get_manager
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything mmzoo needs to know about one model family.
+
+    The builders receive the family's config object (one of ``variants`` or one made by
+    ``config_from_hf``) and return ready-built modules; :class:`mmzoo.model.VLModel`
+    composes them. Parts a family does not provide yet are ``None``.
+
+    Attributes:
+        name: registry name, e.g. ``"qwen2_5_vl"``.
+        variants: variant name -> config object (sizes), e.g. ``"7b"``, ``"tiny"``.
+        build_vision_encoder: config -> module ``(pixel_values, grid_thw) -> patch features``.
+        build_projector: config -> module ``patch features -> LLM-width tokens``.
+        build_text_decoder: config -> :class:`mmzoo.nn.TextDecoder`-like module.
+        position_ids: ``(config, input_ids, attention_mask, image_grid_thw, video_grid_thw,
+            second_per_grid_ts) -> (rows, B, S)`` position ids (M-RoPE has 3 rows).
+        weight_mapping: config -> :class:`mmzoo.convert.mapping.WeightMapping` (HF <-> mm names).
+        config_from_hf: HF ``config.json`` dict -> config object.
+        loss: ``(logits, labels, cu_seqlens) -> loss`` hook.
+        hf_architectures: the ``architectures`` entries of HF config.json this family reads.
+        special_tokens: token name -> id (image/video placeholders, eos, pad, ...).
+        freeze_groups: group name -> module-name prefixes in the mm state dict.
+        template: chat template name, when the family provides one.
+        media_processor: media processor, when the family provides one.
+    """
+
+    name: str
+    variants: Mapping[str, Any]
+    build_vision_encoder: Callable[[Any], nn.Module]
+    build_projector: Callable[[Any], nn.Module]
+    build_text_decoder: Callable[[Any], nn.Module]
+    position_ids: Callable[..., Any]
+    weight_mapping: Callable[[Any], Any]
+    config_from_hf: Callable[[dict], Any]
+    loss: Callable[..., Any]
+    hf_architectures: tuple[str, ...] = ()
+    special_tokens: Mapping[str, int] = field(default_factory=dict)
+    freeze_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    template: Any = None
+    media_processor: Any = None
+    description: str = ""
+
+    PARTS = (
+        "build_vision_encoder",
+        "build_projector",
+        "build_text_decoder",
+        "weight_mapping",
+        "loss",
+        "template",
+        "media_processor",
+        "position_ids",
+    )
+
+    def parts(self) -> dict[str, str | None]:
+        """Part name -> qualified name of the object providing it (``None`` when absent)."""
+        out: dict[str, str | None] = {}
+        for attr in self.PARTS:
+            obj = getattr(self, attr)
+            key = attr.removeprefix("build_")
+            if obj is None:
+                out[key] = None
+            elif isinstance(obj, str):
+                out[key] = obj
+            else:
+                out[key] = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+        return out
+
+    def variant(self, name: str) -> Any:
+        """The config of variant ``name``; an unknown name is an error listing the variants."""
+        if name not in self.variants:
+            raise MmzooError(
+                f"model '{self.name}' has no variant '{name}'{nearest(name, self.variants)}; "
+                f"variants: {', '.join(self.variants)}"
+            )
+        return self.variants[name]
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered spec and the plugin that supplied it."""
+
+    spec: ModelSpec
+    plugin: PluginInfo
+
+
+_models: dict[str, Registered] | None = None
+
+
+def reset() -> None:
+    """Forget the registered models (they are collected again on next use)."""
+    global _models
+    _models = None
+
+
+def _collect() -> dict[str, Registered]:
+    global _models
+    if _models is not None:
+        return _models
+    models: dict[str, Registered] = {}
+    for plugin, impl in get_manager().hookimpls("mmzoo_register_models"):
+
+        def register(spec: ModelSpec, _plugin: PluginInfo = plugin) -> None:
+            if not isinstance(spec, ModelSpec):
+                raise MmzooError(f"plugin {_plugin.label} registered {spec!r}, which is not a ModelSpec")
+            if spec.name in models:
+                other = models[spec.name].plugin
+                raise MmzooError(
+                    f"model '{spec.name}' is registered by two plugins: {other.label} and {_plugin.label}; "
+                    f"uninstall one or block it with MMZOO_BLOCK_PLUGINS"
+                )
+            if not spec.variants:
+                raise MmzooError(f"plugin {_plugin.label} registered model '{spec.name}' with no variants")
+            models[spec.name] = Registered(spec, _plugin)
+
+        try:
+            impl(register=register)
+        except MmzooError:
+            raise
+        except Exception as exc:
+            raise MmzooError(f"plugin {plugin.label} failed while registering models: {exc}") from exc
+    _models = models
+    return models
+
+
+def all_models(pattern: str | None = None) -> list[Registered]:
+    """Registered models sorted by name, optionally filtered by a glob/substring ``pattern``."""
+    models = sorted(_collect().values(), key=lambda r: r.spec.name)
+    if pattern:
+        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        models = [r for r in models if fnmatch.fnmatch(r.spec.name, glob)]
+    return models
+
+
+def get_model(name: str) -> ModelSpec:
+    """The spec registered as ``name``; an unknown name lists what is installed."""
+    models = _collect()
+    if name not in models:
+        installed = ", ".join(sorted(models)) or "none"
+        raise MmzooError(
+            f"no model named '{name}'{nearest(name, models)}; installed: {installed}. "
+            f"Install its plugin (e.g. pip install mmzoo-{name}) and check `mmzoo plugins`"
+        )
+    return models[name].spec
+
+
+def model_for_architecture(architecture: str) -> ModelSpec:
+    """The spec whose ``hf_architectures`` include ``architecture``."""
+    for registered in _collect().values():
+        if architecture in registered.spec.hf_architectures:
+            return registered.spec
+    known = sorted(a for r in _collect().values() for a in r.spec.hf_architectures)
+    raise MmzooError(
+        f"no installed plugin reads the architecture '{architecture}'; readable: {', '.join(known) or 'none'}"
+    )

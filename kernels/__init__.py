@@ -1,0 +1,9 @@
+"""mmzoo kernels: accelerator ops with run-time backend dispatch (import name ``mmzoo_kernels``).
+
+Models call :mod:`mmzoo_kernels.ops`; :mod:`mmzoo_kernels.registry` picks the implementation.
+"""
+
+from mmzoo_kernels.ops import attention, rms_norm, rotary, swiglu
+from mmzoo_kernels.registry import configure
+
+__all__ = ["attention", "configure", "rms_norm", "rotary", "swiglu"]

@@ -1,0 +1,166 @@
+"""The Qwen2.5-VL vision tower: patch embedding, 2-D rotary, window attention, PatchMerger."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from mmzoo.nn import GatedMLP, RMSNorm, SelfAttention, TransformerLayer
+from torch import nn
+
+from mmzoo_qwen2_5_vl.config import VisionConfig
+
+
+def patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(h, w) ids of every patch, in the order patches arrive: 2x2 merge blocks row-major.
+
+    Returns:
+        ``(N, 2)`` long.
+    """
+    out = []
+    for t, h, w in grid_thw.tolist():
+        hpos = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
+        wpos = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)
+        # patches are ordered (h_block, w_block, h_in, w_in)
+        hw = torch.stack([hpos.permute(0, 2, 1, 3).flatten(), wpos.permute(0, 2, 1, 3).flatten()], dim=-1)
+        out.append(hw.repeat(t, 1))
+    return torch.cat(out)
+
+
+def window_index(grid_thw: torch.Tensor, merge: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder merge units window by window and give each window's boundaries.
+
+    Args:
+        grid_thw: ``(M, 3)`` patch grids.
+        merge: spatial merge size (2).
+        window: window edge in merge units (112 px / 14 px / 2 = 4).
+
+    Returns:
+        ``index`` ``(units,)``: merge-unit order, window-contiguous; ``cu_seqlens`` of the windows
+        in patches (partial windows at the right/bottom edges are smaller).
+    """
+    index, lengths, offset = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        units = torch.arange(t * gh * gw).view(t, gh, gw) + offset
+        for frame in units:
+            for top in range(0, gh, window):
+                for left in range(0, gw, window):
+                    cell = frame[top : top + window, left : left + window].flatten()
+                    index.append(cell)
+                    lengths.append(cell.numel() * merge * merge)
+        offset += t * gh * gw
+    cu = F.pad(torch.tensor(lengths).cumsum(0, dtype=torch.int32), (1, 0))
+    return torch.cat(index), cu
+
+
+def frame_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` for full attention: every frame of every image/video is one sequence."""
+    per_frame = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return F.pad(per_frame.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+class VisionRotary(nn.Module):
+    """2-D rotary: a quarter of the head dim rotates with h, a quarter with w, duplicated."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.head_dim // 2
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, half, 2, dtype=torch.float, device=positions.device) / half))
+        freqs = positions[..., None].float() * inv_freq  # (N, 2, D/4)
+        freqs = freqs.flatten(1)  # (N, D/2): [h bands, w bands]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = (2, 14, 14) over flattened patches, computed as one matmul."""
+
+    def __init__(self, c: VisionConfig) -> None:
+        super().__init__()
+        kernel = (c.temporal_patch_size, c.patch_size, c.patch_size)
+        self.proj = nn.Conv3d(c.in_channels, c.hidden_size, kernel_size=kernel, stride=kernel, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.flatten(1)  # (C, 3 * 2 * 14 * 14): same order as a flattened patch
+        if pixel_values.shape[-1] != weight.shape[1]:
+            raise ValueError(f"pixel_values rows must have {weight.shape[1]} values, got {pixel_values.shape[-1]}")
+        return pixel_values @ weight.t()
+
+
+class _Blocks(nn.Module):
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+
+class VisionEncoder(nn.Module):
+    """Patches ``(N, 1176)`` + grids ``(M, 3)`` -> patch features ``(N, hidden)`` in input order.
+
+    Blocks in ``fullatt_block_indexes`` attend over whole frames; the rest within 112-px windows.
+    Tokens are reordered window-contiguous (at merge-unit granularity) for the blocks and
+    restored afterwards, so the projector sees the input order.
+    """
+
+    def __init__(self, c: VisionConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.patch_embed = PatchEmbed(c)
+        self.rotary = VisionRotary(c.head_dim, c.rope_theta)
+        self.blocks = _Blocks(
+            [
+                TransformerLayer(
+                    self_attention=SelfAttention(
+                        c.hidden_size, c.num_heads, c.num_heads, c.head_dim, qkv_bias=True, proj_bias=True, causal=False
+                    ),
+                    mlp=GatedMLP(c.hidden_size, c.ffn_hidden_size, bias=True),
+                    hidden_size=c.hidden_size,
+                    eps=c.rms_norm_eps,
+                )
+                for _ in range(c.depth)
+            ]
+        )
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        grid_thw = grid_thw.cpu()
+        expected = int(grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != expected:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_thw describes {expected}")
+        x = self.patch_embed(pixel_values)
+        tokens, width = x.shape
+        unit = c.spatial_merge_size**2
+        order, cu_window = window_index(grid_thw, c.spatial_merge_size, c.window_size // c.patch_size // c.spatial_merge_size)
+        cu_full = frame_seqlens(grid_thw)
+        device = x.device
+        order, cu_window, cu_full = order.to(device), cu_window.to(device), cu_full.to(device)
+
+        def to_windows(t: torch.Tensor) -> torch.Tensor:
+            return t.view(tokens // unit, unit, -1)[order].view(tokens, -1)
+
+        cos, sin = self.rotary(patch_positions(grid_thw, c.spatial_merge_size).to(device), x.dtype)
+        x, cos, sin = to_windows(x), to_windows(cos), to_windows(sin)
+        full = set(c.fullatt_block_indexes)
+        for i, layer in enumerate(self.blocks.layers):
+            x = layer(x, cos, sin, cu_full if i in full else cu_window)
+        restore = torch.argsort(order)
+        return x.view(tokens // unit, unit, width)[restore].view(tokens, width)
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm, 2x2 neighbouring patches concatenated, Linear -> GELU -> Linear to LLM width."""
+
+    def __init__(self, c: VisionConfig) -> None:
+        super().__init__()
+        merged = c.hidden_size * c.spatial_merge_size**2
+        self.merged = merged
+        self.layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.linear_fc1 = nn.Linear(merged, merged)
+        self.linear_fc2 = nn.Linear(merged, c.out_hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layernorm(x).view(-1, self.merged)  # (N / 4, 4 * C)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
