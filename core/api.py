@@ -28,7 +28,10 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> 
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             value = apply_overrides(current, value, f"{where}{key}.")
         changes[key] = value
-    return dataclasses.replace(config, **changes)
+    try:
+        return dataclasses.replace(config, **changes)
+    except (TypeError, ValueError) as exc:
+        raise MmzooError(f"invalid config override {where or ''}{overrides}: {exc}") from exc
 
 
 def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
@@ -57,7 +60,9 @@ def compose(spec: ModelSpec, config: Any) -> VLModel:
     )
 
 
-def build_model(name: str, variant: str = "tiny", *, dtype: torch.dtype | None = None, **overrides: Any) -> VLModel:
+def build_model(
+    name: str, variant: str = "tiny", *, dtype: torch.dtype | None = None, **overrides: Any
+) -> VLModel:
     """A randomly initialised model of a registered family.
 
     Args:
@@ -133,7 +138,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLMo
             raise MmzooError(f"{spec.name} mapping produced '{name}', which the model does not have")
         if param.shape != tensor.shape:
             raise MmzooError(
-                f"{where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, the model built "
+                f"{where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
+                f"the model built "
                 f"from config.json expects {tuple(param.shape)}; does config.json match the weights?"
             )
         with torch.no_grad():

@@ -110,7 +110,11 @@ class VLModel(nn.Module):
                 raise MmzooError(f"a packed batch (cu_seqlens given) must be one row, got {batch} rows")
             keep = torch.ones_like(input_ids, dtype=torch.bool)
         else:
-            keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            keep = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones_like(input_ids, dtype=torch.bool)
+            )
             lengths = keep.sum(dim=1)
             cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
         if position_ids is None:

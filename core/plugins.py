@@ -106,7 +106,9 @@ class PluginManager:
         """Register a plugin object (a module or any object with hookimpls) under ``info.name``."""
         self.pm.register(module, name=info.name)
         info.hooks = sorted(
-            caller.name for caller in self.pm.get_hookcallers(module) or [] if caller.name.startswith("mmzoo_")
+            caller.name
+            for caller in self.pm.get_hookcallers(module) or []
+            if caller.name.startswith("mmzoo_")
         )
         self.plugins[info.name] = info
 

@@ -19,7 +19,8 @@ class ModelSpec:
 
     The builders receive the family's config object (one of ``variants`` or one made by
     ``config_from_hf``) and return ready-built modules; :class:`mmzoo.model.VLModel`
-    composes them. Parts a family does not provide yet are ``None``.
+    composes them. The config carries ``image_token_id`` and ``video_token_id`` (tests shrink
+    the vocabulary and remap them). Parts a family does not provide yet are ``None``.
 
     Attributes:
         name: registry name, e.g. ``"qwen2_5_vl"``.
@@ -32,6 +33,7 @@ class ModelSpec:
         weight_mapping: config -> :class:`mmzoo.convert.mapping.WeightMapping` (HF <-> mm names).
         config_from_hf: HF ``config.json`` dict -> config object.
         loss: ``(logits, labels, cu_seqlens) -> loss`` hook.
+        example_batch: config -> a small model input with media (for tests and benchmarks).
         hf_architectures: the ``architectures`` entries of HF config.json this family reads.
         special_tokens: token name -> id (image/video placeholders, eos, pad, ...).
         freeze_groups: group name -> module-name prefixes in the mm state dict.
@@ -48,6 +50,7 @@ class ModelSpec:
     weight_mapping: Callable[[Any], Any]
     config_from_hf: Callable[[dict], Any]
     loss: Callable[..., Any]
+    example_batch: Callable[[Any], dict[str, Any]]
     hf_architectures: tuple[str, ...] = ()
     special_tokens: Mapping[str, int] = field(default_factory=dict)
     freeze_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -77,7 +80,9 @@ class ModelSpec:
             elif isinstance(obj, str):
                 out[key] = obj
             else:
-                out[key] = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+                out[key] = (
+                    f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+                )
         return out
 
     def variant(self, name: str) -> Any:

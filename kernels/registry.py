@@ -66,11 +66,14 @@ def _collect() -> dict[tuple[str, str], tuple[KernelImpl, str]]:
 
         def register(impl: KernelImpl, _label: str = plugin.label) -> None:
             if impl.op not in OPS:
-                raise MmzooError(f"plugin {_label} registered a kernel for unknown op '{impl.op}'; ops: {OPS}")
+                raise MmzooError(
+                    f"plugin {_label} registered a kernel for unknown op '{impl.op}'; ops: {OPS}"
+                )
             key = (impl.op, impl.backend)
             if key in impls:
                 raise MmzooError(
-                    f"kernel {impl.op}/{impl.backend} is registered by two plugins: {impls[key][1]} and {_label}"
+                    f"kernel {impl.op}/{impl.backend} is registered by two plugins: "
+                    f"{impls[key][1]} and {_label}"
                 )
             impls[key] = (impl, _label)
 

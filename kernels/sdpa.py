@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +15,7 @@ def attention(
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in pairwise(bounds):
         if end == start:
             continue
         o = F.scaled_dot_product_attention(

@@ -51,7 +51,9 @@ class HFCheckpoint:
             return dict(weight_map)
         shards = sorted(self.path.glob("*.safetensors"))
         if not shards:
-            raise MmzooError(f"{self.path}: no *.safetensors weights found (pickled .bin weights are not read)")
+            raise MmzooError(
+                f"{self.path}: no *.safetensors weights found (pickled .bin weights are not read)"
+            )
         files: dict[str, str] = {}
         for shard in shards:
             with safe_open(shard, framework="pt") as f:
@@ -63,7 +65,9 @@ class HFCheckpoint:
     def architecture(self) -> str:
         archs = self.config.get("architectures") or []
         if not archs:
-            raise MmzooError(f"{self.path / 'config.json'}: no 'architectures' entry, so the model family is unknown")
+            raise MmzooError(
+                f"{self.path / 'config.json'}: no 'architectures' entry, so the model family is unknown"
+            )
         return archs[0]
 
     def keys(self) -> set[str]:

@@ -50,7 +50,11 @@ class QKV:
     fused_source: bool = False
 
     def _sizes(self) -> list[int]:
-        return [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
+        return [
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        ]
 
     def merge(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         q, k, v = tensors[0].split(self._sizes(), dim=0) if self.fused_source else tensors
@@ -147,7 +151,9 @@ class WeightMapping:
                 missing.extend(name for name in rule.hf if name not in available)
         return missing, sorted(available - known)
 
-    def to_mm(self, get_hf: Callable[[str], torch.Tensor], available: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def to_mm(
+        self, get_hf: Callable[[str], torch.Tensor], available: set[str]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(mm_name, tensor)``, reading HF tensors one rule at a time."""
         for rule in self.rules:
             if rule.mm is None:
@@ -162,4 +168,4 @@ class WeightMapping:
             if rule.mm is None:
                 continue
             tensors = rule.op.split(get_mm(rule.mm))
-            yield from zip(rule.hf, tensors)
+            yield from zip(rule.hf, tensors, strict=True)

@@ -76,13 +76,17 @@ class TextDecoder(nn.Module):
             for _ in range(c.num_layers)
         ]
         self.decoder = _Block(layers, c.hidden_size, c.rms_norm_eps)
-        self.output_layer = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.output_layer = (
+            None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        )
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.mrope_section)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding.word_embeddings(input_ids)
 
-    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
         cos, sin = self.rotary(position_ids, embeds.dtype)
         x = embeds
         for layer in self.decoder.layers:
@@ -90,5 +94,7 @@ class TextDecoder(nn.Module):
         return self.decoder.final_layernorm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        weight = (
+            self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        )
         return hidden @ weight.t()

@@ -29,7 +29,9 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         if self.window_size % (self.patch_size * self.spatial_merge_size):
             raise ValueError(
                 f"vision window_size {self.window_size} must be a multiple of "
@@ -102,8 +104,14 @@ VARIANTS: dict[str, Qwen2_5_VLConfig] = {
     ),
     # Laptop-sized, real vocabulary and token ids: the embedded default and the tests.
     "tiny": Qwen2_5_VLConfig(
-        VisionConfig(depth=4, hidden_size=64, ffn_hidden_size=128, num_heads=4, out_hidden_size=64,
-                     fullatt_block_indexes=(1, 3)),
+        VisionConfig(
+            depth=4,
+            hidden_size=64,
+            ffn_hidden_size=128,
+            num_heads=4,
+            out_hidden_size=64,
+            fullatt_block_indexes=(1, 3),
+        ),
         DecoderConfig(
             vocab_size=151936,
             hidden_size=64,
@@ -176,5 +184,3 @@ def config_from_hf(hf: dict[str, Any]) -> Qwen2_5_VLConfig:
         vision_start_token_id=_get(hf, "vision_start_token_id", default=151652),
         vision_end_token_id=_get(hf, "vision_end_token_id", default=151653),
     )
-
-

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from mmzoo.convert.mapping import GATE_UP, QKV, Rule, WeightMapping
-
 from mmzoo_qwen2_5_vl.config import Qwen2_5_VLConfig
 
 # transformers >= 4.52 names modules model.visual.* / model.language_model.*; checkpoints on
@@ -29,8 +28,15 @@ def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
         Rule(VM + "self_attention.linear_proj.weight", (V + "attn.proj.weight",), layers="vision"),
         Rule(VM + "self_attention.linear_proj.bias", (V + "attn.proj.bias",), layers="vision"),
         Rule(VM + "pre_mlp_layernorm.weight", (V + "norm2.weight",), layers="vision"),
-        Rule(VM + "mlp.linear_fc1.weight", (V + "mlp.gate_proj.weight", V + "mlp.up_proj.weight"), GATE_UP, "vision"),
-        Rule(VM + "mlp.linear_fc1.bias", (V + "mlp.gate_proj.bias", V + "mlp.up_proj.bias"), GATE_UP, "vision"),
+        Rule(
+            VM + "mlp.linear_fc1.weight",
+            (V + "mlp.gate_proj.weight", V + "mlp.up_proj.weight"),
+            GATE_UP,
+            "vision",
+        ),
+        Rule(
+            VM + "mlp.linear_fc1.bias", (V + "mlp.gate_proj.bias", V + "mlp.up_proj.bias"), GATE_UP, "vision"
+        ),
         Rule(VM + "mlp.linear_fc2.weight", (V + "mlp.down_proj.weight",), layers="vision"),
         Rule(VM + "mlp.linear_fc2.bias", (V + "mlp.down_proj.bias",), layers="vision"),
         Rule("projector.layernorm.weight", ("visual.merger.ln_q.weight",)),
@@ -54,7 +60,12 @@ def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
         ),
         Rule(TM + "self_attention.linear_proj.weight", (T + "self_attn.o_proj.weight",), layers="text"),
         Rule(TM + "pre_mlp_layernorm.weight", (T + "post_attention_layernorm.weight",), layers="text"),
-        Rule(TM + "mlp.linear_fc1.weight", (T + "mlp.gate_proj.weight", T + "mlp.up_proj.weight"), GATE_UP, "text"),
+        Rule(
+            TM + "mlp.linear_fc1.weight",
+            (T + "mlp.gate_proj.weight", T + "mlp.up_proj.weight"),
+            GATE_UP,
+            "text",
+        ),
         Rule(TM + "mlp.linear_fc2.weight", (T + "mlp.down_proj.weight",), layers="text"),
         Rule("text_decoder.decoder.final_layernorm.weight", ("model.norm.weight",)),
         # Tied embeddings: some checkpoints still carry lm_head.weight; it equals the embedding.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
 from mmzoo import ModelSpec, hookimpl
 from mmzoo.loss import causal_lm_loss
 from mmzoo.nn import TextDecoder
-
 from mmzoo_qwen2_5_vl.config import VARIANTS, config_from_hf
 from mmzoo_qwen2_5_vl.mapping import weight_mapping
 from mmzoo_qwen2_5_vl.rope_index import position_ids
@@ -34,6 +35,36 @@ def build_text_decoder(config):
     return TextDecoder(config.text)
 
 
+def example_batch(config, seed: int = 0) -> dict:
+    """Text, one image (2x2 windows, one partial) and one 2-frame video, with labels."""
+    g = torch.Generator().manual_seed(seed)
+    v = config.vision
+    image, video = (1, 10, 12), (2, 4, 4)
+
+    def run(token: int, grid: tuple[int, int, int]) -> list[int]:
+        count = grid[0] * grid[1] * grid[2] // v.spatial_merge_size**2
+        return [config.vision_start_token_id] + [token] * count + [config.vision_end_token_id]
+
+    def words(n: int) -> list[int]:
+        return torch.randint(0, min(config.text.vocab_size, 1000), (n,), generator=g).tolist()
+
+    ids = (
+        words(4) + run(config.image_token_id, image) + words(3) + run(config.video_token_id, video) + words(5)
+    )
+    input_ids = torch.tensor([ids])
+    labels = input_ids.clone()
+    labels[0, : len(ids) - 5] = -100
+    return {
+        "input_ids": input_ids,
+        "pixel_values": torch.randn(image[0] * image[1] * image[2], v.patch_dim, generator=g),
+        "image_grid_thw": torch.tensor([image]),
+        "pixel_values_videos": torch.randn(video[0] * video[1] * video[2], v.patch_dim, generator=g),
+        "video_grid_thw": torch.tensor([video]),
+        "second_per_grid_ts": torch.tensor([1.0]),
+        "labels": labels,
+    }
+
+
 SPEC = ModelSpec(
     name="qwen2_5_vl",
     description="Qwen2.5-VL: window-attention ViT, PatchMerger, Qwen2 decoder with M-RoPE",
@@ -45,6 +76,7 @@ SPEC = ModelSpec(
     weight_mapping=weight_mapping,
     config_from_hf=config_from_hf,
     loss=causal_lm_loss,
+    example_batch=example_batch,
     hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
     special_tokens=SPECIAL_TOKENS,
     freeze_groups={

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from mmzoo.errors import MmzooError
 
+from mmzoo.errors import MmzooError
 from mmzoo_qwen2_5_vl.config import Qwen2_5_VLConfig
 
 
@@ -40,12 +40,16 @@ def rope_index(
     positions = torch.zeros(3, batch, seq, dtype=torch.long)
     deltas = torch.zeros(batch, 1, dtype=torch.long)
     grids = {
-        config.image_token_id: iter((image_grid_thw.tolist() if image_grid_thw is not None else [])),
-        config.video_token_id: iter((video_grid_thw.tolist() if video_grid_thw is not None else [])),
+        config.image_token_id: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+        config.video_token_id: iter(video_grid_thw.tolist() if video_grid_thw is not None else []),
     }
     video_seconds = iter(second_per_grid_ts.cpu() if second_per_grid_ts is not None else [])
     ids_cpu = input_ids.cpu()
-    keep_all = attention_mask.bool().cpu() if attention_mask is not None else torch.ones(batch, seq, dtype=torch.bool)
+    keep_all = (
+        attention_mask.bool().cpu()
+        if attention_mask is not None
+        else torch.ones(batch, seq, dtype=torch.bool)
+    )
     for row in range(batch):
         keep = keep_all[row]
         ids = ids_cpu[row][keep].tolist()
@@ -57,7 +61,9 @@ def rope_index(
                 kind = "image" if token == config.image_token_id else "video"
                 grid = next(grids[token], None)
                 if grid is None:
-                    raise MmzooError(f"row {row} has more {kind} placeholder runs than {kind}_grid_thw entries")
+                    raise MmzooError(
+                        f"row {row} has more {kind} placeholder runs than {kind}_grid_thw entries"
+                    )
                 count = grid[0] * grid[1] * grid[2] // merge**2
                 if ids[i : i + count] != [token] * count:
                     raise MmzooError(

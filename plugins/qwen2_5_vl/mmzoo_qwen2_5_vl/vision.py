@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from mmzoo.nn import GatedMLP, RMSNorm, SelfAttention, TransformerLayer
 from torch import nn
 
+from mmzoo.nn import GatedMLP, RMSNorm, SelfAttention, TransformerLayer
 from mmzoo_qwen2_5_vl.config import VisionConfig
 
 
@@ -69,7 +69,9 @@ class VisionRotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         half = self.head_dim // 2
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, half, 2, dtype=torch.float, device=positions.device) / half))
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, half, 2, dtype=torch.float, device=positions.device) / half)
+        )
         freqs = positions[..., None].float() * inv_freq  # (N, 2, D/4)
         freqs = freqs.flatten(1)  # (N, D/2): [h bands, w bands]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -87,7 +89,9 @@ class PatchEmbed(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight.flatten(1)  # (C, 3 * 2 * 14 * 14): same order as a flattened patch
         if pixel_values.shape[-1] != weight.shape[1]:
-            raise ValueError(f"pixel_values rows must have {weight.shape[1]} values, got {pixel_values.shape[-1]}")
+            raise ValueError(
+                f"pixel_values rows must have {weight.shape[1]} values, got {pixel_values.shape[-1]}"
+            )
         return pixel_values @ weight.t()
 
 
@@ -114,7 +118,13 @@ class VisionEncoder(nn.Module):
             [
                 TransformerLayer(
                     self_attention=SelfAttention(
-                        c.hidden_size, c.num_heads, c.num_heads, c.head_dim, qkv_bias=True, proj_bias=True, causal=False
+                        c.hidden_size,
+                        c.num_heads,
+                        c.num_heads,
+                        c.head_dim,
+                        qkv_bias=True,
+                        proj_bias=True,
+                        causal=False,
                     ),
                     mlp=GatedMLP(c.hidden_size, c.ffn_hidden_size, bias=True),
                     hidden_size=c.hidden_size,
@@ -129,11 +139,15 @@ class VisionEncoder(nn.Module):
         grid_thw = grid_thw.cpu()
         expected = int(grid_thw.prod(-1).sum())
         if pixel_values.shape[0] != expected:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_thw describes {expected}")
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patches but grid_thw describes {expected}"
+            )
         x = self.patch_embed(pixel_values)
         tokens, width = x.shape
         unit = c.spatial_merge_size**2
-        order, cu_window = window_index(grid_thw, c.spatial_merge_size, c.window_size // c.patch_size // c.spatial_merge_size)
+        order, cu_window = window_index(
+            grid_thw, c.spatial_merge_size, c.window_size // c.patch_size // c.spatial_merge_size
+        )
         cu_full = frame_seqlens(grid_thw)
         device = x.device
         order, cu_window, cu_full = order.to(device), cu_window.to(device), cu_full.to(device)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-import mmzoo
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_hf import IMAGE, V_END, V_START, make_sample, text, token_types
 
-from conftest import IMAGE, V_END, V_START, make_sample, text, token_types
+import mmzoo
 
 # Grids are in 14-px patches; 8x12 gives merged 4x6 -> a full 4x4 window and a partial 4x2 one.
 CASES = {

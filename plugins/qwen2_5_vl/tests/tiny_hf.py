@@ -1,0 +1,98 @@
+"""A tiny random transformers Qwen2.5-VL and matching inputs, built in the tests (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+VOCAB = 1000
+IMAGE, VIDEO, V_START, V_END = 995, 996, 993, 994  # special ids remapped below the small vocab
+
+
+def hf_config():
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=4,
+            hidden_size=64,
+            intermediate_size=96,
+            num_heads=4,
+            out_hidden_size=64,
+            fullatt_block_indexes=[1, 3],
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            tokens_per_second=2,
+            hidden_act="silu",
+        ),
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=V_START,
+        vision_end_token_id=V_END,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(hf_config()).eval()
+    with torch.no_grad():  # transformers initialises norms to ones and biases to zero: make them count
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_dir(hf_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_tiny")
+    hf_model.save_pretrained(path)
+    return path
+
+
+def media_run(token: int, grid: tuple[int, int, int]) -> list[int]:
+    t, h, w = grid
+    return [V_START] + [token] * (t * h * w // 4) + [V_END]
+
+
+def text(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 900, (n,), generator=g).tolist()
+
+
+def make_sample(images=(), videos=(), seconds=(), seed=0):
+    """Token ids with media runs between text spans, plus pixel inputs and the HF token types."""
+    g = torch.Generator().manual_seed(seed + 100)
+    ids = text(5, seed)
+    for grid in images:
+        ids += media_run(IMAGE, grid) + text(3, seed + 1)
+    for grid in videos:
+        ids += media_run(VIDEO, grid) + text(4, seed + 2)
+    batch = {"input_ids": torch.tensor([ids])}
+    if images:
+        batch["pixel_values"] = torch.randn(sum(t * h * w for t, h, w in images), 1176, generator=g)
+        batch["image_grid_thw"] = torch.tensor(images)
+    if videos:
+        batch["pixel_values_videos"] = torch.randn(sum(t * h * w for t, h, w in videos), 1176, generator=g)
+        batch["video_grid_thw"] = torch.tensor(videos)
+        batch["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+    return batch
+
+
+def token_types(input_ids: torch.Tensor) -> torch.Tensor:
+    return (input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int()
