@@ -39,8 +39,9 @@ def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv3d)):
             torch.nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                torch.nn.init.zeros_(module.bias)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                torch.nn.init.zeros_(bias)
         elif isinstance(module, RMSNorm):
             torch.nn.init.ones_(module.weight)
 

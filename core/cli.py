@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from mmzoo.errors import MmzooError
 
@@ -14,7 +15,7 @@ def _list_models(args: argparse.Namespace) -> int:
     from mmzoo.registry import all_models
 
     models = all_models(args.pattern)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": r.spec.name,
             "variants": list(r.spec.variants),
@@ -50,7 +51,7 @@ def _plugins(args: argparse.Namespace) -> int:
     manager = get_manager()
     manager.load()
     infos = sorted(manager.plugins.values(), key=lambda p: p.name) + manager.failures
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": p.name,
             "distribution": p.distribution,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmzoo.errors import MmzooError
+from mmzoo.nn import TextDecoder
 
 
 @dataclass
@@ -40,7 +41,7 @@ class VLModel(nn.Module):
         *,
         vision_encoder: nn.Module,
         projector: nn.Module,
-        text_decoder: nn.Module,
+        text_decoder: TextDecoder,
         position_ids: Callable[..., torch.Tensor],
         loss: Callable[..., torch.Tensor],
         image_token_id: int,

@@ -15,9 +15,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import ModuleType
+from typing import Any
 
 import pluggy
 
@@ -112,7 +114,7 @@ class PluginManager:
         )
         self.plugins[info.name] = info
 
-    def hookimpls(self, hook_name: str) -> list[tuple[PluginInfo, object]]:
+    def hookimpls(self, hook_name: str) -> list[tuple[PluginInfo, Callable[..., Any]]]:
         """The implementations of one hook, each with the plugin that supplied it."""
         self.load()
         caller = getattr(self.pm.hook, hook_name)

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from mmzoo.errors import MmzooError, nearest
+from mmzoo.nn import TextDecoder
 from mmzoo.plugins import PluginInfo, get_manager
 
 
@@ -27,7 +28,7 @@ class ModelSpec:
         variants: variant name -> config object (sizes), e.g. ``"7b"``, ``"tiny"``.
         build_vision_encoder: config -> module ``(pixel_values, grid_thw) -> patch features``.
         build_projector: config -> module ``patch features -> LLM-width tokens``.
-        build_text_decoder: config -> :class:`mmzoo.nn.TextDecoder`-like module.
+        build_text_decoder: config -> :class:`mmzoo.nn.TextDecoder`.
         position_ids: ``(config, input_ids, attention_mask, image_grid_thw, video_grid_thw,
             second_per_grid_ts) -> (rows, B, S)`` position ids (M-RoPE has 3 rows).
         weight_mapping: config -> :class:`mmzoo.convert.mapping.WeightMapping` (HF <-> mm names).
@@ -45,7 +46,7 @@ class ModelSpec:
     variants: Mapping[str, Any]
     build_vision_encoder: Callable[[Any], nn.Module]
     build_projector: Callable[[Any], nn.Module]
-    build_text_decoder: Callable[[Any], nn.Module]
+    build_text_decoder: Callable[[Any], TextDecoder]
     position_ids: Callable[..., Any]
     weight_mapping: Callable[[Any], Any]
     config_from_hf: Callable[[dict], Any]

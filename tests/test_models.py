@@ -36,6 +36,21 @@ def test_every_variant_builds_a_config(name):
         assert spec.weight_mapping(config).mm_names(), variant
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_weight_mapping_round_trip_is_exact(name):
+    """mm -> HF -> mm through the family's mapping gives back every tensor bit for bit."""
+    spec = mmzoo.get_model(name)
+    model = mmzoo.build_model(name, "tiny")
+    mapping = spec.weight_mapping(model.config)
+    state = model.state_dict()
+    hf = dict(mapping.to_hf(state.__getitem__))
+    assert len(hf) >= len(state)
+    back = dict(mapping.to_mm(hf.__getitem__, set(hf)))
+    assert back.keys() == state.keys()
+    for key, tensor in state.items():
+        assert torch.equal(back[key], tensor), key
+
+
 def test_overrides_and_their_errors():
     model = mmzoo.build_model("qwen2_5_vl", "tiny", text={"num_layers": 1, "vocab_size": 1000})
     assert len(model.text_decoder.decoder.layers) == 1

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+
+class Op(Protocol):
+    """A reversible transform between HF tensors and one mm tensor."""
+
+    def merge(self, tensors: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def split(self, tensor: torch.Tensor) -> list[torch.Tensor]: ...
 
 
 class Identity:
@@ -25,15 +34,16 @@ class Identity:
 
 @dataclass(frozen=True)
 class Concat:
-    """Several HF tensors stacked along ``dim`` (e.g. ``[gate; up]`` into ``linear_fc1``)."""
+    """``parts`` HF tensors stacked along ``dim`` (e.g. ``[gate; up]`` into ``linear_fc1``)."""
 
     dim: int = 0
+    parts: int = 2
 
     def merge(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(tensors, dim=self.dim)
 
-    def split(self, tensor: torch.Tensor, parts: int = 2) -> list[torch.Tensor]:
-        return [t.contiguous() for t in tensor.chunk(parts, dim=self.dim)]
+    def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [t.contiguous() for t in tensor.chunk(self.parts, dim=self.dim)]
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,7 @@ class QKV:
 
 
 IDENTITY = Identity()
-GATE_UP = Concat(0)
+GATE_UP = Concat(dim=0, parts=2)
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,7 @@ class Rule:
 
     mm: str | None
     hf: tuple[str, ...]
-    op: object = IDENTITY
+    op: Op = IDENTITY
     layers: str | None = None
     optional: bool = False
 

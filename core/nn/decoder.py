@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class _Embedding(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, layers: list[nn.Module], hidden_size: int, eps: float) -> None:
+    def __init__(self, layers: Sequence[nn.Module], hidden_size: int, eps: float) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.final_layernorm = RMSNorm(hidden_size, eps)
