@@ -38,8 +38,11 @@ class ModelSpec:
         hf_architectures: the ``architectures`` entries of HF config.json this family reads.
         special_tokens: token name -> id (image/video placeholders, eos, pad, ...).
         freeze_groups: group name -> module-name prefixes in the mm state dict.
-        template: chat template name, when the family provides one.
-        media_processor: media processor, when the family provides one.
+        template: the chat template (:class:`mmzoo.data.template.ChatTemplate`).
+        media_processor: ``(config, **options) ->`` processor with ``prepare_image(path)``,
+            ``prepare_video(path)``, ``grid_thw(frames)`` and ``pixel_values(frames)``.
+        expand_media: ``(tokenizer, image_grids, video_grids, merge_size) -> expand(kind, i)``
+            giving the token ids that replace the i-th ``<image>``/``<video>`` placeholder.
     """
 
     name: str
@@ -57,6 +60,7 @@ class ModelSpec:
     freeze_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     template: Any = None
     media_processor: Any = None
+    expand_media: Any = None
     description: str = ""
 
     PARTS = (
@@ -80,6 +84,8 @@ class ModelSpec:
                 out[key] = None
             elif isinstance(obj, str):
                 out[key] = obj
+            elif not callable(obj) and hasattr(obj, "name"):  # e.g. a chat template instance
+                out[key] = f"{obj.name} ({type(obj).__module__}.{type(obj).__qualname__})"
             else:
                 out[key] = (
                     f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"

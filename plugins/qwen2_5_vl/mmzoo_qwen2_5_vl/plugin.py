@@ -9,7 +9,9 @@ from mmzoo.loss import causal_lm_loss
 from mmzoo.nn import TextDecoder
 from mmzoo_qwen2_5_vl.config import VARIANTS, config_from_hf
 from mmzoo_qwen2_5_vl.mapping import weight_mapping
+from mmzoo_qwen2_5_vl.media import build_media_processor
 from mmzoo_qwen2_5_vl.rope_index import position_ids
+from mmzoo_qwen2_5_vl.template import TEMPLATE, media_expander
 from mmzoo_qwen2_5_vl.vision import PatchMerger, VisionEncoder
 
 SPECIAL_TOKENS = {
@@ -76,6 +78,9 @@ SPEC = ModelSpec(
     weight_mapping=weight_mapping,
     config_from_hf=config_from_hf,
     loss=causal_lm_loss,
+    template=TEMPLATE,
+    media_processor=build_media_processor,
+    expand_media=media_expander,
     example_batch=example_batch,
     hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
     special_tokens=SPECIAL_TOKENS,

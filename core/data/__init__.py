@@ -1,0 +1,1 @@
+"""Data pipeline: record formats, tokenizer, chat templates, media, collate and packing."""

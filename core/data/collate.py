@@ -1,0 +1,129 @@
+"""Samples into batches: packed rows with ``cu_seqlens`` (the default) or padded rows.
+
+Every batch carries media, so every data-parallel rank runs the vision encoder each step: a
+batch without any gets the family's dummy sample (one tiny image, no loss) appended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mmzoo.loss import IGNORE_INDEX
+
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+@dataclass
+class Sample:
+    """One tokenised training sample with its media.
+
+    Attributes:
+        input_ids, labels: ``(L,)`` long; labels are ``-100`` where there is no loss.
+        position_ids: ``(rows, L)`` (three rows for M-RoPE), computed for this sample alone.
+        media: any of ``MEDIA_KEYS`` -> tensor (pixels ``(N, patch_dim)``, grids ``(k, 3)``).
+        source: ``file:line`` of the record it came from.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    media: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def has_media(self) -> bool:
+        return "pixel_values" in self.media or "pixel_values_videos" in self.media
+
+
+def pack(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
+    """Group sample indices into rows of at most ``seq_length`` tokens, keeping their order.
+
+    Greedy: a sample opens a new row when it does not fit in the current one. Samples longer
+    than ``seq_length`` must have been truncated or dropped before.
+    """
+    rows: list[list[int]] = []
+    used = seq_length + 1
+    for index, length in enumerate(lengths):
+        if length > seq_length:
+            raise ValueError(f"sample {index} has {length} tokens, more than seq_length {seq_length}")
+        if used + length > seq_length:
+            rows.append([])
+            used = 0
+        rows[-1].append(index)
+        used += length
+    return rows
+
+
+def _media(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key in MEDIA_KEYS:
+        parts = [s.media[key] for s in samples if key in s.media]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+def _with_dummy(samples: Sequence[Sample], dummy: Sample | None) -> list[Sample]:
+    samples = list(samples)
+    if dummy is not None and not any(s.has_media for s in samples):
+        samples.append(dummy)
+    return samples
+
+
+def collate_packed(samples: Sequence[Sample], dummy: Sample | None = None) -> dict[str, torch.Tensor]:
+    """One packed row: ``input_ids`` ``(1, T)``, ``position_ids`` ``(rows, 1, T)``, ``cu_seqlens``.
+
+    Each sample keeps its own position ids (restarting at 0) and its labels never cross into
+    the next sample (the loss shifts within ``cu_seqlens``).
+    """
+    samples = _with_dummy(samples, dummy)
+    lengths = torch.tensor([len(s) for s in samples])
+    return {
+        "input_ids": torch.cat([s.input_ids for s in samples]).unsqueeze(0),
+        "labels": torch.cat([s.labels for s in samples]).unsqueeze(0),
+        "position_ids": torch.cat([s.position_ids for s in samples], dim=1).unsqueeze(1),
+        "cu_seqlens": F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)),
+        **_media(samples),
+    }
+
+
+def collate_padded(
+    samples: Sequence[Sample], pad_token_id: int, dummy: Sample | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded rows with ``attention_mask``; a dummy sample rides at the end of row 0.
+
+    Appending the dummy after row 0's last token changes nothing for the real tokens: attention
+    is causal and the dummy's labels are ``-100``.
+    """
+    media_samples = _with_dummy(samples, dummy)
+    rows = [list(samples)]
+    extra = media_samples[len(samples) :]
+    rows = [[s] for s in samples]
+    for s in extra:
+        rows[0].append(s)
+    width = max(sum(len(s) for s in row) for row in rows)
+    n_rows = len(rows)
+    position_rows = samples[0].position_ids.shape[0]
+    batch = {
+        "input_ids": torch.full((n_rows, width), pad_token_id, dtype=torch.long),
+        "labels": torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros(n_rows, width, dtype=torch.long),
+        "position_ids": torch.zeros(position_rows, n_rows, width, dtype=torch.long),
+    }
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row:
+            end = start + len(s)
+            batch["input_ids"][r, start:end] = s.input_ids
+            batch["labels"][r, start:end] = s.labels
+            batch["attention_mask"][r, start:end] = 1
+            batch["position_ids"][:, r, start:end] = s.position_ids
+            start = end
+    return {**batch, **_media(media_samples)}

@@ -1,0 +1,159 @@
+"""Records -> prepared samples (token ids, labels, positions, resized media) -> training samples.
+
+Family-specific work goes through the plugin's parts: the chat template, the media processor
+(decode + resize, then normalise + patchify) and the position-id function. Prepared samples
+keep media as resized uint8 frames: small enough to cache, and turned into pixel patches
+only when a batch is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmzoo.config import DataConfig
+from mmzoo.data.collate import Sample
+from mmzoo.data.records import Record, SkipReport
+from mmzoo.errors import MmzooError
+from mmzoo.loss import IGNORE_INDEX
+from mmzoo.registry import ModelSpec
+
+
+@dataclass
+class Prepared:
+    """A tokenised sample with media as resized uint8 frames ``(T, H, W, 3)``."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    images: list[np.ndarray] = field(default_factory=list)
+    videos: list[np.ndarray] = field(default_factory=list)
+    second_per_grid_ts: list[float] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class Preprocessor:
+    """Turns records into :class:`Prepared` samples for one model family.
+
+    Args:
+        spec: the family (template, media processor, position ids, token expansion).
+        model_config: the model's config (token ids, merge size, tokens per second).
+        tokenizer: a transformers tokenizer with the family's special tokens.
+        data: the data config (seq_length, train_on_prompt, mask_history, media options).
+    """
+
+    def __init__(self, spec: ModelSpec, model_config: Any, tokenizer: Any, data: DataConfig) -> None:
+        for part in ("template", "media_processor", "expand_media"):
+            if getattr(spec, part) is None:
+                raise MmzooError(
+                    f"model '{spec.name}' provides no {part}, so it cannot read training records"
+                )
+        self.spec = spec
+        self.config = model_config
+        self.tokenizer = tokenizer
+        self.data = data
+        try:
+            self.processor = spec.media_processor(model_config, **data.media)
+        except TypeError as exc:
+            raise MmzooError(f"data.media: {exc}") from exc
+        self.merge = model_config.vision.spatial_merge_size
+
+    def prepare(self, record: Record, report: SkipReport) -> Prepared | None:
+        """One record -> a prepared sample, or ``None`` (counted in ``report``) when it is bad."""
+        images, videos, seconds = [], [], []
+        try:
+            for path in record.images:
+                images.append(self.processor.prepare_image(path))
+        except MmzooError as exc:
+            report.add("corrupt_image", record.source, str(exc))
+            return None
+        try:
+            for path in record.videos:
+                frames, second_per_grid_t = self.processor.prepare_video(path)
+                videos.append(frames)
+                seconds.append(second_per_grid_t)
+        except MmzooError as exc:
+            report.add("unreadable_video", record.source, str(exc))
+            return None
+        image_grids = [self.processor.grid_thw(f)[0].tolist() for f in images]
+        video_grids = [self.processor.grid_thw(f)[0].tolist() for f in videos]
+        expand = self.spec.expand_media(self.tokenizer, image_grids, video_grids, self.merge)
+        try:
+            ids, labels = self.spec.template.encode(
+                record.messages,
+                self.tokenizer,
+                expand,
+                train_on_prompt=self.data.train_on_prompt,
+                mask_history=self.data.mask_history,
+                num_images=len(images),
+                num_videos=len(videos),
+            )
+        except MmzooError as exc:
+            report.add("bad_structure", record.source, str(exc))
+            return None
+        kept = self._truncate(ids, labels, record, report)
+        if kept is None:
+            return None
+        ids, labels = kept
+        input_ids = torch.tensor(ids)
+        positions = self.spec.position_ids(
+            self.config,
+            input_ids[None],
+            image_grid_thw=torch.tensor(image_grids) if image_grids else None,
+            video_grid_thw=torch.tensor(video_grids) if video_grids else None,
+            second_per_grid_ts=torch.tensor(seconds) if seconds else None,
+        )[:, 0]
+        return Prepared(input_ids, torch.tensor(labels), positions, images, videos, seconds, record.source)
+
+    def _truncate(self, ids: list[int], labels: list[int], record: Record, report: SkipReport):
+        limit = self.data.seq_length
+        if len(ids) <= limit:
+            return ids, labels
+        media_ids = {self.config.image_token_id, self.config.video_token_id, self.config.vision_end_token_id}
+        last_media = max((i for i, t in enumerate(ids) if t in media_ids), default=-1)
+        if last_media >= limit:
+            report.add("too_long", record.source, f"{len(ids)} tokens with media beyond seq_length {limit}")
+            return None
+        ids, labels = ids[:limit], labels[:limit]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            report.add(
+                "too_long", record.source, f"{len(ids)} tokens; nothing left to train after truncation"
+            )
+            return None
+        return ids, labels
+
+    def to_sample(self, prepared: Prepared) -> Sample:
+        """Normalise and patchify the media: the :class:`Sample` the collator takes."""
+        media: dict[str, torch.Tensor] = {}
+        if prepared.images:
+            media["pixel_values"] = torch.cat([self.processor.pixel_values(f) for f in prepared.images])
+            media["image_grid_thw"] = torch.cat([self.processor.grid_thw(f) for f in prepared.images])
+        if prepared.videos:
+            media["pixel_values_videos"] = torch.cat(
+                [self.processor.pixel_values(f) for f in prepared.videos]
+            )
+            media["video_grid_thw"] = torch.cat([self.processor.grid_thw(f) for f in prepared.videos])
+            media["second_per_grid_ts"] = torch.tensor(prepared.second_per_grid_ts)
+        return Sample(prepared.input_ids, prepared.labels, prepared.position_ids, media, prepared.source)
+
+    def dummy(self) -> Prepared:
+        """The smallest image (one LLM token) in its own sample, with no loss.
+
+        Appended to batches without media so that every rank runs the vision encoder.
+        """
+        size = self.processor.patch_size * self.merge
+        frames = np.zeros((1, size, size, 3), dtype=np.uint8)
+        grid = self.processor.grid_thw(frames)[0].tolist()
+        ids = self.spec.expand_media(self.tokenizer, [grid], [], self.merge)("image", 0)
+        input_ids = torch.tensor(ids)
+        positions = self.spec.position_ids(self.config, input_ids[None], image_grid_thw=torch.tensor([grid]))[
+            :, 0
+        ]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        return Prepared(input_ids, labels, positions, [frames], source="<dummy image>")

@@ -1,0 +1,189 @@
+"""Qwen2.5-VL media processor: images and videos to flattened pixel patches and (t, h, w) grids.
+
+Matches transformers' ``Qwen2VLImageProcessorPil`` (resize, rescale, normalise, patch order) and
+applies the same steps to video frames, two frames per temporal patch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmzoo.data.media import Video, VideoBackend, load_image, load_video, to_rgb
+from mmzoo.errors import MmzooError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Target size: both sides multiples of ``factor``, area within [min_pixels, max_pixels], aspect kept.
+
+    Mirrors transformers' ``smart_resize`` for Qwen2-VL / Qwen2.5-VL.
+
+    Raises:
+        MmzooError: The aspect ratio exceeds 200.
+    """
+    ratio = max(height, width) / min(height, width)
+    if ratio > 200:
+        raise MmzooError(f"image aspect ratio {ratio:.0f} is above 200 ({width}x{height}): crop or pad it")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+class QwenMediaProcessor:
+    """Turns images and videos into Qwen2.5-VL vision encoder inputs.
+
+    Each output row is one 14x14 patch over two frames, flattened as (channel, frame, y, x) =
+    3*2*14*14 = 1176 values; rows come in 2x2 merge blocks, blocks row-major, frame pairs in order.
+
+    Args:
+        min_pixels: Least resized image area.
+        max_pixels: Largest resized image area.
+        video_min_pixels: Least resized area per video frame.
+        video_max_pixels: Largest resized area per video frame (Qwen's video default, 768 tokens a pair).
+        fps: Frames sampled per second when a video is given as a path.
+        video_maxlen: Most frames sampled from one video.
+        video_backend: Decoder for video paths, ``"pyav"`` or ``"decord"``.
+        patch_size: Spatial patch size of the ViT.
+        temporal_patch_size: Frames per patch.
+        merge_size: Patches merged per side by the projector.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_pixels: int = 4 * 28 * 28,
+        max_pixels: int = 16384 * 28 * 28,
+        video_min_pixels: int = 128 * 28 * 28,
+        video_max_pixels: int = 768 * 28 * 28,
+        fps: float = 2.0,
+        video_maxlen: int = 128,
+        video_backend: VideoBackend = "pyav",
+        patch_size: int = 14,
+        temporal_patch_size: int = 2,
+        merge_size: int = 2,
+    ) -> None:
+        for name, lo, hi in (("", min_pixels, max_pixels), ("video_", video_min_pixels, video_max_pixels)):
+            if not 0 < lo <= hi:
+                raise MmzooError(f"{name}min_pixels {lo} must be positive and at most {name}max_pixels {hi}")
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.video_min_pixels, self.video_max_pixels = video_min_pixels, video_max_pixels
+        self.fps, self.video_maxlen, self.video_backend = fps, video_maxlen, video_backend
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.merge_size = merge_size
+        self._mean = np.array(CLIP_MEAN, dtype=np.float32)[:, None, None]
+        self._std = np.array(CLIP_STD, dtype=np.float32)[:, None, None]
+
+    def image(self, image: Image.Image | str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process one image (a PIL image or a file path).
+
+        Returns:
+            ``pixel_values`` float32 (h*w, 1176) and ``grid_thw`` int64 (1, 3) with t = 1.
+        """
+        frames = self.prepare_image(image)
+        return self.pixel_values(frames), self.grid_thw(frames)
+
+    def video(self, video: Video | str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Process one video (decoded frames or a file path, sampled at ``fps``).
+
+        Returns:
+            ``pixel_values`` float32 (t*h*w, 1176), ``grid_thw`` int64 (1, 3) and
+            ``second_per_grid_t`` = temporal_patch_size / sampled fps (M-RoPE time step).
+        """
+        frames, second_per_grid_t = self.prepare_video(video)
+        return self.pixel_values(frames), self.grid_thw(frames), second_per_grid_t
+
+    def prepare_image(self, image: Image.Image | str | os.PathLike) -> np.ndarray:
+        """Decode and resize: uint8 ``(1, H, W, 3)`` with H and W multiples of 28 (what caches keep)."""
+        rgb = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+        return self._resize(rgb, self.min_pixels, self.max_pixels)[None]
+
+    def prepare_video(self, video: Video | str | os.PathLike) -> tuple[np.ndarray, float]:
+        """Decode, sample and resize: uint8 ``(T, H, W, 3)`` with T even, and ``second_per_grid_t``."""
+        if not isinstance(video, Video):
+            video = load_video(video, fps=self.fps, max_frames=self.video_maxlen, backend=self.video_backend)
+        video = video.limit(self.video_maxlen)
+        if len(video.frames) % self.temporal_patch_size:  # a one-frame Video: repeat the frame
+            pad = self.temporal_patch_size - len(video.frames) % self.temporal_patch_size
+            video = replace(video, frames=np.concatenate([video.frames] + [video.frames[-1:]] * pad))
+        frames = np.stack(
+            [
+                self._resize(Image.fromarray(f), self.video_min_pixels, self.video_max_pixels)
+                for f in video.frames
+            ]
+        )
+        return frames, self.temporal_patch_size / video.fps
+
+    def grid_thw(self, frames: np.ndarray) -> torch.Tensor:
+        """Patch grid ``(1, 3)`` of prepared frames (an image counts as one temporal patch)."""
+        t = max(1, frames.shape[0] // self.temporal_patch_size)
+        return torch.tensor([[t, frames.shape[1] // self.patch_size, frames.shape[2] // self.patch_size]])
+
+    def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
+        """Normalise and patchify prepared uint8 frames into rows of 1176 values."""
+        pixels = frames.astype(np.float32).transpose(0, 3, 1, 2) * np.float32(1 / 255)
+        pixels = (pixels - self._mean) / self._std  # (T, C, H, W)
+        if pixels.shape[0] == 1:  # a still image fills the temporal patch by repeating itself
+            pixels = np.broadcast_to(pixels, (self.temporal_patch_size, *pixels.shape[1:]))
+        return self._patchify(pixels)[0]
+
+    def num_tokens(self, grid_thw: torch.Tensor) -> int:
+        """LLM placeholder tokens for one grid: t*h*w / merge_size**2."""
+        t, h, w = (int(x) for x in grid_thw.reshape(-1))
+        return t * h * w // self.merge_size**2
+
+    def _size(self, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch_size * self.merge_size, min_pixels, max_pixels)
+
+    def _resize(self, image: Image.Image, min_pixels: int, max_pixels: int) -> np.ndarray:
+        """Bicubic resize on uint8 (as transformers does) to the smart_resize size; (H, W, 3)."""
+        height, width = self._size(image.height, image.width, min_pixels, max_pixels)
+        if (image.height, image.width) != (height, width):
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        return np.asarray(image, dtype=np.uint8)
+
+    def _patchify(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, C, H, W) float32 frames, T a multiple of the temporal patch -> rows of patches and grid."""
+        n_frames, channels, height, width = frames.shape
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        grid_t, grid_h, grid_w = n_frames // tp, height // p, width // p
+        # (gt, tp, C, gh/m, m, p, gw/m, m, p)
+        patches = frames.reshape(grid_t, tp, channels, grid_h // m, m, p, grid_w // m, m, p)
+        # (gt, gh/m, gw/m, m, m, C, tp, p, p): merge blocks row-major, each 2x2 block contiguous
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        rows = np.ascontiguousarray(patches).reshape(grid_t * grid_h * grid_w, channels * tp * p * p)
+        return torch.from_numpy(rows), torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64)
+
+
+def build_media_processor(config=None, **overrides) -> QwenMediaProcessor:
+    """The Qwen2.5-VL media processor, with patch sizes from ``config.vision`` when given.
+
+    Args:
+        config: A ``Qwen2_5_VLConfig`` (or None for the published patch sizes).
+        **overrides: Any ``QwenMediaProcessor`` argument (min_pixels, fps, video_maxlen, ...).
+    """
+    if config is not None:
+        vision = config.vision
+        overrides = {
+            "patch_size": vision.patch_size,
+            "temporal_patch_size": vision.temporal_patch_size,
+            "merge_size": vision.spatial_merge_size,
+            **overrides,
+        }
+    return QwenMediaProcessor(**overrides)
