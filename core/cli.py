@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list plugins, their distributions and the hooks they implement")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_plugins)
+
+    from mmzoo.commands import data
+
+    data.add_parser(sub)
     return parser
 
 

@@ -43,6 +43,7 @@ class ModelSpec:
             ``prepare_video(path)``, ``grid_thw(frames)`` and ``pixel_values(frames)``.
         expand_media: ``(tokenizer, image_grids, video_grids, merge_size) -> expand(kind, i)``
             giving the token ids that replace the i-th ``<image>``/``<video>`` placeholder.
+        default_tokenizer: ``() -> tokenizer`` used when no checkpoint gives one (demo, tests).
     """
 
     name: str
@@ -61,6 +62,7 @@ class ModelSpec:
     template: Any = None
     media_processor: Any = None
     expand_media: Any = None
+    default_tokenizer: Callable[[], Any] | None = None
     description: str = ""
 
     PARTS = (

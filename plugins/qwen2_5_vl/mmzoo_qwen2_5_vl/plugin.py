@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmzoo import ModelSpec, hookimpl
+from mmzoo.data.tokenizer import default_qwen_tokenizer
 from mmzoo.loss import causal_lm_loss
 from mmzoo.nn import TextDecoder
 from mmzoo_qwen2_5_vl.config import VARIANTS, config_from_hf
@@ -81,6 +82,7 @@ SPEC = ModelSpec(
     template=TEMPLATE,
     media_processor=build_media_processor,
     expand_media=media_expander,
+    default_tokenizer=default_qwen_tokenizer,
     example_batch=example_batch,
     hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
     special_tokens=SPECIAL_TOKENS,

@@ -1,0 +1,1 @@
+"""Implementations of CLI subcommands that do more than print the registry."""

@@ -1,0 +1,78 @@
+"""``mmzoo data inspect`` and ``mmzoo data convert-llava`` as users run them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mmzoo
+from mmzoo.cli import main
+from PIL import Image
+
+DEMO = Path(mmzoo.__file__).parent / "demo" / "demo.jsonl"
+
+
+def test_inspect_marks_trained_spans_and_media(capsys):
+    assert (
+        main(["data", "inspect", "--model", "qwen2_5_vl", "--data", str(DEMO), "--max-pixels", "50000"]) == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"sample 0 of 14 ({DEMO}:1)"
+    assert out[2] == "image 0: 252x168px, 1 frame(s), grid (t, h, w) = (1, 12, 18) -> 54 tokens"
+    text = "\n".join(out)
+    assert "<|vision_start|><|image_pad|>x54<|vision_end|>" in text
+    assert "«A tabby cat, seen in close-up with its face filling the frame.<|im_end|>\n»" in text
+    assert "«" not in text.split("<|im_start|>assistant")[0]  # nothing before the answer is trained
+
+
+def test_inspect_video_sample(capsys):
+    assert main(["data", "inspect", "--model", "qwen2_5_vl", "--data", str(DEMO), "--index", "11"]) == 0
+    out = capsys.readouterr().out
+    assert "video 0: " in out and "<|video_pad|>x" in out
+
+
+def test_inspect_errors_are_one_line(capsys):
+    assert main(["data", "inspect", "--model", "qwen2_5_vl", "--data", str(DEMO), "--index", "99"]) == 2
+    assert (
+        capsys.readouterr().err == f"mmzoo: error: --index 99 is out of range: {DEMO} has 14 usable records\n"
+    )
+    assert main(["data", "inspect", "--model", "qwen_vl", "--data", str(DEMO)]) == 2
+    assert "did you mean 'qwen2_5_vl'" in capsys.readouterr().err
+
+
+def test_convert_llava_skips_missing_images(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 24), "red").save(images / "a.jpg")
+    records = [
+        {
+            "id": "1",
+            "image": "a.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nColour?"},
+                {"from": "gpt", "value": "Red."},
+            ],
+        },
+        {
+            "id": "2",
+            "image": "gone.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat?"},
+                {"from": "gpt", "value": "Nothing."},
+            ],
+        },
+        {"id": "3", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+    ]
+    src = tmp_path / "llava.json"
+    src.write_text(json.dumps(records))
+    out = tmp_path / "out" / "chat.jsonl"
+    assert (
+        main(["data", "convert-llava", "--src", str(src), "--image-dir", str(images), "--out", str(out)]) == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"wrote 2 records to {out} (1 text-only), skipped 1 of 3"
+    assert "skipped 1 record (missing_file)" in captured.err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["images"] == [str(images / "a.jpg")]
+    assert rows[0]["messages"][1] == {"role": "assistant", "content": "Red."}
+    assert "images" not in rows[1] or rows[1]["images"] == []
