@@ -16,7 +16,11 @@ from mmzoo.registry import ModelSpec, get_model, model_for_architecture
 
 
 def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> Any:
-    """A copy of dataclass ``config`` with ``overrides``; nested dataclasses take dicts."""
+    """A copy of dataclass ``config`` with ``overrides``; nested dataclasses take dicts.
+
+    Lists become tuples where the field holds a tuple, so a config read back from JSON
+    equals the one written.
+    """
     fields = {f.name: f for f in dataclasses.fields(config)}
     changes: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -27,6 +31,8 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> 
         current = getattr(config, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             value = apply_overrides(current, value, f"{where}{key}.")
+        elif isinstance(value, list) and (isinstance(current, tuple) or "tuple" in str(fields[key].type)):
+            value = tuple(value)  # JSON and YAML give lists; configs hold (hashable) tuples
         changes[key] = value
     try:
         return dataclasses.replace(config, **changes)
@@ -95,16 +101,24 @@ def _resolve_dtype(dtype: torch.dtype | str | None, checkpoint: HFCheckpoint) ->
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:
-    """Load a Hugging Face checkpoint directory into an mmzoo model.
+    """Load a Hugging Face or mm checkpoint directory into an mmzoo model.
 
-    The family is chosen from ``architectures`` in config.json. Tensors are streamed from the
-    safetensors files straight into the model's parameters (never a second full copy). Both
-    key layouts transformers has written are read.
+    A Hugging Face directory: the family is chosen from ``architectures`` in config.json and
+    both key layouts transformers has written are read. An mm checkpoint (a root holding
+    ``latest_checkpointed_iteration.txt``, an ``iter_*``/``release`` directory, or its
+    ``mp_rank_00`` shard) goes to :func:`mmzoo.convert.mm_checkpoint.load_mm_model`. Either
+    way tensors are streamed from the safetensors files straight into the model's parameters
+    (never a second full copy).
 
     Args:
-        path: checkpoint directory (config.json + safetensors, sharded or not).
+        path: checkpoint directory (HF: config.json + safetensors, sharded or not; or mm).
         dtype: parameter dtype; ``None`` means float32, ``"auto"`` the checkpoint's own dtype.
     """
+    # Imported here: mm_checkpoint builds models with this module's compose() (import cycle).
+    from mmzoo.convert.mm_checkpoint import is_mm_checkpoint, load_mm_model
+
+    if is_mm_checkpoint(path):
+        return load_mm_model(path, dtype)
     checkpoint = HFCheckpoint(path)
     spec = model_for_architecture(checkpoint.architecture)
     try:

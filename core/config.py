@@ -1,9 +1,58 @@
-"""Dataclass configs shared by the commands (the data part; training adds its own)."""
+"""Dataclass configs (model / data / train), loaded from YAML with dotted command-line overrides."""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmzoo.errors import MmzooError, nearest
+
+
+@dataclass(frozen=True)
+class RecomputeConfig:
+    """Activation recompute for one tower (Megatron's terms).
+
+    Attributes:
+        granularity: ``none``; ``full`` (recompute whole layers in backward); ``selective``
+            (recompute only the attention core of every layer).
+        method: for ``full``: ``uniform`` (checkpoint every chunk of ``num_layers`` layers) or
+            ``block`` (checkpoint only the first ``num_layers`` layers).
+        num_layers: chunk size (uniform) or number of checkpointed layers (block).
+    """
+
+    granularity: Literal["none", "full", "selective"] = "none"
+    method: Literal["uniform", "block"] = "uniform"
+    num_layers: int = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train and how.
+
+    Attributes:
+        name: registry name (``mmzoo list-models``).
+        variant: size for random init (ignored when ``load`` is set, except as the name saved).
+        load: a Hugging Face checkpoint directory or an mm checkpoint to start from.
+        overrides: config fields to change for random init (nested dicts).
+        tokenizer: tokenizer directory (default: ``load`` when set, else the family's own).
+        freeze: groups to freeze (``vision``, ``projector``, ``language``).
+        recompute_vision, recompute_text: activation recompute per tower.
+    """
+
+    name: str = "qwen2_5_vl"
+    variant: str = "tiny"
+    load: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    freeze: tuple[str, ...] = ()
+    recompute_vision: RecomputeConfig = RecomputeConfig()
+    recompute_text: RecomputeConfig = RecomputeConfig()
 
 
 @dataclass(frozen=True)
@@ -11,19 +60,20 @@ class DataConfig:
     """Where the training records are and how they become batches.
 
     Attributes:
-        data: JSON/JSONL files, comma-separated.
+        data: JSON/JSONL files, comma-separated; ``demo`` is the bundled demo set.
         dataset_dir: base of relative media paths (default: each data file's directory).
         max_samples: keep at most this many records per data file.
         seq_length: tokens per packed row (or the longest padded row).
-        packing: pack samples into rows with ``cu_seqlens`` (else pad each sample).
+        packing: pack samples into rows with ``cu_seqlens`` (else pad each micro-batch).
         train_on_prompt: train on prompt tokens too (media tokens never).
         mask_history: train only the last assistant turn.
         strict: fail at the first bad record instead of skipping it.
         cache_dir: keep preprocessed samples here (None: no cache).
+        num_workers: data-loader worker processes (0: the training process).
         media: options for the family's media processor (min_pixels, max_pixels, fps, ...).
     """
 
-    data: str = ""
+    data: str = "demo"
     dataset_dir: str | None = None
     max_samples: int | None = None
     seq_length: int = 2048
@@ -32,4 +82,223 @@ class DataConfig:
     mask_history: bool = False
     strict: bool = False
     cache_dir: str | None = None
+    num_workers: int = 0
     media: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, checkpoints and logging.
+
+    Attributes:
+        output_dir: checkpoints, metrics.jsonl and TensorBoard events go here.
+        steps: optimizer steps (0: ``epochs`` passes over the data).
+        epochs: passes over the data when ``steps`` is 0.
+        micro_batch_size: samples per micro-batch when packing is off (packed: one row).
+        grad_accum: micro-batches per optimizer step.
+        lr, min_lr: peak and final learning rate.
+        schedule: ``cosine``, ``linear`` or ``constant`` after warmup.
+        warmup: warmup steps, or a fraction of all steps when below 1.
+        weight_decay, betas, eps: AdamW.
+        clip_grad: max gradient norm (0: no clipping).
+        seed: seeds Python, NumPy and torch, and the data order.
+        precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + loss scaling, CUDA).
+        loss_reduction: ``default``, ``per_sample`` or ``per_token`` (see the README).
+        device: ``auto``, ``cpu``, ``cuda`` or ``npu``.
+        log_every: steps between progress lines.
+        save_every: steps between checkpoints (0: only at the end).
+        keep_last: keep only this many newest checkpoints (None: all).
+        save_optimizer, save_rng: include optimizer / RNG state in checkpoints.
+        load_optimizer, load_rng: restore them when resuming.
+        on_nonfinite: ``stop`` at a NaN/inf loss, or ``skip`` that step's update.
+        save_hf: also export the final model as a Hugging Face checkpoint here.
+        tensorboard: write TensorBoard events when ``tensorboard`` is installed.
+    """
+
+    output_dir: str = "outputs/qwen2_5_vl-tiny-demo"
+    steps: int = 0
+    epochs: int = 1
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 42
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    loss_reduction: Literal["default", "per_sample", "per_token"] = "default"
+    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    log_every: int = 1
+    save_every: int = 0
+    keep_last: int | None = None
+    save_optimizer: bool = True
+    save_rng: bool = True
+    load_optimizer: bool = True
+    load_rng: bool = True
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    save_hf: str | None = None
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``mmzoo train`` needs. The defaults are the embedded CPU demo."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+# The embedded default: a tiny model on the bundled demo data, about a minute on a laptop CPU.
+DEMO_OVERRIDES: dict[str, Any] = {
+    "data": {"seq_length": 1024, "media": {"max_pixels": 128 * 28 * 28, "video_max_pixels": 64 * 28 * 28}},
+    "train": {"steps": 40, "lr": 2e-3, "warmup": 0.1, "weight_decay": 0.0, "save_every": 20},
+}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type hint (converting int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except MmzooError as exc:
+                errors.append(str(exc))
+        raise MmzooError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            choices = [str(a) for a in args]
+            raise MmzooError(
+                f"{key}: {value!r} is not one of {', '.join(choices)}{nearest(str(value), choices)}"
+            )
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise MmzooError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis) else None
+        items = [_coerce(v, inner or args[i], f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise MmzooError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise MmzooError(
+                f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}"
+            )
+        return merge(typing.cast(Any, hint)(), value, f"{key}.")
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML reads 2e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise MmzooError(f"{key}: expected a number, got {value!r}") from None
+    if hint is bool and not isinstance(value, bool):
+        raise MmzooError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise MmzooError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def merge(config: Any, values: dict[str, Any], where: str = "") -> Any:
+    """A copy of dataclass ``config`` with ``values`` merged in (nested dicts merge recursively).
+
+    Unknown keys are errors that name the nearest known key.
+    """
+    if not isinstance(values, dict):
+        raise MmzooError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = _hints(type(config))
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in hints:
+            full = [f"{where}{k}" for k in hints]
+            raise MmzooError(f"unknown config key '{where}{key}'{nearest(where + key, full)}")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = merge(current, value, f"{where}{key}.")
+        elif isinstance(current, dict) and isinstance(value, dict) and key != "overrides":
+            changes[key] = {**current, **value}
+        else:
+            changes[key] = _coerce(value, hints[key], f"{where}{key}")
+    return dataclasses.replace(config, **changes)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--train.lr", "2e-5", "--data.packing=false"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise MmzooError(f"unexpected argument '{arg}'; overrides look like --section.key VALUE")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise MmzooError(f"override --{key} needs a value")
+            raw = args[i + 1]
+            i += 1
+        i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MmzooError(f"override --{key} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The config: defaults (the embedded demo when no file is given), the YAML file, then overrides."""
+    config = Config()
+    if path is None:
+        config = merge(config, DEMO_OVERRIDES)
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise MmzooError(f"config file {file} does not exist")
+        try:
+            values = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MmzooError(f"{file}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+        config = merge(config, values)
+    if overrides:
+        config = merge(config, parse_overrides(overrides))
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict of a config (tuples as lists), ready for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def dump(config: Config) -> str:
+    """YAML of every key with its value."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)

@@ -11,14 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmzoo.errors import MmzooError
+from mmzoo.loss import LossReduction
 from mmzoo.nn import TextDecoder
 
 
 @dataclass
 class VLOutput:
-    """``logits`` ``(B, S, V)`` (zeros at padded positions) and ``loss`` when labels were given."""
+    """``logits`` ``(B, S, V)`` (zeros at padded positions; None when not asked for) and ``loss``
+    when labels were given."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
 
 
@@ -30,7 +32,7 @@ class VLModel(nn.Module):
         projector: ``(patches, C) -> (tokens, hidden)``; ``patches / tokens`` patches per token.
         text_decoder: a :class:`mmzoo.nn.TextDecoder`-like module.
         position_ids: the family's position-id function (see ``ModelSpec.position_ids``).
-        loss: ``(logits (T, V), labels (T,), cu_seqlens) -> loss``.
+        loss: ``(hidden (T, H), output_weight (V, H), labels (T,), cu_seqlens, reduction) -> loss``.
         image_token_id, video_token_id: placeholder ids that receive media features.
         config: the family config the parts were built from.
         name: registry name of the family.
@@ -88,12 +90,16 @@ class VLModel(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        loss_reduction: LossReduction | None = None,
+        return_logits: bool = True,
     ) -> VLOutput:
         """Run the model on a padded batch ``(B, S)`` or on one packed row with ``cu_seqlens``.
 
         Arguments match transformers' Qwen2.5-VL. ``cu_seqlens`` (packed input, ``B == 1``)
         marks sample boundaries; ``position_ids`` ``(rows, B, S)`` skips the family's
         position-id function (the packed path computes them per sample in the collator).
+        ``loss_reduction`` scales the loss for gradient accumulation (see :mod:`mmzoo.loss`);
+        training passes ``return_logits=False``: the loss then needs logits of answer tokens only.
         """
         batch, seq = input_ids.shape
         embeds = self.text_decoder.embed(input_ids)
@@ -129,8 +135,13 @@ class VLModel(nn.Module):
             )
 
         hidden = self.text_decoder(embeds[keep], position_ids[:, keep], cu_seqlens)  # (T, H)
+        loss = None
+        if labels is not None:
+            weight = self.text_decoder.output_weight
+            loss = self.loss_fn(hidden, weight, labels[keep], cu_seqlens, loss_reduction)
+        if not return_logits:
+            return VLOutput(logits=None, loss=loss)
         logits_packed = self.text_decoder.logits(hidden)  # (T, V)
-        loss = None if labels is None else self.loss_fn(logits_packed, labels[keep], cu_seqlens)
         if bool(keep.all()):
             logits = logits_packed.view(batch, seq, -1)
         else:

@@ -33,7 +33,10 @@ class ModelSpec:
             second_per_grid_ts) -> (rows, B, S)`` position ids (M-RoPE has 3 rows).
         weight_mapping: config -> :class:`mmzoo.convert.mapping.WeightMapping` (HF <-> mm names).
         config_from_hf: HF ``config.json`` dict -> config object.
-        loss: ``(logits, labels, cu_seqlens) -> loss`` hook.
+        config_to_hf: config object -> HF ``config.json`` dict (the inverse of ``config_from_hf``;
+            ``dtype`` is added by the writer); ``None`` when the family cannot export.
+        loss: ``(hidden (T, H), output_weight (V, H), labels (T,), cu_seqlens, reduction) -> loss``
+            (see :func:`mmzoo.loss.causal_lm_loss`).
         example_batch: config -> a small model input with media (for tests and benchmarks).
         hf_architectures: the ``architectures`` entries of HF config.json this family reads.
         special_tokens: token name -> id (image/video placeholders, eos, pad, ...).
@@ -63,6 +66,7 @@ class ModelSpec:
     media_processor: Any = None
     expand_media: Any = None
     default_tokenizer: Callable[[], Any] | None = None
+    config_to_hf: Callable[[Any], dict] | None = None
     description: str = ""
 
     PARTS = (

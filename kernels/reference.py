@@ -23,9 +23,8 @@ def attention(
         ``(T, Hq, D)``.
     """
     groups = q.shape[1] // k.shape[1]
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in pairwise(bounds):
+    outs = []
+    for start, end in pairwise(cu_seqlens.tolist()):
         if end == start:
             continue
         qs = q[start:end].transpose(0, 1)  # (Hq, L, D)
@@ -37,8 +36,8 @@ def attention(
             future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out[start:end] = torch.matmul(probs, vs).transpose(0, 1)
-    return out
+        outs.append(torch.matmul(probs, vs).transpose(0, 1))
+    return torch.cat(outs) if outs else torch.empty_like(q)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

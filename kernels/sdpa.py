@@ -13,9 +13,8 @@ def attention(
 ) -> torch.Tensor:
     """Same contract as :func:`mmzoo_kernels.reference.attention`, one SDPA call per sequence."""
     gqa = q.shape[1] != k.shape[1]
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in pairwise(bounds):
+    outs = []  # concatenated once: slice assignment would zero-fill a full tensor per sequence in backward
+    for start, end in pairwise(cu_seqlens.tolist()):
         if end == start:
             continue
         o = F.scaled_dot_product_attention(
@@ -26,5 +25,5 @@ def attention(
             scale=scale,
             enable_gqa=gqa,
         )
-        out[start:end] = o[0].transpose(0, 1)
-    return out
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs) if outs else torch.empty_like(q)

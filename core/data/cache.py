@@ -71,28 +71,32 @@ def write_entry(root: Path, key: str, samples: Iterable[Prepared], skips: dict[s
             shards.append(name)
             pending, size = {}, 0
 
-    for i, sample in enumerate(samples):
-        tensors = _tensors(i, sample)
-        pending.update(tensors)
-        size += sum(t.numel() * t.element_size() for t in tensors.values())
-        entries.append(
-            {
-                "shard": len(shards),
-                "length": len(sample),
-                "images": len(sample.images),
-                "videos": len(sample.videos),
-                "second_per_grid_ts": sample.second_per_grid_ts,
-                "source": sample.source,
-            }
-        )
-        if size >= SHARD_BYTES:
-            flush()
-    flush()
-    index = {"shards": shards, "samples": entries, "skips": skips}
-    with open(tmp / INDEX, "w") as f:
-        json.dump(index, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        for i, sample in enumerate(samples):
+            tensors = _tensors(i, sample)
+            pending.update(tensors)
+            size += sum(t.numel() * t.element_size() for t in tensors.values())
+            entries.append(
+                {
+                    "shard": len(shards),
+                    "length": len(sample),
+                    "images": len(sample.images),
+                    "videos": len(sample.videos),
+                    "second_per_grid_ts": sample.second_per_grid_ts,
+                    "source": sample.source,
+                }
+            )
+            if size >= SHARD_BYTES:
+                flush()
+        flush()
+        index = {"shards": shards, "samples": entries, "skips": skips}
+        with open(tmp / INDEX, "w") as f:
+            json.dump(index, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # e.g. a strict-mode error or Ctrl-C while preprocessing: leave no debris
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     target = root / key
     try:
         os.rename(tmp, target)

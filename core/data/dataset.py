@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from bisect import bisect_right
@@ -145,7 +146,13 @@ def build_dataset(
         if data.cache_dir is None:
             stores.append(list(_prepare_file(path, preprocessor, data, report, log)))
             continue
-        root, key = Path(data.cache_dir), cache_key(path, settings)
+        # Relative media paths resolve against this base, so the same JSONL content in another
+        # directory names other files: it is part of the key (the path too: it is in each source).
+        base = os.path.abspath(
+            os.path.expanduser(data.dataset_dir) if data.dataset_dir else Path(path).expanduser().parent
+        )
+        root = Path(data.cache_dir)
+        key = cache_key(path, {**settings, "file": path, "media_base": base})
         entry = CacheEntry.find(root, key)
         if entry is None:
             file_report = SkipReport()

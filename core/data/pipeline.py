@@ -38,6 +38,11 @@ class Prepared:
         return self.input_ids.shape[0]
 
 
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # torch.cat copies even a single tensor: ~7 ms for one large image's patches.
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 class Preprocessor:
     """Turns records into :class:`Prepared` samples for one model family.
 
@@ -97,6 +102,17 @@ class Preprocessor:
         except MmzooError as exc:
             report.add("bad_structure", record.source, str(exc))
             return None
+        # A special token typed into the text (a literal "<|image_pad|>") adds a placeholder with no
+        # features: skip the record here, not fail later in position ids or in a training batch.
+        for kind, token, grids in (
+            ("image", self.config.image_token_id, image_grids),
+            ("video", self.config.video_token_id, video_grids),
+        ):
+            want, got = sum(t * h * w for t, h, w in grids) // self.merge**2, ids.count(token)
+            if got != want:
+                detail = f"{got} {kind} tokens for {want} {kind} features (a special token in the text?)"
+                report.add("bad_structure", record.source, detail)
+                return None
         kept = self._truncate(ids, labels, record, report)
         if kept is None:
             return None
@@ -132,12 +148,10 @@ class Preprocessor:
         """Normalise and patchify the media: the :class:`Sample` the collator takes."""
         media: dict[str, torch.Tensor] = {}
         if prepared.images:
-            media["pixel_values"] = torch.cat([self.processor.pixel_values(f) for f in prepared.images])
+            media["pixel_values"] = _cat([self.processor.pixel_values(f) for f in prepared.images])
             media["image_grid_thw"] = torch.cat([self.processor.grid_thw(f) for f in prepared.images])
         if prepared.videos:
-            media["pixel_values_videos"] = torch.cat(
-                [self.processor.pixel_values(f) for f in prepared.videos]
-            )
+            media["pixel_values_videos"] = _cat([self.processor.pixel_values(f) for f in prepared.videos])
             media["video_grid_thw"] = torch.cat([self.processor.grid_thw(f) for f in prepared.videos])
             media["second_per_grid_ts"] = torch.tensor(prepared.second_per_grid_ts)
         return Sample(prepared.input_ids, prepared.labels, prepared.position_ids, media, prepared.source)

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmzoo.config import RecomputeConfig
 from mmzoo.nn.layers import GatedMLP, RMSNorm, SelfAttention, TransformerLayer
+from mmzoo.nn.recompute import run_layers
 from mmzoo.nn.rotary import RotaryEmbedding
 
 
@@ -81,6 +83,7 @@ class TextDecoder(nn.Module):
             None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.mrope_section)
+        self.recompute: RecomputeConfig | None = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding.word_embeddings(input_ids)
@@ -89,13 +92,17 @@ class TextDecoder(nn.Module):
         self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
     ) -> torch.Tensor:
         cos, sin = self.rotary(position_ids, embeds.dtype)
-        x = embeds
-        for layer in self.decoder.layers:
-            x = layer(x, cos, sin, cu_seqlens)
+        x = run_layers(
+            self.decoder.layers, embeds, lambda i, layer, x: layer(x, cos, sin, cu_seqlens), self.recompute
+        )
         return self.decoder.final_layernorm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = (
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """``(V, H)``: the output layer, or the embedding when tied."""
+        return (
             self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
         )
-        return hidden @ weight.t()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.output_weight.t()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import mmzoo_kernels as K
 
@@ -55,6 +56,7 @@ class SelfAttention(nn.Module):
         self.causal = causal
         self.linear_qkv = nn.Linear(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
         self.linear_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=proj_bias)
+        self.recompute_core = False  # selective recompute: keep no attention internals for backward
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor):
         tokens = x.shape[0]
@@ -65,7 +67,10 @@ class SelfAttention(nn.Module):
         v = qkv[:, :, per_group + 1]
         q = K.rotary(q, cos, sin)
         k = K.rotary(k, cos, sin)
-        out = K.attention(q, k, v, cu_seqlens, self.causal)  # (T, Hq, D)
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(K.attention, q, k, v, cu_seqlens, self.causal, use_reentrant=False)
+        else:
+            out = K.attention(q, k, v, cu_seqlens, self.causal)  # (T, Hq, D)
         return self.linear_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 

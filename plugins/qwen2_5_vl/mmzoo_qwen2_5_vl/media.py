@@ -87,8 +87,10 @@ class QwenMediaProcessor:
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
-        self._mean = np.array(CLIP_MEAN, dtype=np.float32)[:, None, None]
-        self._std = np.array(CLIP_STD, dtype=np.float32)[:, None, None]
+        # Per column of a patch row, laid out (C, frame, y, x) like the rows themselves.
+        per_channel = temporal_patch_size * patch_size * patch_size
+        self._mean = np.repeat(np.array(CLIP_MEAN, dtype=np.float32), per_channel)
+        self._std = np.repeat(np.array(CLIP_STD, dtype=np.float32), per_channel)
 
     def image(self, image: Image.Image | str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Process one image (a PIL image or a file path).
@@ -137,11 +139,17 @@ class QwenMediaProcessor:
 
     def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
         """Normalise and patchify prepared uint8 frames into rows of 1176 values."""
-        pixels = frames.astype(np.float32).transpose(0, 3, 1, 2) * np.float32(1 / 255)
-        pixels = (pixels - self._mean) / self._std  # (T, C, H, W)
+        pixels = frames.transpose(0, 3, 1, 2)  # (T, C, H, W), still uint8
         if pixels.shape[0] == 1:  # a still image fills the temporal patch by repeating itself
             pixels = np.broadcast_to(pixels, (self.temporal_patch_size, *pixels.shape[1:]))
-        return self._patchify(pixels)[0]
+        # Patchify the uint8 frames first, then normalise the contiguous rows in place: about
+        # twice as fast as normalising strided float frames, and the same arithmetic, so the
+        # same values.
+        rows = self._patchify(pixels)[0].numpy().astype(np.float32)
+        rows *= np.float32(1 / 255)
+        rows -= self._mean
+        rows /= self._std
+        return torch.from_numpy(rows)
 
     def num_tokens(self, grid_thw: torch.Tensor) -> int:
         """LLM placeholder tokens for one grid: t*h*w / merge_size**2."""
@@ -159,7 +167,7 @@ class QwenMediaProcessor:
         return np.asarray(image, dtype=np.uint8)
 
     def _patchify(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, C, H, W) float32 frames, T a multiple of the temporal patch -> rows of patches and grid."""
+        """(T, C, H, W) frames, T a multiple of the temporal patch -> rows of patches and grid."""
         n_frames, channels, height, width = frames.shape
         p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
         grid_t, grid_h, grid_w = n_frames // tp, height // p, width // p

@@ -8,7 +8,7 @@ from mmzoo import ModelSpec, hookimpl
 from mmzoo.data.tokenizer import default_qwen_tokenizer
 from mmzoo.loss import causal_lm_loss
 from mmzoo.nn import TextDecoder
-from mmzoo_qwen2_5_vl.config import VARIANTS, config_from_hf
+from mmzoo_qwen2_5_vl.config import VARIANTS, config_from_hf, config_to_hf
 from mmzoo_qwen2_5_vl.mapping import weight_mapping
 from mmzoo_qwen2_5_vl.media import build_media_processor
 from mmzoo_qwen2_5_vl.rope_index import position_ids
@@ -48,8 +48,12 @@ def example_batch(config, seed: int = 0) -> dict:
         count = grid[0] * grid[1] * grid[2] // v.spatial_merge_size**2
         return [config.vision_start_token_id] + [token] * count + [config.vision_end_token_id]
 
-    def words(n: int) -> list[int]:
-        return torch.randint(0, min(config.text.vocab_size, 1000), (n,), generator=g).tolist()
+    special = min(
+        config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id
+    )
+
+    def words(n: int) -> list[int]:  # ordinary tokens only: never a placeholder id
+        return torch.randint(0, min(special, 1000), (n,), generator=g).tolist()
 
     ids = (
         words(4) + run(config.image_token_id, image) + words(3) + run(config.video_token_id, video) + words(5)
@@ -78,6 +82,7 @@ SPEC = ModelSpec(
     position_ids=position_ids,
     weight_mapping=weight_mapping,
     config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
     loss=causal_lm_loss,
     template=TEMPLATE,
     media_processor=build_media_processor,

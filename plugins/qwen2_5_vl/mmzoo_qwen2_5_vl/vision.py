@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmzoo.config import RecomputeConfig
 from mmzoo.nn import GatedMLP, RMSNorm, SelfAttention, TransformerLayer
+from mmzoo.nn.recompute import run_layers
 from mmzoo_qwen2_5_vl.config import VisionConfig
 
 
@@ -133,6 +135,7 @@ class VisionEncoder(nn.Module):
                 for _ in range(c.depth)
             ]
         )
+        self.recompute: RecomputeConfig | None = None
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -158,8 +161,12 @@ class VisionEncoder(nn.Module):
         cos, sin = self.rotary(patch_positions(grid_thw, c.spatial_merge_size).to(device), x.dtype)
         x, cos, sin = to_windows(x), to_windows(cos), to_windows(sin)
         full = set(c.fullatt_block_indexes)
-        for i, layer in enumerate(self.blocks.layers):
-            x = layer(x, cos, sin, cu_full if i in full else cu_window)
+        x = run_layers(
+            self.blocks.layers,
+            x,
+            lambda i, layer, x: layer(x, cos, sin, cu_full if i in full else cu_window),
+            self.recompute,
+        )
         restore = torch.argsort(order)
         return x.view(tokens // unit, unit, width)[restore].view(tokens, width)
 

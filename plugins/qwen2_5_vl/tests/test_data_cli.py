@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from PIL import Image
+
 import mmzoo
 from mmzoo.cli import main
-from PIL import Image
 
 DEMO = Path(mmzoo.__file__).parent / "demo" / "demo.jsonl"
 

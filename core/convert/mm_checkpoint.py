@@ -1,0 +1,337 @@
+"""The mm checkpoint format: Megatron-style directories of safetensors plus a small JSON.
+
+Layout (unsharded: tp=1, pp=1)::
+
+    ROOT/latest_checkpointed_iteration.txt      "release" or an iteration number, e.g. "10"
+    ROOT/{release|iter_0000010}/mp_rank_00/model.safetensors   weights under their mm names
+    ROOT/{release|iter_0000010}/mp_rank_00/mm_meta.json        what the shard is
+
+Writes are atomic: an iteration directory is written under a dot-named temporary sibling,
+its files are fsynced, it is renamed into place, and only then is the tracker replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmzoo.api import apply_overrides, compose
+from mmzoo.errors import MmzooError
+from mmzoo.model import VLModel
+from mmzoo.registry import get_model
+
+TRACKER = "latest_checkpointed_iteration.txt"
+SHARD = "mp_rank_00"
+WEIGHTS = "model.safetensors"
+META = "mm_meta.json"
+FORMAT_VERSION = 1
+_ITER = re.compile(r"iter_(\d+)")
+# Layer-index patterns of the mm names: they give the per-stage layer counts without
+# knowing the family.
+_VIT_LAYER = re.compile(r"vision_encoder\.blocks\.layers\.(\d+)\.")
+_LLM_LAYER = re.compile(r"text_decoder\.decoder\.layers\.(\d+)\.")
+
+
+def iteration_name(iteration: int | None) -> str:
+    """``None`` -> ``"release"``, ``10`` -> ``"iter_0000010"``."""
+    if iteration is None:
+        return "release"
+    if iteration < 0:
+        raise MmzooError(f"checkpoint iteration must be >= 0, got {iteration}")
+    return f"iter_{iteration:07d}"
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk (a rename is only as durable as the data behind it)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON and fsync; a value JSON cannot hold is an MmzooError."""
+    try:
+        text = json.dumps(obj, indent=2)
+    except (TypeError, ValueError) as exc:
+        raise MmzooError(f"cannot write {path.name}: {exc}; only JSON values can be saved") from exc
+    with open(path, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` to a safetensors file and fsync it."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    fsync_file(path)
+
+
+def iteration_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """The ``iter_*`` directories under ``root`` as ``(iteration, path)``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _ITER.fullmatch(p.name))]
+    return sorted(found)
+
+
+def clean_stale_temporaries(root: Path) -> None:
+    """Remove temporary directories left by saves that did not finish (e.g. a killed process)."""
+    for stale in root.glob(".*.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def write_tracker(root: Path, iteration: int | None) -> None:
+    """Point ``root``'s tracker at ``iteration`` with an atomic replace."""
+    tmp = root / f".{TRACKER}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write("release" if iteration is None else str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER)
+    _fsync_dir(root)
+
+
+@contextmanager
+def staged_iteration(root: str | Path, iteration: int | None) -> Iterator[Path]:
+    """Yield a temporary directory to fill; on success it becomes ``root/<iteration>`` and the
+    tracker names it. On an exception nothing visible changes (the temporary is removed).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(root)
+    final = root / iteration_name(iteration)
+    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            _fsync_dir(sub)
+        if final.exists():  # re-saving an iteration: move the old copy aside, then drop it
+            old = root / f".{final.name}.tmp-old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_tracker(root, iteration)  # last: readers only ever see a complete directory
+
+
+def _layer_counts(names: list[str], pattern: re.Pattern[str]) -> int:
+    return len({m.group(1) for n in names if (m := pattern.match(n))})
+
+
+def mm_meta(model: VLModel, *, variant: str) -> dict[str, Any]:
+    """The ``mm_meta.json`` contents describing ``model``'s (single) shard."""
+    names = list(model.state_dict())
+    return {
+        "model": model.name,
+        "variant": variant,
+        "config": dataclasses.asdict(model.config),
+        "tp": 1,
+        "pp": 1,
+        "vit_pp_layers": [_layer_counts(names, _VIT_LAYER)],
+        "llm_pp_layers": [_layer_counts(names, _LLM_LAYER)],
+        "layout": "fused",
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def write_model_shard(model: VLModel, directory: Path, *, variant: str) -> Path:
+    """Write ``directory/mp_rank_00/{model.safetensors, mm_meta.json}``; returns the shard dir."""
+    shard = directory / SHARD
+    shard.mkdir(parents=True, exist_ok=True)
+    write_tensors(shard / WEIGHTS, model.state_dict())
+    write_json(shard / META, mm_meta(model, variant=variant))
+    return shard
+
+
+def save_mm(model: VLModel, root: str | Path, iteration: int | None = None, *, variant: str) -> Path:
+    """Save ``model`` as an mm checkpoint under ``root`` and point the tracker at it.
+
+    Args:
+        model: the model; its ``state_dict()`` names are the mm names.
+        root: checkpoint root (created if missing).
+        iteration: training iteration, or ``None`` for a ``release`` checkpoint.
+        variant: the registry variant the model's config started from (e.g. ``"tiny"``).
+
+    Returns:
+        The iteration directory, e.g. ``root/release``.
+    """
+    with staged_iteration(root, iteration) as tmp:
+        write_model_shard(model, tmp, variant=variant)
+    return Path(root) / iteration_name(iteration)
+
+
+def read_tracker(root: str | Path) -> Path | None:
+    """The iteration directory ``root``'s tracker names, or ``None`` when there is no tracker."""
+    root = Path(root)
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if text != "release" and not text.isdigit():
+        raise MmzooError(f"{tracker}: expected an iteration number or 'release', found '{text[:40]}'")
+    directory = root / iteration_name(None if text == "release" else int(text))
+    if not directory.is_dir():
+        raise MmzooError(f"{tracker} names '{text}' but {directory} is missing; the checkpoint is incomplete")
+    return directory
+
+
+def is_mm_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` looks like an mm checkpoint root, iteration or shard directory."""
+    path = Path(path)
+    return (
+        (path / TRACKER).is_file()
+        or (path / SHARD / META).is_file()
+        or (path / META).is_file()
+        or (path.is_dir() and (path.name == "release" or bool(_ITER.fullmatch(path.name))))
+    )
+
+
+def resolve_shard(path: str | Path) -> Path:
+    """The ``mp_rank_00`` directory for a checkpoint root (via the tracker), iteration or shard."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MmzooError(f"{path}: no such checkpoint directory")
+    if (path / META).is_file():
+        return path
+    if not (path / SHARD).is_dir():
+        tracked = read_tracker(path)
+        if tracked is None:
+            raise MmzooError(
+                f"{path}: not an mm checkpoint: no {TRACKER} here and no {SHARD}/ directory; "
+                "pass the checkpoint root or an iter_*/release directory"
+            )
+        path = tracked
+    if not (path / SHARD / META).is_file():
+        raise MmzooError(f"{path}: no {SHARD}/{META}; the checkpoint is incomplete or not in mm format")
+    return path / SHARD
+
+
+def read_mm_meta(path: str | Path) -> dict[str, Any]:
+    """The ``mm_meta.json`` of a checkpoint root, iteration or shard directory, checked."""
+    file = resolve_shard(path) / META
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise MmzooError(f"{file}: not valid JSON ({exc})") from exc
+    required = ("model", "variant", "config", "tp", "pp", "layout", "format_version")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise MmzooError(f"{file}: missing keys {', '.join(missing)}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise MmzooError(
+            f"{file}: format_version {meta['format_version']} is newer than this mmzoo reads "
+            f"({FORMAT_VERSION}); upgrade mmzoo"
+        )
+    if (meta["tp"], meta["pp"]) != (1, 1) or meta["layout"] != "fused":
+        raise MmzooError(
+            f"{file}: tp={meta['tp']} pp={meta['pp']} layout={meta['layout']!r}; only unsharded "
+            "(tp=1, pp=1) fused checkpoints are read so far"
+        )
+    return meta
+
+
+def load_mm_weights(model: torch.nn.Module, shard: Path) -> None:
+    """Copy ``shard/model.safetensors`` into ``model``'s parameters in place, one tensor at a time.
+
+    Names are compared before any tensor is read; missing, unexpected and mis-shaped names
+    are MmzooErrors.
+    """
+    file = shard / WEIGHTS
+    if not file.is_file():
+        raise MmzooError(f"{shard}: no {WEIGHTS}; the checkpoint is incomplete")
+    params = dict(model.named_parameters())
+    with safe_open(file, framework="pt") as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
+        if missing:
+            raise MmzooError(
+                f"{file}: {len(missing)} weights missing: {', '.join(missing[:8])}"
+                f"{' ...' if len(missing) > 8 else ''}; does mm_meta.json's config match the weights?"
+            )
+        if unexpected:
+            raise MmzooError(
+                f"{file}: {len(unexpected)} unexpected weights: {', '.join(unexpected[:8])}"
+                f"{' ...' if len(unexpected) > 8 else ''}; does mm_meta.json's config match the weights?"
+            )
+        for name, param in params.items():
+            shape = tuple(f.get_slice(name).get_shape())
+            if shape != tuple(param.shape):
+                raise MmzooError(
+                    f"{file}: shape mismatch for {name}: checkpoint gives {shape}, the model "
+                    f"expects {tuple(param.shape)}; does mm_meta.json's config match the weights?"
+                )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(f.get_tensor(name))
+
+
+def _dtype(dtype: torch.dtype | str | None, shard: Path) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        with safe_open(shard / WEIGHTS, framework="pt") as f:
+            first = next(iter(f.keys()), None)
+            return f.get_tensor(first).dtype if first is not None else torch.float32
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype):
+        raise MmzooError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16, float16 or 'auto'")
+    return resolved
+
+
+def load_mm_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:
+    """Build the model an mm checkpoint describes and stream its weights in.
+
+    Args:
+        path: checkpoint root (the tracker picks the iteration), an ``iter_*``/``release``
+            directory, or its ``mp_rank_00`` shard directory.
+        dtype: parameter dtype; ``None`` means float32, ``"auto"`` the checkpoint's own dtype.
+    """
+    shard = resolve_shard(path)
+    meta = read_mm_meta(shard)
+    try:
+        spec = get_model(meta["model"])
+        config = apply_overrides(spec.variant(meta["variant"]), meta["config"])
+    except MmzooError as exc:
+        raise MmzooError(f"{shard / META}: {exc}") from exc
+    torch_dtype = _dtype(dtype, shard)
+    with torch.device("meta"):
+        model = compose(spec, config)
+    model = model.to(torch_dtype).to_empty(device="cpu")
+    load_mm_weights(model, shard)
+    return model

@@ -1,0 +1,279 @@
+"""Training checkpoints: the mm layout plus optimizer, scheduler, RNG and trainer state.
+
+One ``OUTPUT/iter_0000010/`` directory per save, written atomically (see
+:mod:`mmzoo.convert.mm_checkpoint`)::
+
+    mp_rank_00/model.safetensors, mm_meta.json    the weights, loadable with mmzoo.load_model
+    mp_rank_00/optimizer.safetensors, .json       state tensors keyed "<parameter name>/<key>"
+    mp_rank_00/rng.safetensors, rng.json          torch CPU/CUDA, numpy and Python RNG states
+    scheduler.json                                the LR scheduler's state_dict
+    trainer_state.json                            what the loop passes (step, epoch, ...)
+
+Optimizer and RNG state sit in the rank directory because they are per rank once the
+model is split; the scheduler and trainer state are global. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from mmzoo.convert.mm_checkpoint import (
+    iteration_dirs,
+    iteration_name,
+    load_mm_weights,
+    read_mm_meta,
+    read_tracker,
+    resolve_shard,
+    staged_iteration,
+    write_json,
+    write_model_shard,
+    write_tensors,
+)
+from mmzoo.errors import MmzooError
+
+OPTIMIZER = "optimizer"
+RNG = "rng"
+SCHEDULER = "scheduler.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+def _group_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Parameter names of each optimizer group, in the group's order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        unknown = sum(id(p) not in names for p in group["params"])
+        if unknown:
+            raise MmzooError(f"optimizer group {i} holds {unknown} parameters that are not in the model")
+        groups.append([names[id(p)] for p in group["params"]])
+    return groups
+
+
+def _write_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, shard: Path) -> None:
+    groups = _group_names(model, optimizer)
+    flat = [n for g in groups for n in g]  # state_dict() numbers parameters in this order
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{flat[index]}/{key}"] = value
+            else:
+                scalars.setdefault(flat[index], {})[key] = value
+    param_groups = [
+        {**{k: v for k, v in saved.items() if k != "params"}, "params": names}
+        for saved, names in zip(state["param_groups"], groups, strict=True)
+    ]
+    write_tensors(shard / f"{OPTIMIZER}.safetensors", tensors)
+    write_json(
+        shard / f"{OPTIMIZER}.json",
+        {"type": type(optimizer).__name__, "param_groups": param_groups, "state_scalars": scalars},
+    )
+
+
+def _read_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, shard: Path) -> None:
+    saved = json.loads((shard / f"{OPTIMIZER}.json").read_text())
+    where = shard / f"{OPTIMIZER}.json"
+    if saved["type"] != type(optimizer).__name__:
+        raise MmzooError(f"{where}: saved by {saved['type']}, cannot load into {type(optimizer).__name__}")
+    groups = _group_names(model, optimizer)
+    if len(saved["param_groups"]) != len(groups):
+        raise MmzooError(
+            f"{where}: {len(saved['param_groups'])} parameter groups saved, the optimizer has {len(groups)}"
+        )
+    for i, (group, names) in enumerate(zip(saved["param_groups"], groups, strict=True)):
+        missing, extra = sorted(set(names) - set(group["params"])), sorted(set(group["params"]) - set(names))
+        if missing or extra:
+            raise MmzooError(
+                f"{where}: group {i} differs from the optimizer's: "
+                f"not saved: {', '.join(missing[:4]) or '-'}; "
+                f"saved but not optimized: {', '.join(extra[:4]) or '-'}; were the same parameters frozen?"
+            )
+    index = {n: i for i, n in enumerate(n for g in groups for n in g)}
+    state: dict[int, dict[str, Any]] = {}
+    with safe_open(shard / f"{OPTIMIZER}.safetensors", framework="pt") as f:
+        for key in f.keys():
+            name, _, field = key.rpartition("/")
+            state.setdefault(index[name], {})[field] = f.get_tensor(key)
+    for name, values in saved["state_scalars"].items():
+        state.setdefault(index[name], {}).update(values)
+    param_groups = []
+    for group, current, names in zip(saved["param_groups"], optimizer.param_groups, groups, strict=True):
+        restored = {
+            k: tuple(v) if isinstance(v, list) and isinstance(current.get(k), tuple) else v
+            for k, v in group.items()
+            if k != "params"
+        }
+        # load_state_dict pairs saved indices with the optimizer's parameters by position.
+        param_groups.append({**restored, "params": [index[n] for n in names]})
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _write_rng(shard: Path) -> None:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors.update({f"cuda_{i}": s for i, s in enumerate(cuda)})
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, py_state, gauss_next = random.getstate()
+    info = {
+        "cuda_devices": len(cuda),
+        "numpy": {
+            "kind": kind,
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": version, "state": list(py_state), "gauss_next": gauss_next},
+    }
+    write_tensors(shard / f"{RNG}.safetensors", tensors)
+    write_json(shard / f"{RNG}.json", info)
+
+
+def _read_rng(shard: Path) -> None:
+    info = json.loads((shard / f"{RNG}.json").read_text())
+    with safe_open(shard / f"{RNG}.safetensors", framework="pt") as f:
+        torch.set_rng_state(f.get_tensor("torch_cpu"))
+        if info["cuda_devices"] and torch.cuda.is_available():
+            for i in range(min(info["cuda_devices"], torch.cuda.device_count())):
+                torch.cuda.set_rng_state(f.get_tensor(f"cuda_{i}"), i)
+        keys = f.get_tensor("numpy_keys").numpy().astype(np.uint32)
+    n = info["numpy"]
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = info["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+
+
+def _prune(root: Path, keep_last: int, current: Path) -> None:
+    others = [p for _, p in iteration_dirs(root) if p != current]
+    for old in others[: max(0, len(others) - (keep_last - 1))]:
+        # Hide it first so a crash mid-delete leaves no half-deleted iter_* in view.
+        hidden = root / f".{old.name}.tmp-del-{uuid.uuid4().hex[:8]}"
+        old.rename(hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+def save_training_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    *,
+    variant: str,
+    save_optimizer: bool = True,
+    save_rng: bool = True,
+    keep_last: int | None = None,
+) -> Path:
+    """Write ``output_dir/iter_{step:07d}`` atomically, point the tracker at it, prune old ones.
+
+    Args:
+        output_dir: run directory (created if missing).
+        step: optimizer steps taken; names the directory.
+        model: a :class:`mmzoo.VLModel` (its state dict names are the mm names).
+        optimizer: its state is saved keyed by parameter name.
+        scheduler: an LR scheduler with a JSON-able ``state_dict()`` (LambdaLR is), or ``None``.
+        trainer_state: JSON-able loop state (step, epoch, position in the epoch, tokens seen, ...).
+        variant: the registry variant the model's config started from.
+        save_optimizer: write the optimizer state (needed to resume exactly).
+        save_rng: write the RNG states.
+        keep_last: keep this many ``iter_*`` directories (the new one included); ``None``: all.
+
+    Returns:
+        The new iteration directory.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise MmzooError(f"keep_last must be at least 1 (or None to keep all), got {keep_last}")
+    root = Path(output_dir)
+    with staged_iteration(root, step) as tmp:
+        shard = write_model_shard(model, tmp, variant=variant)  # type: ignore[arg-type]
+        if save_optimizer:
+            _write_optimizer(optimizer, model, shard)
+        if scheduler is not None:
+            write_json(tmp / SCHEDULER, scheduler.state_dict())
+        if save_rng:
+            _write_rng(shard)
+        write_json(tmp / TRAINER_STATE, trainer_state)
+    final = root / iteration_name(step)
+    if keep_last is not None:
+        _prune(root, keep_last, final)
+    return final
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The iteration directory ``output_dir``'s tracker names, or ``None`` if nothing was saved.
+
+    A tracker naming a missing directory is an MmzooError.
+    """
+    return read_tracker(output_dir) if Path(output_dir).is_dir() else None
+
+
+def load_training_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    *,
+    load_optimizer: bool = True,
+    load_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore a training checkpoint into existing objects, in place.
+
+    Args:
+        path: the run directory (the tracker picks the iteration) or an ``iter_*`` directory.
+        model: receives the weights (names and shapes must match exactly).
+        optimizer: receives its state, matched by parameter name.
+        scheduler: receives ``scheduler.json`` (skipped when ``None``).
+        load_optimizer: restore the optimizer (an error if the checkpoint has none).
+        load_rng: restore the RNG states (a warning if the checkpoint has none).
+
+    Returns:
+        The saved ``trainer_state``.
+    """
+    shard = resolve_shard(path)
+    directory = shard.parent
+    meta = read_mm_meta(shard)
+    name = getattr(model, "name", None)
+    if name is not None and meta["model"] != name:
+        raise MmzooError(f"{directory}: holds a '{meta['model']}' model, cannot load it into '{name}'")
+    # Check every file first so a bad checkpoint leaves the objects untouched.
+    if load_optimizer:
+        if optimizer is None:
+            raise MmzooError("load_optimizer=True needs an optimizer; pass one or load_optimizer=False")
+        if not (shard / f"{OPTIMIZER}.json").is_file():
+            raise MmzooError(
+                f"{directory}: has no optimizer state (saved with save_optimizer=False); "
+                "pass load_optimizer=False to start a fresh optimizer"
+            )
+    if scheduler is not None and not (directory / SCHEDULER).is_file():
+        raise MmzooError(f"{directory}: has no {SCHEDULER}; it was saved without a scheduler")
+    if not (directory / TRAINER_STATE).is_file():
+        raise MmzooError(f"{directory}: no {TRAINER_STATE}; is this a training checkpoint?")
+
+    load_mm_weights(model, shard)
+    if load_optimizer:
+        assert optimizer is not None
+        _read_optimizer(optimizer, model, shard)
+    if scheduler is not None:
+        scheduler.load_state_dict(json.loads((directory / SCHEDULER).read_text()))
+    if load_rng:
+        if (shard / f"{RNG}.json").is_file():
+            _read_rng(shard)
+        else:
+            warnings.warn(f"{directory}: no RNG state saved; random streams start afresh", stacklevel=2)
+    return json.loads((directory / TRAINER_STATE).read_text())
+
+
+__all__ = ["latest_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]

@@ -1,0 +1,45 @@
+"""Training metrics: ``metrics.jsonl`` (one object per optimizer step) and TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON line per step and mirrors scalars to TensorBoard.
+
+    Args:
+        output_dir: where ``metrics.jsonl`` and ``tensorboard/`` go.
+        tensorboard: write TensorBoard events if the ``tensorboard`` package is importable.
+    """
+
+    def __init__(self, output_dir: Path, tensorboard: bool = True) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    @property
+    def tensorboard_dir(self) -> Path | None:
+        return None if self._tb is None else Path(self._tb.log_dir)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

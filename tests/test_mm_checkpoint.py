@@ -1,0 +1,164 @@
+"""The mm checkpoint format: save_mm / load_mm_model round trips, load_model dispatch, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mmzoo
+from mmzoo.convert.mm_checkpoint import (
+    TRACKER,
+    load_mm_model,
+    read_mm_meta,
+    save_mm,
+)
+
+# Placeholder ids above the 0..999 range example_batch draws its words from, so they never collide.
+TINY = dict(
+    text={"vocab_size": 1024, "num_layers": 3},
+    image_token_id=1022,
+    video_token_id=1023,
+    vision_start_token_id=1020,
+    vision_end_token_id=1021,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return mmzoo.build_model("qwen2_5_vl", "tiny", **TINY)
+
+
+def assert_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_release_round_trip_is_bitwise_and_gives_the_same_logits(model, tmp_path):
+    out = save_mm(model, tmp_path, variant="tiny")
+    assert out == tmp_path / "release"
+    assert (tmp_path / TRACKER).read_text() == "release"
+    assert sorted(p.name for p in (out / "mp_rank_00").iterdir()) == ["mm_meta.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+    meta = read_mm_meta(tmp_path)
+    assert meta["model"] == "qwen2_5_vl" and meta["variant"] == "tiny"
+    assert (meta["tp"], meta["pp"], meta["layout"], meta["format_version"]) == (1, 1, "fused", 1)
+    assert meta["vit_pp_layers"] == [4] and meta["llm_pp_layers"] == [3]
+    assert meta["config"]["text"]["num_layers"] == 3
+    assert set(load_file(out / "mp_rank_00" / "model.safetensors")) == set(model.state_dict())
+
+    loaded = load_mm_model(tmp_path)
+    assert loaded.config == model.config  # lists in JSON come back as tuples
+    assert isinstance(loaded.config.vision.fullatt_block_indexes, tuple)
+    assert_same(model, loaded)
+    batch = mmzoo.get_model("qwen2_5_vl").example_batch(model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_iterations_tracker_and_paths(model, tmp_path):
+    save_mm(model, tmp_path, 10, variant="tiny")
+    assert (tmp_path / TRACKER).read_text() == "10"
+    assert (tmp_path / "iter_0000010" / "mp_rank_00" / "mm_meta.json").is_file()
+    for path in (tmp_path, tmp_path / "iter_0000010", tmp_path / "iter_0000010" / "mp_rank_00"):
+        assert_same(model, load_mm_model(path))
+    # Re-saving the same iteration replaces it.
+    save_mm(model, tmp_path, 10, variant="tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000010", TRACKER]
+
+
+def test_dtype(tmp_path):
+    save_mm(mmzoo.build_model("qwen2_5_vl", "tiny", dtype=torch.bfloat16, **TINY), tmp_path, variant="tiny")
+    assert next(load_mm_model(tmp_path).parameters()).dtype == torch.float32
+    assert next(load_mm_model(tmp_path, dtype="auto").parameters()).dtype == torch.bfloat16
+    assert next(mmzoo.load_model(tmp_path, dtype=torch.float16).parameters()).dtype == torch.float16
+
+
+def test_load_model_dispatches_to_mm(model, tmp_path):
+    save_mm(model, tmp_path, 3, variant="tiny")
+    assert_same(model, mmzoo.load_model(tmp_path))
+    assert_same(model, mmzoo.load_model(tmp_path / "iter_0000003"))
+    assert_same(model, mmzoo.load_model(tmp_path / "iter_0000003" / "mp_rank_00"))
+    # Not an mm checkpoint: the Hugging Face reader answers.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(mmzoo.MmzooError, match="no config.json"):
+        mmzoo.load_model(tmp_path / "empty")
+
+
+def _edit_meta(root, **changes):
+    file = root / "release" / "mp_rank_00" / "mm_meta.json"
+    meta = json.loads(file.read_text())
+    meta.update(changes)
+    file.write_text(json.dumps(meta))
+
+
+def _weights(root):
+    return root / "release" / "mp_rank_00" / "model.safetensors"
+
+
+def test_errors(model, tmp_path):
+    save_mm(model, tmp_path, variant="tiny")
+    state = load_file(_weights(tmp_path))
+
+    save_file({k: v for k, v in state.items() if "final_layernorm" not in k}, _weights(tmp_path))
+    with pytest.raises(mmzoo.MmzooError, match=r"1 weights missing: text_decoder.decoder.final_layernorm"):
+        load_mm_model(tmp_path)
+
+    save_file({**state, "extra.weight": torch.zeros(2)}, _weights(tmp_path))
+    with pytest.raises(mmzoo.MmzooError, match=r"1 unexpected weights: extra.weight"):
+        load_mm_model(tmp_path)
+
+    name = "text_decoder.decoder.final_layernorm.weight"
+    save_file({**state, name: torch.ones(7)}, _weights(tmp_path))
+    with pytest.raises(mmzoo.MmzooError, match=rf"shape mismatch for {name}: checkpoint gives \(7,\)"):
+        load_mm_model(tmp_path)
+    save_file(state, _weights(tmp_path))
+
+    _edit_meta(tmp_path, model="qwen2_5_vI")
+    with pytest.raises(mmzoo.MmzooError, match=r"mm_meta.json: no model named 'qwen2_5_vI'"):
+        load_mm_model(tmp_path)
+    _edit_meta(tmp_path, model="qwen2_5_vl", variant="huge")
+    with pytest.raises(mmzoo.MmzooError, match=r"has no variant 'huge'"):
+        load_mm_model(tmp_path)
+    _edit_meta(tmp_path, variant="tiny", format_version=2)
+    with pytest.raises(mmzoo.MmzooError, match=r"format_version 2 is newer"):
+        load_mm_model(tmp_path)
+    _edit_meta(tmp_path, format_version=1, tp=2)
+    with pytest.raises(mmzoo.MmzooError, match=r"only unsharded"):
+        load_mm_model(tmp_path)
+    _edit_meta(tmp_path, tp=1)
+    load_mm_model(tmp_path)
+
+    (tmp_path / TRACKER).write_text("20")
+    with pytest.raises(mmzoo.MmzooError, match=r"names '20' but .*iter_0000020 is missing"):
+        load_mm_model(tmp_path)
+    (tmp_path / TRACKER).write_text("latest")
+    with pytest.raises(mmzoo.MmzooError, match=r"expected an iteration number or 'release'"):
+        load_mm_model(tmp_path)
+    (tmp_path / TRACKER).unlink()
+    (tmp_path / "release").rename(tmp_path / "other")
+    with pytest.raises(mmzoo.MmzooError, match=rf"not an mm checkpoint: no {TRACKER}"):
+        load_mm_model(tmp_path)
+    with pytest.raises(mmzoo.MmzooError, match="no such checkpoint directory"):
+        load_mm_model(tmp_path / "nowhere")
+
+
+def test_failed_save_changes_nothing(model, tmp_path, monkeypatch):
+    save_mm(model, tmp_path, 1, variant="tiny")
+    import mmzoo.convert.mm_checkpoint as mm
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mm, "write_json", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_mm(model, tmp_path, 2, variant="tiny")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", TRACKER]
+    assert (tmp_path / TRACKER).read_text() == "1"
