@@ -155,8 +155,15 @@ class Config:
 
 # The embedded default: a tiny model on the bundled demo data, about a minute on a laptop CPU.
 DEMO_OVERRIDES: dict[str, Any] = {
-    "data": {"seq_length": 1024, "media": {"max_pixels": 128 * 28 * 28, "video_max_pixels": 64 * 28 * 28}},
-    "train": {"steps": 40, "lr": 2e-3, "warmup": 0.1, "weight_decay": 0.0, "save_every": 20},
+    "data": {
+        "seq_length": 1024,
+        "media": {
+            "max_pixels": 128 * 28 * 28,
+            "video_min_pixels": 32 * 28 * 28,
+            "video_max_pixels": 64 * 28 * 28,
+        },
+    },
+    "train": {"steps": 60, "lr": 3e-3, "warmup": 0.1, "weight_decay": 0.0, "save_every": 30},
 }
 
 

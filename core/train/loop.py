@@ -63,6 +63,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -133,7 +138,7 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
     per_epoch = math.ceil(len(dataset.batches(t.micro_batch_size, t.seed, 0)) / t.grad_accum)
     total = t.steps if t.steps > 0 else t.epochs * per_epoch
     scheduler = make_scheduler(optimizer, t, total)
-    output = Path(t.output_dir)
+    output = Path(t.output_dir).absolute()
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "samples": 0}
     if resume:
@@ -160,9 +165,17 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
     last_saved: Path | None = latest_checkpoint(output) if resume else None
     started = time.monotonic()
     run_tokens = 0
+    # The bar redraws in place on a terminal; logs get the per-step lines (with ETA) only.
     bar = tqdm(
-        total=total, initial=state["step"], desc="train", unit="step", file=sys.stderr, dynamic_ncols=True
+        total=total,
+        initial=state["step"],
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not sys.stderr.isatty(),
     )
+    first_step = state["step"]
 
     def save() -> Path:
         return save_training_checkpoint(
@@ -256,9 +269,11 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if state["step"] % t.log_every == 0 or state["step"] == total:
+                done = state["step"] - first_step
+                eta = (time.monotonic() - started) / done * (total - state["step"])
                 tqdm.write(
                     f"step {state['step']:>5}/{total}  loss {value:.4f}  lr {lr:.2e}  grad_norm {norm:.3f}  "
-                    f"{tokens / seconds:,.0f} tok/s",
+                    f"{tokens / seconds:,.0f} tok/s  eta {_clock(eta)}",
                     file=sys.stdout,
                 )
             if t.save_every and state["step"] % t.save_every == 0 and state["step"] < total:
