@@ -95,10 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_plugins)
 
-    from mmzoo.commands import data, train
+    from mmzoo.commands import convert, data, train
 
     train.add_parser(sub)
     data.add_parser(sub)
+    convert.add_parser(sub)
+    from mmzoo.commands import infer
+
+    infer.add_parser(sub)
+    from mmzoo.commands import eval as eval_command
+
+    eval_command.add_parser(sub)
     return parser
 
 

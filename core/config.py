@@ -145,12 +145,36 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class KernelsConfig:
+    """Backend per kernel op (``mmzoo_kernels``); the chosen ones are printed at start.
+
+    Each field is ``auto`` (the best backend usable on the training device) or a backend
+    name; a requested backend that cannot run here is an error that says why.
+
+    Attributes:
+        attention: ``auto``, ``reference``, ``sdpa``, ``flash`` (CUDA) or ``npu``.
+        rotary: ``auto``, ``reference``, ``triton`` (CUDA) or ``npu``.
+        rms_norm: ``auto``, ``reference``, ``triton`` (CUDA) or ``npu``.
+        swiglu: ``auto``, ``reference`` or ``npu``.
+        cross_entropy: ``auto``, ``reference`` (full logits) or ``chunked`` (fused with the
+            output projection; full logits never exist).
+    """
+
+    attention: str = "auto"
+    rotary: str = "auto"
+    rms_norm: str = "auto"
+    swiglu: str = "auto"
+    cross_entropy: str = "auto"
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``mmzoo train`` needs. The defaults are the embedded CPU demo."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    kernels: KernelsConfig = KernelsConfig()
 
 
 # The embedded default: a tiny model on the bundled demo data, about a minute on a laptop CPU.
@@ -198,6 +222,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise MmzooError(f"{key}: expected a list, got {value!r}")
         inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis) else None
+        if inner is None and len(value) != len(args):  # a fixed-length tuple such as betas
+            raise MmzooError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         items = [_coerce(v, inner or args[i], f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items)
     if origin is dict or hint is dict:
@@ -217,7 +243,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise MmzooError(f"{key}: expected a number, got {value!r}") from None
     if hint is bool and not isinstance(value, bool):
         raise MmzooError(f"{key}: expected true or false, got {value!r}")
-    if isinstance(hint, type) and not isinstance(value, hint):
+    if isinstance(hint, type) and (
+        not isinstance(value, hint) or (isinstance(value, bool) and hint is not bool)  # True is an int
+    ):
         raise MmzooError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
 

@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+import mmzoo_kernels
+
 IGNORE_INDEX = -100
 
 
@@ -74,7 +76,9 @@ def causal_lm_loss(
     """Next-token cross-entropy, reduced as ``reduction`` says (plain token mean when None).
 
     Logits are computed only for tokens that have a target (answers are a small part of most
-    multimodal samples), so the ``(tokens x vocab)`` matrix of the whole sequence never exists.
+    multimodal samples), and through ``mmzoo_kernels.cross_entropy`` (``kernels.cross_entropy``),
+    whose default ``chunked`` backend computes them a chunk of tokens at a time, fused with the
+    output projection, so no ``(tokens x vocab)`` matrix exists in training.
 
     Args:
         hidden: ``(T, H)`` final hidden states of packed tokens.
@@ -85,8 +89,8 @@ def causal_lm_loss(
     """
     target = shift_labels(labels, cu_seqlens)
     valid = (target != IGNORE_INDEX).nonzero().squeeze(1)
-    logits = hidden.index_select(0, valid) @ output_weight.t()  # (N, V), targets only
-    losses = F.cross_entropy(logits.float(), target.index_select(0, valid), reduction="none")  # (N,)
+    # (N,) fp32; the ``chunked`` kernel (auto) never holds the (N, V) logits of the targets either
+    losses = mmzoo_kernels.cross_entropy(hidden.index_select(0, valid), output_weight, target[valid])
     if reduction is None:
         return losses.sum() / max(valid.numel(), 1)
     if reduction.kind == "default":

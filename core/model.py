@@ -78,6 +78,26 @@ class VLModel(nn.Module):
             )
         return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
 
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings ``(B, S, H)`` with media features scattered into their placeholders."""
+        embeds = self.text_decoder.embed(input_ids)
+        for pixels, grid, token_id, kind in (
+            (pixel_values, image_grid_thw, self.image_token_id, "image"),
+            (pixel_values_videos, video_grid_thw, self.video_token_id, "video"),
+        ):
+            if pixels is not None:
+                if grid is None:
+                    raise MmzooError(f"{kind} pixels were given without their {kind}_grid_thw")
+                embeds = self._scatter(embeds, input_ids, token_id, self.encode_media(pixels, grid), kind)
+        return embeds
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -102,15 +122,9 @@ class VLModel(nn.Module):
         training passes ``return_logits=False``: the loss then needs logits of answer tokens only.
         """
         batch, seq = input_ids.shape
-        embeds = self.text_decoder.embed(input_ids)
-        for pixels, grid, token_id, kind in (
-            (pixel_values, image_grid_thw, self.image_token_id, "image"),
-            (pixel_values_videos, video_grid_thw, self.video_token_id, "video"),
-        ):
-            if pixels is not None:
-                if grid is None:
-                    raise MmzooError(f"{kind} pixels were given without their {kind}_grid_thw")
-                embeds = self._scatter(embeds, input_ids, token_id, self.encode_media(pixels, grid), kind)
+        embeds = self.embed_inputs(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
 
         if cu_seqlens is not None:
             if batch != 1:

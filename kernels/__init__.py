@@ -3,7 +3,7 @@
 Models call :mod:`mmzoo_kernels.ops`; :mod:`mmzoo_kernels.registry` picks the implementation.
 """
 
-from mmzoo_kernels.ops import attention, rms_norm, rotary, swiglu
+from mmzoo_kernels.ops import attention, cross_entropy, pad, rms_norm, rotary, swiglu, unpad
 from mmzoo_kernels.registry import configure
 
-__all__ = ["attention", "configure", "rms_norm", "rotary", "swiglu"]
+__all__ = ["attention", "configure", "cross_entropy", "pad", "rms_norm", "rotary", "swiglu", "unpad"]

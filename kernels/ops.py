@@ -1,10 +1,18 @@
-"""The ops models call; each dispatches to the implementation chosen for this process."""
+"""The ops models call; each dispatches to the implementation chosen for its tensors' device.
+
+Shapes follow the packed (remove-padding) layout: tokens of all sequences in one dimension
+``T``, sequence boundaries in ``cu_seqlens``. :func:`unpad` / :func:`pad` convert to and from
+a padded ``(B, S, ...)`` batch.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mmzoo_kernels.registry import get
+
+IGNORE_INDEX = -100
 
 
 def attention(
@@ -15,20 +23,72 @@ def attention(
     causal: bool,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Variable-length attention, ``(T, Hq, D)`` in and out; see ``reference.attention``."""
-    return get("attention").fn(q, k, v, cu_seqlens, causal, q.shape[-1] ** -0.5 if scale is None else scale)
+    """Variable-length attention, ``(T, Hq, D)`` in and out; see ``reference.attention``.
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension."""
-    return get("rms_norm").fn(x, weight, eps)
+    Causal for decoders, bidirectional for the ViT; window attention is this op over the
+    window ``cu_seqlens``. ``k``/``v`` may have fewer heads than ``q`` (GQA).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return get("attention", q.device.type).fn(q, k, v, cu_seqlens, causal, scale)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply rotary angles ``(T, D)`` to ``x`` ``(T, H, D)``."""
-    return get("rotary").fn(x, cos, sin)
+    """Apply rotary angles ``cos``/``sin`` ``(T, D)`` to ``x`` ``(T, H, D)`` (half-split layout).
+
+    The angles carry the variant: 1-D positions, M-RoPE sections (``mmzoo.nn.rotary``) or 2-D
+    vision positions; applying them is the same op. No gradient flows into ``cos``/``sin``
+    in the fused backends (they are computed from position ids).
+    """
+    return get("rotary", x.device.type).fn(x, cos, sin)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (statistics in fp32)."""
+    return get("rms_norm", x.device.type).fn(x, weight, eps)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``x = [gate; up]``."""
-    return get("swiglu").fn(x)
+    """``silu(gate) * up`` for ``x = [gate; up]`` along the last dimension."""
+    return get("swiglu", x.device.type).fn(x)
+
+
+def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy of ``hidden @ weight.T`` against ``targets``, fused with the projection.
+
+    Args:
+        hidden: ``(N, H)`` hidden states of the tokens that have a target.
+        weight: ``(V, H)`` output projection.
+        targets: ``(N,)`` token ids; ``IGNORE_INDEX`` (-100) gives loss 0 and no gradient.
+
+    Returns:
+        ``(N,)`` fp32 losses. The ``chunked`` backend never holds the ``(N, V)`` logits.
+    """
+    return get("cross_entropy", hidden.device.type).fn(hidden, weight, targets)
+
+
+def unpad(
+    x: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Drop padding: ``x`` ``(B, S, ...)`` -> packed ``(T, ...)``.
+
+    Args:
+        x: padded batch.
+        attention_mask: ``(B, S)``, nonzero at real tokens (padding anywhere in a row).
+
+    Returns:
+        ``(packed, indices, cu_seqlens, max_seqlen)``: ``indices`` ``(T,)`` into the flattened
+        ``B * S`` positions (for :func:`pad`), ``cu_seqlens`` ``(B + 1,)`` int32.
+    """
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    indices = mask.flatten().nonzero().squeeze(1)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    packed = x.flatten(0, 1).index_select(0, indices)
+    return packed, indices, cu_seqlens, int(lengths.max()) if lengths.numel() else 0
+
+
+def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Inverse of :func:`unpad`: packed ``(T, ...)`` -> ``(batch, seqlen, ...)``, zeros at padding."""
+    out = packed.new_zeros(batch * seqlen, *packed.shape[1:])
+    out = out.index_put((indices,), packed)  # out of place, so autograd flows back into ``packed``
+    return out.view(batch, seqlen, *packed.shape[1:])

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from mmzoo.plugins import hookimpl
-from mmzoo_kernels import reference, sdpa
+from mmzoo_kernels import chunked, flash, npu, reference, sdpa, triton_ops
 from mmzoo_kernels.registry import KernelImpl
 
 
 @hookimpl
 def mmzoo_register_kernels(register):
-    register(KernelImpl("attention", "reference", reference.attention))
+    for op in ("attention", "rotary", "rms_norm", "swiglu", "cross_entropy"):
+        register(KernelImpl(op, "reference", getattr(reference, op)))
     register(KernelImpl("attention", "sdpa", sdpa.attention))
-    register(KernelImpl("rms_norm", "reference", reference.rms_norm))
-    register(KernelImpl("rotary", "reference", reference.rotary))
-    register(KernelImpl("swiglu", "reference", reference.swiglu))
+    register(KernelImpl("cross_entropy", "chunked", chunked.cross_entropy))
+    register(KernelImpl("attention", "flash", flash.attention, flash.unavailable, devices=("cuda",)))
+    for op in ("rotary", "rms_norm"):
+        register(KernelImpl(op, "triton", getattr(triton_ops, op), triton_ops.unavailable, devices=("cuda",)))
+    for op in ("attention", "rotary", "rms_norm", "swiglu"):
+        register(KernelImpl(op, "npu", getattr(npu, op), npu.unavailable, devices=("npu",)))

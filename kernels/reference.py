@@ -64,3 +64,9 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``x = [gate; up]`` along the last dimension."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy through the full ``(N, V)`` logits (the naive path)."""
+    logits = hidden @ weight.t()  # (N, V)
+    return F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=-100)

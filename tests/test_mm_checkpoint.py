@@ -131,7 +131,7 @@ def test_errors(model, tmp_path):
     with pytest.raises(mmzoo.MmzooError, match=r"format_version 2 is newer"):
         load_mm_model(tmp_path)
     _edit_meta(tmp_path, format_version=1, tp=2)
-    with pytest.raises(mmzoo.MmzooError, match=r"only unsharded"):
+    with pytest.raises(mmzoo.MmzooError, match=r"mp_rank_01: missing; a tp=2 pp=1 checkpoint needs it"):
         load_mm_model(tmp_path)
     _edit_meta(tmp_path, tp=1)
     load_mm_model(tmp_path)

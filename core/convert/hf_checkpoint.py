@@ -73,13 +73,22 @@ class HFCheckpoint:
     def keys(self) -> set[str]:
         return set(self.files)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor from its shard."""
+    def _handle(self, name: str) -> Any:
         file = self.files[name]
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = safe_open(self.path / file, framework="pt")
-        return handle.get_tensor(name)
+        return handle
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from its shard."""
+        return self._handle(name).get_tensor(name)
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """``(safetensors dtype name, shape)`` of one tensor, read from the header only."""
+        info = self._handle(name).get_slice(name)
+        return info.get_dtype(), tuple(info.get_shape())
 
     def close(self) -> None:
+        """Drop the open files (and the memory maps' resident pages with them)."""
         self._handles.clear()

@@ -3,13 +3,17 @@
 A plugin writes its mapping as a table of :class:`Rule` entries with ``{i}`` layer templates;
 each rule's op knows both directions, so the reverse mapping is derived, never written twice.
 ``mm=None`` drops an HF tensor (optional rules may be absent from a checkpoint).
+
+Rules also say how a tensor is split for tensor parallelism (``tp``: :data:`COLUMN`,
+:data:`ROW`, :data:`GLU` or :data:`REPLICATE`, as Megatron-core holds it on each rank) and on
+which pipeline stage a non-layer tensor lives (``place``); layer tensors follow their layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -21,9 +25,28 @@ class Op(Protocol):
 
     def split(self, tensor: torch.Tensor) -> list[torch.Tensor]: ...
 
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """Names of the un-fused parts of the canonical layout (empty: stored as is)."""
+        ...
+
+    def parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The un-fused parts (canonical layout) of a fused mm tensor."""
+        ...
+
+    def from_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The fused mm tensor from its parts (the inverse of :meth:`parts`)."""
+        ...
+
+    def tp_problem(self, tp: int) -> str | None:
+        """Why a ``tp``-way split is impossible for this op, or ``None``."""
+        ...
+
 
 class Identity:
     """One HF tensor is one mm tensor."""
+
+    part_names: tuple[str, ...] = ()
 
     def merge(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return tensors[0]
@@ -31,19 +54,42 @@ class Identity:
     def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         return [tensor]
 
+    def parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor]
+
+    def from_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0]
+
+    def tp_problem(self, tp: int) -> str | None:
+        return None
+
 
 @dataclass(frozen=True)
 class Concat:
     """``parts`` HF tensors stacked along ``dim`` (e.g. ``[gate; up]`` into ``linear_fc1``)."""
 
     dim: int = 0
-    parts: int = 2
+    count: int = 2
+    names: tuple[str, ...] = ()
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return self.names or tuple(f"part{j}" for j in range(self.count))
 
     def merge(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(tensors, dim=self.dim)
 
     def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [t.contiguous() for t in tensor.chunk(self.parts, dim=self.dim)]
+        return [t.contiguous() for t in tensor.chunk(self.count, dim=self.dim)]
+
+    def parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return list(tensor.chunk(self.count, dim=self.dim))
+
+    def from_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts, dim=self.dim)
+
+    def tp_problem(self, tp: int) -> str | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -90,20 +136,71 @@ class QKV:
             return [torch.cat(parts, dim=0)]
         return [p.contiguous() for p in parts]
 
+    part_names: ClassVar[tuple[str, ...]] = ("q", "k", "v")
+
+    def parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return QKV(self.num_heads, self.num_kv_heads, self.head_dim).split(tensor)
+
+    def from_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return QKV(self.num_heads, self.num_kv_heads, self.head_dim).merge(parts)
+
+    def tp_problem(self, tp: int) -> str | None:
+        if self.num_kv_heads % tp:
+            return f"num_kv_heads {self.num_kv_heads} is not divisible by tp {tp}"
+        return None
+
 
 IDENTITY = Identity()
-GATE_UP = Concat(dim=0, parts=2)
+GATE_UP = Concat(dim=0, count=2, names=("gate", "up"))
+
+# Tensor-parallel kinds: what each of ``tp`` ranks holds at run time in Megatron-core.
+COLUMN = "column"  # column-parallel linear / vocab-parallel embedding: rows split in tp blocks
+ROW = "row"  # row-parallel linear weight: columns (dim 1) split in tp blocks
+GLU = "glu"  # fused [gate; up]: rank r holds [gate_r; up_r]
+REPLICATE = "replicate"  # norms, patch embedding, row-parallel biases: every rank holds all
+TP_KINDS = (COLUMN, ROW, GLU, REPLICATE)
 
 
 @dataclass(frozen=True)
 class Rule:
-    """``mm`` name <- ``hf`` names through ``op``; ``{i}`` expands over ``layers`` (a count key)."""
+    """``mm`` name <- ``hf`` names through ``op``; ``{i}`` expands over ``layers`` (a count key).
+
+    Attributes:
+        mm: the mm name (template), or ``None`` to drop the HF tensors.
+        hf: the HF names (templates) the op merges.
+        op: the transform (identity, :class:`Concat`, :class:`QKV`).
+        layers: the layer group the ``{i}`` template expands over (``"vision"``, ``"text"``).
+        optional: the HF tensors may be absent.
+        tp: tensor-parallel kind, one of :data:`TP_KINDS`.
+        place: pipeline stage of a non-layer tensor: ``"first"``, ``"last"``, or
+            ``"<group>:first"`` / ``"<group>:last"`` (the stage holding that group's first or
+            last layer).
+        layer: the layer index of an expanded rule.
+        template: the mm template an expanded rule came from (for per-stage renumbering).
+    """
 
     mm: str | None
     hf: tuple[str, ...]
     op: Op = IDENTITY
     layers: str | None = None
     optional: bool = False
+    tp: str = REPLICATE
+    place: str = "first"
+    layer: int | None = None
+    template: str | None = None
+
+
+@dataclass(frozen=True)
+class TiedCopy:
+    """A tensor a pipeline stage holds as a copy of another (tied output layer on the last stage).
+
+    Written only when ``place`` is another stage than ``source``'s; never read back.
+    """
+
+    name: str
+    source: str
+    tp: str = COLUMN
+    place: str = "last"
 
 
 @dataclass
@@ -114,14 +211,20 @@ class WeightMapping:
         rules: expanded rules.
         hf_aliases: prefix rewrites from other HF key layouts into the one the rules use,
             e.g. ``{"model.language_model.": "model."}``.
+        tied_copies: copies pipeline stages hold of tied tensors.
     """
 
     rules: list[Rule]
     hf_aliases: Mapping[str, str] = field(default_factory=dict)
+    tied_copies: tuple[TiedCopy, ...] = ()
 
     @classmethod
     def expand(
-        cls, table: list[Rule], layer_counts: Mapping[str, int], hf_aliases: Mapping[str, str] | None = None
+        cls,
+        table: list[Rule],
+        layer_counts: Mapping[str, int],
+        hf_aliases: Mapping[str, str] | None = None,
+        tied_copies: tuple[TiedCopy, ...] = (),
     ) -> WeightMapping:
         """Expand ``{i}`` templates with ``layer_counts[rule.layers]`` layers each."""
         rules: list[Rule] = []
@@ -131,15 +234,15 @@ class WeightMapping:
                 continue
             for i in range(layer_counts[rule.layers]):
                 rules.append(
-                    Rule(
-                        None if rule.mm is None else rule.mm.format(i=i),
-                        tuple(name.format(i=i) for name in rule.hf),
-                        rule.op,
-                        None,
-                        rule.optional,
+                    replace(
+                        rule,
+                        mm=None if rule.mm is None else rule.mm.format(i=i),
+                        hf=tuple(name.format(i=i) for name in rule.hf),
+                        layer=i,
+                        template=rule.mm,
                     )
                 )
-        return cls(rules, dict(hf_aliases or {}))
+        return cls(rules, dict(hf_aliases or {}), tuple(tied_copies))
 
     def canonical_hf_name(self, name: str) -> str:
         """Rewrite an HF key from any supported layout into the layout of the rules."""

@@ -6,6 +6,9 @@ Layout (unsharded: tp=1, pp=1)::
     ROOT/{release|iter_0000010}/mp_rank_00/model.safetensors   weights under their mm names
     ROOT/{release|iter_0000010}/mp_rank_00/mm_meta.json        what the shard is
 
+Sharded checkpoints (written by :mod:`mmzoo.convert.convert`) have one ``mp_rank_TT`` (pp=1)
+or ``mp_rank_TT_PPP`` directory per rank; :func:`load_mm_model` merges any of them.
+
 Writes are atomic: an iteration directory is written under a dot-named temporary sibling,
 its files are fsynced, it is renamed into place, and only then is the tracker replaced.
 """
@@ -34,6 +37,7 @@ from mmzoo.registry import get_model
 
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD = "mp_rank_00"
+FIRST_PP_SHARD = "mp_rank_00_000"
 WEIGHTS = "model.safetensors"
 META = "mm_meta.json"
 FORMAT_VERSION = 1
@@ -215,29 +219,41 @@ def is_mm_checkpoint(path: str | Path) -> bool:
     return (
         (path / TRACKER).is_file()
         or (path / SHARD / META).is_file()
+        or (path / FIRST_PP_SHARD / META).is_file()
         or (path / META).is_file()
         or (path.is_dir() and (path.name == "release" or bool(_ITER.fullmatch(path.name))))
     )
 
 
-def resolve_shard(path: str | Path) -> Path:
-    """The ``mp_rank_00`` directory for a checkpoint root (via the tracker), iteration or shard."""
+def resolve_iteration(path: str | Path) -> Path:
+    """The iteration directory for a checkpoint root (via the tracker), iteration or shard."""
     path = Path(path)
     if not path.is_dir():
         raise MmzooError(f"{path}: no such checkpoint directory")
     if (path / META).is_file():
+        return path.parent
+    if (path / SHARD).is_dir() or (path / FIRST_PP_SHARD).is_dir():
         return path
-    if not (path / SHARD).is_dir():
-        tracked = read_tracker(path)
-        if tracked is None:
-            raise MmzooError(
-                f"{path}: not an mm checkpoint: no {TRACKER} here and no {SHARD}/ directory; "
-                "pass the checkpoint root or an iter_*/release directory"
-            )
-        path = tracked
-    if not (path / SHARD / META).is_file():
-        raise MmzooError(f"{path}: no {SHARD}/{META}; the checkpoint is incomplete or not in mm format")
-    return path / SHARD
+    tracked = read_tracker(path)
+    if tracked is None:
+        raise MmzooError(
+            f"{path}: not an mm checkpoint: no {TRACKER} here and no {SHARD}/ directory; "
+            "pass the checkpoint root or an iter_*/release directory"
+        )
+    return tracked
+
+
+def resolve_shard(path: str | Path) -> Path:
+    """The first shard (``mp_rank_00`` or ``mp_rank_00_000``) of a checkpoint root, iteration or
+    shard directory; a shard directory is returned as is."""
+    path = Path(path)
+    if path.is_dir() and (path / META).is_file():
+        return path
+    iteration = resolve_iteration(path)
+    for name in (SHARD, FIRST_PP_SHARD):
+        if (iteration / name / META).is_file():
+            return iteration / name
+    raise MmzooError(f"{iteration}: no {SHARD}/{META}; the checkpoint is incomplete or not in mm format")
 
 
 def read_mm_meta(path: str | Path) -> dict[str, Any]:
@@ -256,11 +272,8 @@ def read_mm_meta(path: str | Path) -> dict[str, Any]:
             f"{file}: format_version {meta['format_version']} is newer than this mmzoo reads "
             f"({FORMAT_VERSION}); upgrade mmzoo"
         )
-    if (meta["tp"], meta["pp"]) != (1, 1) or meta["layout"] != "fused":
-        raise MmzooError(
-            f"{file}: tp={meta['tp']} pp={meta['pp']} layout={meta['layout']!r}; only unsharded "
-            "(tp=1, pp=1) fused checkpoints are read so far"
-        )
+    if meta["layout"] not in ("fused", "canonical"):
+        raise MmzooError(f"{file}: unknown layout {meta['layout']!r}; expected 'fused' or 'canonical'")
     return meta
 
 
@@ -314,24 +327,61 @@ def _dtype(dtype: torch.dtype | str | None, shard: Path) -> torch.dtype:
     return resolved
 
 
+def spec_and_config(meta: dict[str, Any], where: Path) -> tuple[Any, Any]:
+    """The registry spec and the config an ``mm_meta.json`` describes.
+
+    ``variant`` may be ``null`` (a checkpoint converted from HF): the saved config is complete,
+    so any variant serves as the base it is applied to.
+    """
+    try:
+        spec = get_model(meta["model"])
+        base = spec.variant(meta["variant"]) if meta["variant"] else next(iter(spec.variants.values()))
+        return spec, apply_overrides(base, meta["config"])
+    except MmzooError as exc:
+        raise MmzooError(f"{where / META}: {exc}") from exc
+
+
 def load_mm_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:
     """Build the model an mm checkpoint describes and stream its weights in.
 
+    Any tensor/pipeline-parallel split and either layout (fused, canonical) is merged back
+    into one model, one tensor at a time.
+
     Args:
         path: checkpoint root (the tracker picks the iteration), an ``iter_*``/``release``
-            directory, or its ``mp_rank_00`` shard directory.
+            directory, or one of its shard directories.
         dtype: parameter dtype; ``None`` means float32, ``"auto"`` the checkpoint's own dtype.
     """
     shard = resolve_shard(path)
     meta = read_mm_meta(shard)
-    try:
-        spec = get_model(meta["model"])
-        config = apply_overrides(spec.variant(meta["variant"]), meta["config"])
-    except MmzooError as exc:
-        raise MmzooError(f"{shard / META}: {exc}") from exc
+    spec, config = spec_and_config(meta, shard)
     torch_dtype = _dtype(dtype, shard)
     with torch.device("meta"):
         model = compose(spec, config)
     model = model.to(torch_dtype).to_empty(device="cpu")
-    load_mm_weights(model, shard)
+    if (meta["tp"], meta["pp"], meta["layout"]) == (1, 1, "fused"):
+        load_mm_weights(model, shard)
+    else:
+        _load_sharded(model, shard.parent, meta, spec.weight_mapping(config))
     return model
+
+
+def _load_sharded(model: VLModel, iteration: Path, meta: dict[str, Any], mapping: Any) -> None:
+    from mmzoo.convert.sources import MMSource
+
+    source = MMSource(iteration, meta, mapping)
+    source.check()
+    params = dict(model.named_parameters())
+    if set(params) != set(source.names):
+        raise MmzooError(
+            f"{iteration}: the {meta['model']} mapping does not match the model built from mm_meta.json"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            tensor = source.get(name)
+            if tensor.shape != param.shape:
+                raise MmzooError(
+                    f"{iteration}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(param.shape)}"
+                )
+            param.copy_(tensor)

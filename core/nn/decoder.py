@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mmzoo.config import RecomputeConfig
+from mmzoo.nn.kv_cache import KVCache
 from mmzoo.nn.layers import GatedMLP, RMSNorm, SelfAttention, TransformerLayer
 from mmzoo.nn.recompute import run_layers
 from mmzoo.nn.rotary import RotaryEmbedding
@@ -89,13 +90,42 @@ class TextDecoder(nn.Module):
         return self.embedding.word_embeddings(input_ids)
 
     def forward(
-        self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """Hidden states ``(T, H)``; with a ``cache``, prefill fills it and decode reads it
+        (one token per row, ``cu_seqlens`` = ``0..B``)."""
         cos, sin = self.rotary(position_ids, embeds.dtype)
-        x = run_layers(
-            self.decoder.layers, embeds, lambda i, layer, x: layer(x, cos, sin, cu_seqlens), self.recompute
-        )
+        if cache is None:
+            x = run_layers(
+                self.decoder.layers,
+                embeds,
+                lambda i, layer, x: layer(x, cos, sin, cu_seqlens),
+                self.recompute,
+            )
+        else:
+            x = embeds
+            for i, layer in enumerate(self.decoder.layers):
+                x = layer(x, cos, sin, cu_seqlens, cache.layer(i))
+            cache.advance(cu_seqlens)
         return self.decoder.final_layernorm(x)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` rows of up to ``capacity`` tokens."""
+        c = self.config
+        weight = self.embedding.word_embeddings.weight
+        return KVCache(
+            c.num_layers,
+            batch,
+            capacity,
+            c.num_kv_heads,
+            c.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -8,11 +8,16 @@ with ``cu_seqlens``; padding is removed before the first layer.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import mmzoo_kernels as K
+
+if TYPE_CHECKING:
+    from mmzoo.nn.kv_cache import LayerCache
 
 
 class RMSNorm(nn.Module):
@@ -58,7 +63,16 @@ class SelfAttention(nn.Module):
         self.linear_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=proj_bias)
         self.recompute_core = False  # selective recompute: keep no attention internals for backward
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        cache: LayerCache | None = None,
+    ):
+        """``(T, hidden)`` -> ``(T, hidden)``. With a ``cache`` (generation), prefill stores the
+        keys/values; once decoding, ``x`` holds one token per cached row."""
         tokens = x.shape[0]
         per_group = self.num_heads // self.num_kv_heads
         qkv = self.linear_qkv(x).view(tokens, self.num_kv_heads, per_group + 2, self.head_dim)
@@ -67,10 +81,14 @@ class SelfAttention(nn.Module):
         v = qkv[:, :, per_group + 1]
         q = K.rotary(q, cos, sin)
         k = K.rotary(k, cos, sin)
-        if self.recompute_core and torch.is_grad_enabled():
+        if cache is not None and cache.decoding:
+            out = cache.attend(q, k, v, self.head_dim**-0.5)
+        elif self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(K.attention, q, k, v, cu_seqlens, self.causal, use_reentrant=False)
         else:
             out = K.attention(q, k, v, cu_seqlens, self.causal)  # (T, Hq, D)
+            if cache is not None:
+                cache.store(k, v, cu_seqlens)
         return self.linear_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 
@@ -96,6 +114,19 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, cu_seqlens)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        cache: LayerCache | None = None,
+    ):
+        attn_in = self.input_layernorm(x)
+        attn = (
+            self.self_attention(attn_in, cos, sin, cu_seqlens)
+            if cache is None
+            else self.self_attention(attn_in, cos, sin, cu_seqlens, cache)
+        )
+        x = x + attn
         return x + self.mlp(self.pre_mlp_layernorm(x))

@@ -152,11 +152,11 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
 
     out(f"model {spec.name} ({cfg.model.load or cfg.model.variant}) on {device}, {len(dataset)} samples")
     out("\n".join(trainable_summary(model, spec.freeze_groups)))
-    kernels = mmzoo_kernels.configure()
+    kernels = mmzoo_kernels.configure(device=device.type, **vars(cfg.kernels))
     out("kernels: " + ", ".join(f"{op}={backend}" for op, backend in kernels.items()))
     out(f"training {total - state['step']} steps ({per_epoch} per epoch), output in {output}")
 
-    metrics = MetricsLog(output, t.tensorboard)
+    metrics = MetricsLog(output, t.tensorboard, start_step=state["step"])
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -201,13 +201,12 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
                 t.loss_reduction, len(group), sum(c[0] for c in counts), sum(c[1] for c in counts)
             )
             step_loss = torch.zeros((), device=device)
-            tokens = samples = 0
+            tokens = 0
+            # Samples with targets: the collator's dummy media sample (no labels) is not one.
+            samples = sum(c[1] for c in counts)
             for _, _, batch in group:
                 mask = batch.get("attention_mask")
                 tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                samples += (
-                    len(batch["cu_seqlens"]) - 1 if "cu_seqlens" in batch else batch["input_ids"].shape[0]
-                )
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with torch.autocast(
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
@@ -221,8 +220,10 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
                 params, t.clip_grad if t.clip_grad > 0 else float("inf")
             )
             value, norm = step_loss.item(), grad_norm.item()
-            state["step"] += 1
-            state["epoch"], state["position"] = group[-1][0], group[-1][1]
+            step = state["step"] + 1
+            # ``state`` moves to this step only once its update is done: a Ctrl-C before that
+            # saves the previous step, whose weights, optimizer and data position agree.
+            finished = {"step": step, "epoch": group[-1][0], "position": group[-1][1]}
             if not (math.isfinite(value) and math.isfinite(norm)) and scaler is None:
                 if t.on_nonfinite == "stop":
                     where = (
@@ -231,12 +232,13 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
                         else "no checkpoint was saved yet"
                     )
                     raise MmzooError(
-                        f"non-finite loss ({value}) or gradient norm ({norm}) at step {state['step']}; "
+                        f"non-finite loss ({value}) or gradient norm ({norm}) at step {step}; "
                         f"{where}. "
                         "Lower train.lr, check the data, or set train.on_nonfinite=skip"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                state.update(finished)
                 bar.update(1)
                 tqdm.write(f"step {state['step']}/{total}: non-finite loss {value}, update skipped")
                 continue
@@ -248,6 +250,7 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            state.update(finished)
 
             seconds = time.monotonic() - step_start
             state["tokens"] += tokens

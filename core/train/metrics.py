@@ -13,12 +13,25 @@ class MetricsLog:
     Args:
         output_dir: where ``metrics.jsonl`` and ``tensorboard/`` go.
         tensorboard: write TensorBoard events if the ``tensorboard`` package is importable.
+        start_step: the step the run starts after (the resumed checkpoint's, 0 for a fresh run).
+            Rows of later steps already in ``metrics.jsonl`` (an earlier run in the same
+            directory, or steps after the checkpoint that are about to be redone) are dropped,
+            so the file holds one row per step of this run's history.
     """
 
-    def __init__(self, output_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, output_dir: Path, tensorboard: bool = True, start_step: int = 0) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        kept = []
+        if start_step > 0 and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):  # a torn last line of a killed run
+                    continue
+        self._file = open(self.path, "w", buffering=1)  # noqa: SIM115 - closed in close()
+        self._file.writelines(kept)
         self._tb = None
         if tensorboard:
             try:

@@ -1,8 +1,12 @@
-"""HF <-> mm weight names for Qwen2.5-VL, as a table; the reverse direction is derived."""
+"""HF <-> mm weight names for Qwen2.5-VL, as a table; the reverse direction is derived.
+
+Each rule also says how Megatron-core splits the tensor over tensor-parallel ranks (``tp``)
+and, outside the layers, on which pipeline stage it lives (``place``).
+"""
 
 from __future__ import annotations
 
-from mmzoo.convert.mapping import GATE_UP, QKV, Rule, WeightMapping
+from mmzoo.convert.mapping import COLUMN, GATE_UP, GLU, QKV, ROW, Rule, TiedCopy, WeightMapping
 from mmzoo_qwen2_5_vl.config import Qwen2_5_VLConfig
 
 # transformers >= 4.52 names modules model.visual.* / model.language_model.*; checkpoints on
@@ -13,6 +17,16 @@ V = "visual.blocks.{i}."
 VM = "vision_encoder.blocks.layers.{i}."
 T = "model.layers.{i}."
 TM = "text_decoder.decoder.layers.{i}."
+EMBEDDING = "text_decoder.embedding.word_embeddings.weight"
+OUTPUT = "text_decoder.output_layer.weight"
+
+
+def _vision(mm: str, hf: tuple[str, ...], **kw) -> Rule:
+    return Rule(VM + mm, tuple(V + h for h in hf), layers="vision", **kw)
+
+
+def _text(mm: str, hf: tuple[str, ...], **kw) -> Rule:
+    return Rule(TM + mm, tuple(T + h for h in hf), layers="text", **kw)
 
 
 def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
@@ -20,57 +34,45 @@ def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
     v, t = config.vision, config.text
     vit_qkv = QKV(v.num_heads, v.num_heads, v.head_dim, fused_source=True)
     llm_qkv = QKV(t.num_heads, t.num_kv_heads, t.head_dim)
+    gate_up = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+    q_k_v = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     table = [
-        Rule("vision_encoder.patch_embed.proj.weight", ("visual.patch_embed.proj.weight",)),
-        Rule(VM + "input_layernorm.weight", (V + "norm1.weight",), layers="vision"),
-        Rule(VM + "self_attention.linear_qkv.weight", (V + "attn.qkv.weight",), vit_qkv, layers="vision"),
-        Rule(VM + "self_attention.linear_qkv.bias", (V + "attn.qkv.bias",), vit_qkv, layers="vision"),
-        Rule(VM + "self_attention.linear_proj.weight", (V + "attn.proj.weight",), layers="vision"),
-        Rule(VM + "self_attention.linear_proj.bias", (V + "attn.proj.bias",), layers="vision"),
-        Rule(VM + "pre_mlp_layernorm.weight", (V + "norm2.weight",), layers="vision"),
         Rule(
-            VM + "mlp.linear_fc1.weight",
-            (V + "mlp.gate_proj.weight", V + "mlp.up_proj.weight"),
-            GATE_UP,
-            "vision",
+            "vision_encoder.patch_embed.proj.weight",
+            ("visual.patch_embed.proj.weight",),
+            place="vision:first",
         ),
-        Rule(
-            VM + "mlp.linear_fc1.bias", (V + "mlp.gate_proj.bias", V + "mlp.up_proj.bias"), GATE_UP, "vision"
-        ),
-        Rule(VM + "mlp.linear_fc2.weight", (V + "mlp.down_proj.weight",), layers="vision"),
-        Rule(VM + "mlp.linear_fc2.bias", (V + "mlp.down_proj.bias",), layers="vision"),
-        Rule("projector.layernorm.weight", ("visual.merger.ln_q.weight",)),
-        Rule("projector.linear_fc1.weight", ("visual.merger.mlp.0.weight",)),
-        Rule("projector.linear_fc1.bias", ("visual.merger.mlp.0.bias",)),
-        Rule("projector.linear_fc2.weight", ("visual.merger.mlp.2.weight",)),
-        Rule("projector.linear_fc2.bias", ("visual.merger.mlp.2.bias",)),
-        Rule("text_decoder.embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
-        Rule(TM + "input_layernorm.weight", (T + "input_layernorm.weight",), layers="text"),
-        Rule(
-            TM + "self_attention.linear_qkv.weight",
-            (T + "self_attn.q_proj.weight", T + "self_attn.k_proj.weight", T + "self_attn.v_proj.weight"),
-            llm_qkv,
-            "text",
-        ),
-        Rule(
-            TM + "self_attention.linear_qkv.bias",
-            (T + "self_attn.q_proj.bias", T + "self_attn.k_proj.bias", T + "self_attn.v_proj.bias"),
-            llm_qkv,
-            "text",
-        ),
-        Rule(TM + "self_attention.linear_proj.weight", (T + "self_attn.o_proj.weight",), layers="text"),
-        Rule(TM + "pre_mlp_layernorm.weight", (T + "post_attention_layernorm.weight",), layers="text"),
-        Rule(
-            TM + "mlp.linear_fc1.weight",
-            (T + "mlp.gate_proj.weight", T + "mlp.up_proj.weight"),
-            GATE_UP,
-            "text",
-        ),
-        Rule(TM + "mlp.linear_fc2.weight", (T + "mlp.down_proj.weight",), layers="text"),
-        Rule("text_decoder.decoder.final_layernorm.weight", ("model.norm.weight",)),
+        _vision("input_layernorm.weight", ("norm1.weight",)),
+        _vision("self_attention.linear_qkv.weight", ("attn.qkv.weight",), op=vit_qkv, tp=COLUMN),
+        _vision("self_attention.linear_qkv.bias", ("attn.qkv.bias",), op=vit_qkv, tp=COLUMN),
+        _vision("self_attention.linear_proj.weight", ("attn.proj.weight",), tp=ROW),
+        _vision("self_attention.linear_proj.bias", ("attn.proj.bias",)),
+        _vision("pre_mlp_layernorm.weight", ("norm2.weight",)),
+        _vision("mlp.linear_fc1.weight", gate_up, op=GATE_UP, tp=GLU),
+        _vision("mlp.linear_fc1.bias", ("mlp.gate_proj.bias", "mlp.up_proj.bias"), op=GATE_UP, tp=GLU),
+        _vision("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), tp=ROW),
+        _vision("mlp.linear_fc2.bias", ("mlp.down_proj.bias",)),
+        # The PatchMerger runs right after the last vision layer; its MLP is plain GELU.
+        Rule("projector.layernorm.weight", ("visual.merger.ln_q.weight",), place="vision:last"),
+        Rule("projector.linear_fc1.weight", ("visual.merger.mlp.0.weight",), tp=COLUMN, place="vision:last"),
+        Rule("projector.linear_fc1.bias", ("visual.merger.mlp.0.bias",), tp=COLUMN, place="vision:last"),
+        Rule("projector.linear_fc2.weight", ("visual.merger.mlp.2.weight",), tp=ROW, place="vision:last"),
+        Rule("projector.linear_fc2.bias", ("visual.merger.mlp.2.bias",), place="vision:last"),
+        Rule(EMBEDDING, ("model.embed_tokens.weight",), tp=COLUMN, place="first"),
+        _text("input_layernorm.weight", ("input_layernorm.weight",)),
+        _text("self_attention.linear_qkv.weight", tuple(n + ".weight" for n in q_k_v), op=llm_qkv, tp=COLUMN),
+        _text("self_attention.linear_qkv.bias", tuple(n + ".bias" for n in q_k_v), op=llm_qkv, tp=COLUMN),
+        _text("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), tp=ROW),
+        _text("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
+        _text("mlp.linear_fc1.weight", gate_up, op=GATE_UP, tp=GLU),
+        _text("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), tp=ROW),
+        Rule("text_decoder.decoder.final_layernorm.weight", ("model.norm.weight",), place="last"),
         # Tied embeddings: some checkpoints still carry lm_head.weight; it equals the embedding.
         Rule(None, ("lm_head.weight",), optional=True)
         if t.tie_word_embeddings
-        else Rule("text_decoder.output_layer.weight", ("lm_head.weight",)),
+        else Rule(OUTPUT, ("lm_head.weight",), tp=COLUMN, place="last"),
     ]
-    return WeightMapping.expand(table, {"vision": v.depth, "text": t.num_layers}, HF_ALIASES)
+    # With tied embeddings a last pipeline stage other than the first holds its own copy of the
+    # embedding as output_layer (Megatron's shared embedding).
+    tied = (TiedCopy(OUTPUT, EMBEDDING, tp=COLUMN, place="last"),) if t.tie_word_embeddings else ()
+    return WeightMapping.expand(table, {"vision": v.depth, "text": t.num_layers}, HF_ALIASES, tied)

@@ -1,0 +1,143 @@
+"""The ``mm-convert`` console script: the ``mm-convert <Family>Converter <op> --cfg.*`` form.
+
+Scripts written for that form keep working; each call runs the same code as ``mmzoo convert``::
+
+    mm-convert Qwen2_5_VLConverter hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir HF \\
+        --cfg.parallel_config.llm_pp_layers [[12,16]] --cfg.parallel_config.vit_pp_layers [[32,0]] \\
+        --cfg.parallel_config.tp_size 1
+    mm-convert Qwen2_5_VLConverter mm_to_hf --cfg.save_hf_dir OUT --cfg.mm_dir MM --cfg.hf_config.hf_dir HF
+    mm-convert Qwen2_5_VLConverter resplit --cfg.source_path MM --cfg.target_path OUT \\
+        --cfg.target_parallel_config.llm_pp_layers [12,16] \\
+        --cfg.target_parallel_config.vit_pp_layers [32,0] --cfg.target_parallel_config.tp_size 2
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+from mmzoo.errors import MmzooError
+
+OPS = ("hf_to_mm", "mm_to_hf", "resplit")
+USAGE = "usage: mm-convert <Family>Converter {hf_to_mm,mm_to_hf,resplit} --cfg.KEY VALUE ..."
+# Keys other tools' scripts pass that mean nothing here.
+IGNORED = ("trust_remote_code", "save_lora_to_hf", "common_model_config", "pp_vpp_layers", "vpp_size")
+
+
+def parse_cfg(args: Sequence[str]) -> dict[str, str]:
+    """``--cfg.a.b VALUE`` / ``--cfg.a.b=VALUE`` pairs -> ``{"a.b": "VALUE"}``."""
+    cfg: dict[str, str] = {}
+    items = list(args)
+    while items:
+        item = items.pop(0)
+        if not item.startswith("--cfg."):
+            raise MmzooError(f"unexpected argument '{item}'; {USAGE}")
+        key, eq, value = item[len("--cfg.") :].partition("=")
+        if not eq:
+            if not items:
+                raise MmzooError(f"--cfg.{key} needs a value")
+            value = items.pop(0)
+        cfg[key] = value
+    return cfg
+
+
+def layer_list(text: str | None, key: str) -> list[int] | None:
+    """``[12,16]`` or ``[[12,16]]`` (one virtual-pipeline chunk) -> ``[12, 16]``."""
+    if text is None:
+        return None
+    try:
+        value: Any = json.loads(text)
+    except json.JSONDecodeError:
+        raise MmzooError(f"--cfg.{key}: cannot read '{text}'; write it like [12,16] or [[12,16]]") from None
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        if len(value) != 1:
+            raise MmzooError(f"--cfg.{key}: {len(value)} virtual-pipeline chunks; only one is supported")
+        value = value[0]
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        raise MmzooError(f"--cfg.{key}: expected a list of layer counts, got '{text}'")
+    return value
+
+
+def _take(cfg: dict[str, str], *keys: str) -> str | None:
+    found = None
+    for key in keys:
+        if key in cfg:
+            found = cfg.pop(key)
+    return found
+
+
+def _required(cfg: dict[str, str], *keys: str) -> str:
+    value = _take(cfg, *keys)
+    if value is None:
+        raise MmzooError(f"missing --cfg.{keys[0]}")
+    return value
+
+
+def _parallel(cfg: dict[str, str], prefix: str) -> dict[str, Any]:
+    return {
+        "tp": int(_take(cfg, f"{prefix}.tp_size") or 1),
+        "llm_pp_layers": layer_list(_take(cfg, f"{prefix}.llm_pp_layers"), f"{prefix}.llm_pp_layers"),
+        "vit_pp_layers": layer_list(_take(cfg, f"{prefix}.vit_pp_layers"), f"{prefix}.vit_pp_layers"),
+    }
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run one conversion from ``mm-convert`` arguments."""
+    from mmzoo.convert import convert
+    from mmzoo.registry import get_model
+
+    if len(argv) < 2 or argv[1] not in OPS:
+        raise MmzooError(USAGE)
+    family = argv[0].removesuffix("Converter").lower()
+    get_model(family)  # an unknown family is an error listing the installed ones
+    cfg = parse_cfg(argv[2:])
+    force = (_take(cfg, "force") or "false").lower() == "true"
+    layout = _take(cfg, "layout")
+    op = argv[1]
+    if op == "hf_to_mm":
+        call = partial(
+            convert.hf_to_mm,
+            _required(cfg, "hf_config.hf_dir", "hf_dir"),
+            _required(cfg, "mm_dir"),
+            model=family,
+            layout=layout or "fused",
+            **_parallel(cfg, "parallel_config"),
+        )
+    elif op == "mm_to_hf":
+        _parallel(cfg, "parallel_config")  # read from the checkpoint's mm_meta.json instead
+        call = partial(
+            convert.mm_to_hf,
+            _required(cfg, "mm_dir"),
+            _required(cfg, "save_hf_dir"),
+            template=_take(cfg, "hf_config.hf_dir", "hf_dir"),
+        )
+    else:
+        _parallel(cfg, "source_parallel_config")  # read from the checkpoint's mm_meta.json instead
+        call = partial(
+            convert.resplit,
+            _required(cfg, "source_path", "source_dir"),
+            _required(cfg, "target_path", "target_dir"),
+            layout=layout,
+            **_parallel(cfg, "target_parallel_config"),
+        )
+    unknown = [f"--cfg.{key}" for key in cfg if not key.startswith(IGNORED)]
+    if unknown:
+        raise MmzooError(f"unknown options for {op}: {', '.join(unknown)}")
+    call(force=force)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mm-convert`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    try:
+        return run(args)
+    except MmzooError as exc:
+        print(f"mm-convert: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,325 @@
+"""Checkpoint conversion: HF -> mm, mm -> HF, and mm -> mm with another tp/pp/layout (resplit).
+
+Everything is checked before anything is written (layout, names, shapes, family, target);
+output goes to a temporary sibling that is renamed into place at the end, so a failed or
+killed conversion leaves no half-written checkpoint. Tensors stream one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmzoo.api import compose
+from mmzoo.convert.hf_checkpoint import HFCheckpoint
+from mmzoo.convert.hf_export import INDEX_NAME, TEMPLATE_FILES
+from mmzoo.convert.mapping import REPLICATE, WeightMapping
+from mmzoo.convert.mm_checkpoint import (
+    FORMAT_VERSION,
+    _fsync_dir,
+    fsync_file,
+    iteration_name,
+    read_mm_meta,
+    resolve_shard,
+    spec_and_config,
+    write_json,
+    write_tracker,
+)
+from mmzoo.convert.parallel import FUSED, ParallelLayout, tp_problem
+from mmzoo.convert.sources import HFSource, MMSource
+from mmzoo.convert.writers import Report, Totals, stderr_report, write_hf_files, write_mm_shards
+from mmzoo.errors import MmzooError
+from mmzoo.registry import ModelSpec, model_for_architecture
+
+# HF side files an mm checkpoint keeps (config, tokenizer, processor, the original weight map),
+# so mm -> HF needs no template.
+HF_ASSETS = "hf_assets"
+WEIGHT_MAP = "weight_map.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+@contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to fill; renamed to ``out`` on success, removed on failure."""
+    if out.exists() and not force:
+        raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            for file in folder.iterdir():
+                if file.is_file():
+                    fsync_file(file)
+            _fsync_dir(folder)
+        if out.exists():
+            old = out.parent / f".{out.name}.tmp-old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def make_layout(
+    depths: dict[str, int],
+    tp: int,
+    vit_pp_layers: Sequence[int] | None,
+    llm_pp_layers: Sequence[int] | None,
+    layout: str,
+) -> ParallelLayout:
+    """A checked :class:`ParallelLayout`; missing pp lists mean one stage holding every layer."""
+    llm = tuple(llm_pp_layers) if llm_pp_layers else (depths["text"],)
+    vit = tuple(vit_pp_layers) if vit_pp_layers else (depths["vision"],) + (0,) * (len(llm) - 1)
+    result = ParallelLayout(tp, vit, llm, layout)
+    result.check(depths)
+    return result
+
+
+def _depths(mapping: WeightMapping) -> dict[str, int]:
+    depths = {"vision": 0, "text": 0}
+    for rule in mapping.rules:
+        if rule.layers in depths and rule.layer is not None:
+            depths[rule.layers] = max(depths[rule.layers], rule.layer + 1)
+    return depths
+
+
+def _check_tp(mapping: WeightMapping, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], tp: int) -> None:
+    for rule in mapping.rules:
+        if rule.mm is None or rule.tp == REPLICATE or rule.mm not in specs:
+            continue
+        problem = rule.op.tp_problem(tp) or tp_problem(rule.mm, specs[rule.mm][1], rule.tp, tp)
+        if problem:
+            raise MmzooError(f"cannot split {rule.mm} for tp={tp}: {problem}")
+
+
+def _expected(spec: ModelSpec, config: Any) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return dict(compose(spec, config).state_dict())
+
+
+def _variant_of(spec: ModelSpec, config: Any) -> str | None:
+    return next((name for name, c in spec.variants.items() if c == config), None)
+
+
+def _copy_hf_assets(src: Path, dst: Path, files: Sequence[str]) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def hf_to_mm(
+    hf_dir: str | Path,
+    mm_dir: str | Path,
+    *,
+    model: str | None = None,
+    tp: int = 1,
+    vit_pp_layers: Sequence[int] | None = None,
+    llm_pp_layers: Sequence[int] | None = None,
+    layout: str = FUSED,
+    force: bool = False,
+    report: Report = stderr_report,
+) -> Path:
+    """Convert an HF checkpoint directory into an mm checkpoint root (``release``).
+
+    Args:
+        hf_dir: config.json + safetensors (either HF key layout).
+        mm_dir: the checkpoint root to create.
+        model: expected family (registry name); an HF checkpoint of another family is an error.
+        tp: tensor-parallel size.
+        vit_pp_layers: vision layers per pipeline stage (default: all on one stage).
+        llm_pp_layers: LLM layers per pipeline stage (default: all on one stage).
+        layout: ``"fused"`` or ``"canonical"``.
+        force: replace an existing ``mm_dir``.
+        report: receives progress lines.
+
+    Returns:
+        ``mm_dir``.
+    """
+    out = Path(mm_dir)
+    if out.exists() and not force:
+        raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
+    checkpoint = HFCheckpoint(hf_dir)
+    spec = model_for_architecture(checkpoint.architecture)
+    if model is not None and spec.name != model:
+        raise MmzooError(
+            f"{checkpoint.path}: is a {spec.name} checkpoint ({checkpoint.architecture}), not {model}"
+        )
+    try:
+        config = spec.config_from_hf(checkpoint.config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MmzooError(f"{checkpoint.path / 'config.json'}: cannot read it as {spec.name}: {exc}") from exc
+    mapping = spec.weight_mapping(config)
+    parallel = make_layout(_depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout)
+    source = HFSource(checkpoint, mapping)
+    source.check_names()
+    expected = _expected(spec, config)
+    source.check_shapes(expected)
+    specs = {name: source.spec(name) for name in source.names}
+    _check_tp(mapping, specs, tp)
+    meta = {
+        "model": spec.name,
+        "variant": _variant_of(spec, config),
+        "config": dataclasses.asdict(config),
+        "format_version": FORMAT_VERSION,
+    }
+    totals = Totals()
+    with staged_output(out, force) as tmp:
+        iteration = tmp / iteration_name(None)
+        iteration.mkdir()
+        write_mm_shards(iteration, source, mapping, parallel, meta, totals, report)
+        assets = iteration / HF_ASSETS
+        _copy_hf_assets(checkpoint.path, assets, ("config.json", *TEMPLATE_FILES))
+        write_json(assets / WEIGHT_MAP, dict(sorted(checkpoint.files.items())))
+        write_tracker(tmp, None)
+    report(totals.summary(out))
+    return out
+
+
+def _open_mm(path: str | Path) -> tuple[Path, dict[str, Any], ModelSpec, Any, WeightMapping, MMSource]:
+    shard = resolve_shard(path)
+    meta = read_mm_meta(shard)
+    spec, config = spec_and_config(meta, shard)
+    mapping = spec.weight_mapping(config)
+    source = MMSource(shard.parent, meta, mapping)
+    source.check()
+    return shard.parent, meta, spec, config, mapping, source
+
+
+def resplit(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    tp: int = 1,
+    vit_pp_layers: Sequence[int] | None = None,
+    llm_pp_layers: Sequence[int] | None = None,
+    layout: str | None = None,
+    force: bool = False,
+    report: Report = stderr_report,
+) -> Path:
+    """Rewrite an mm checkpoint with another tp/pp split (and optionally layout) under ``dst``.
+
+    The result equals :func:`hf_to_mm` straight to the new split, bit for bit. The source's
+    iteration name and HF assets are kept.
+    """
+    out = Path(dst)
+    if out.exists() and not force:
+        raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
+    iteration, meta, spec, config, mapping, source = _open_mm(src)
+    parallel = make_layout(_depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout or meta["layout"])
+    _check_tp(mapping, {name: source.spec(name) for name in source.names}, tp)
+    base = {k: meta[k] for k in ("model", "variant", "config", "format_version")}
+    totals = Totals()
+    with staged_output(out, force) as tmp:
+        target = tmp / iteration.name
+        target.mkdir()
+        write_mm_shards(target, source, mapping, parallel, base, totals, report)
+        if (iteration / HF_ASSETS).is_dir():
+            shutil.copytree(iteration / HF_ASSETS, target / HF_ASSETS)
+        number = None if iteration.name == "release" else int(iteration.name.removeprefix("iter_"))
+        write_tracker(tmp, number)
+    report(totals.summary(out))
+    return out
+
+
+def _hf_file_plan(
+    mapping: WeightMapping,
+    source: MMSource,
+    weight_map: dict[str, str] | None,
+    max_shard_bytes: int,
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(file -> canonical HF names, canonical -> written name): the original's sharding when it
+    covers every tensor, else greedy shards of at most ``max_shard_bytes``."""
+    produced = [h for r in mapping.rules if r.mm is not None for h in r.hf]
+    if weight_map:
+        original = {mapping.canonical_hf_name(k): k for k in weight_map}
+        if all(h in original for h in produced):
+            files: dict[str, list[str]] = {}
+            order = {h: i for i, h in enumerate(produced)}
+            for h in sorted(produced, key=lambda h: (weight_map[original[h]], order[h])):
+                files.setdefault(weight_map[original[h]], []).append(h)
+            return files, original
+    groups: list[list[str]] = []
+    used = 0
+    for rule in mapping.rules:
+        if rule.mm is None:
+            continue
+        dtype, shape = source.spec(rule.mm)
+        size = torch.empty(shape, dtype=dtype, device="meta").nbytes
+        if groups and used + size <= max_shard_bytes:
+            groups[-1].extend(rule.hf)
+            used += size
+        else:
+            groups.append(list(rule.hf))
+            used = size
+    n = len(groups)
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    )
+    return dict(zip(names, groups, strict=True)), {}
+
+
+def mm_to_hf(
+    mm_dir: str | Path,
+    hf_dir: str | Path,
+    *,
+    template: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    report: Report = stderr_report,
+) -> Path:
+    """Convert an mm checkpoint (any tp/pp/layout) into an HF checkpoint directory.
+
+    config.json, tokenizer and processor files come from ``template`` (an HF checkpoint
+    directory, e.g. the original) or else from the mm checkpoint's ``hf_assets``; config.json
+    falls back to the family's ``config_to_hf``. Weights are sharded as the original was
+    (its weight map, key layout included) when known, else in shards of ``max_shard_bytes``.
+    """
+    out = Path(hf_dir)
+    if out.exists() and not force:
+        raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
+    iteration, meta, spec, config, mapping, source = _open_mm(mm_dir)
+    assets = iteration / HF_ASSETS
+    weight_map: dict[str, str] | None = None
+    side: Path | None = assets if assets.is_dir() else None
+    if template is not None:
+        reference = HFCheckpoint(template)
+        if model_for_architecture(reference.architecture).name != spec.name:
+            raise MmzooError(f"{reference.path}: is not a {spec.name} checkpoint ({reference.architecture})")
+        weight_map, side = reference.files, reference.path
+    elif (assets / WEIGHT_MAP).is_file():
+        weight_map = json.loads((assets / WEIGHT_MAP).read_text())
+    files, rename = _hf_file_plan(mapping, source, weight_map, max_shard_bytes)
+    totals = Totals()
+    with staged_output(out, force) as tmp:
+        written = write_hf_files(tmp, source, mapping, files, rename, totals, report)
+        if side is not None:
+            _copy_hf_assets(side, tmp, ("config.json", *TEMPLATE_FILES))
+        if not (tmp / "config.json").is_file():
+            if spec.config_to_hf is None:
+                raise MmzooError(f"model '{spec.name}' gives no config_to_hf; pass --hf-template")
+            hf_config = dict(spec.config_to_hf(config))
+            hf_config["dtype"] = str(source.spec(source.names[0])[0]).removeprefix("torch.")
+            write_json(tmp / "config.json", hf_config)
+        if len(files) > 1:
+            write_json(tmp / INDEX_NAME, {"metadata": {"total_size": totals.bytes}, "weight_map": written})
+    report(totals.summary(out))
+    return out

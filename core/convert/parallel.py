@@ -1,0 +1,202 @@
+"""Tensor- and pipeline-parallel layouts of mm checkpoints: which shard holds which tensor slice.
+
+A shard (``mp_rank_TT`` or ``mp_rank_TT_PPP``) holds exactly what one Megatron-core rank holds
+at run time: its pipeline stage's layers, renumbered from 0, and its tensor-parallel slice of
+each tensor (see the kinds in :mod:`mmzoo.convert.mapping`). Everything here is generic: the
+family's mapping says which tensor is split how and placed where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mmzoo.convert.mapping import COLUMN, GLU, REPLICATE, ROW, TP_KINDS, Rule, WeightMapping
+from mmzoo.errors import MmzooError
+
+FUSED, CANONICAL = "fused", "canonical"
+LAYOUTS = (FUSED, CANONICAL)
+# The layer groups of a vision-language model, in pipeline order: the vision encoder is
+# complete before the first LLM layer.
+GROUPS = ("vision", "text")
+
+
+def split_tp(tensor: torch.Tensor, kind: str, tp: int) -> list[torch.Tensor]:
+    """The ``tp`` slices rank 0..tp-1 hold of ``tensor`` (views where possible)."""
+    if tp == 1 or kind == REPLICATE:
+        return [tensor] * tp
+    if kind == COLUMN:
+        return list(tensor.chunk(tp, dim=0))
+    if kind == ROW:
+        return list(tensor.chunk(tp, dim=1))
+    if kind == GLU:
+        gate, up = tensor.chunk(2, dim=0)
+        return [torch.cat(pair) for pair in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
+    raise MmzooError(f"unknown tensor-parallel kind '{kind}'; use one of {', '.join(TP_KINDS)}")
+
+
+def merge_tp(slices: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """The full tensor from the slices of every rank (the inverse of :func:`split_tp`)."""
+    if len(slices) == 1 or kind == REPLICATE:
+        return slices[0]
+    if kind == COLUMN:
+        return torch.cat(slices, dim=0)
+    if kind == ROW:
+        return torch.cat(slices, dim=1)
+    if kind == GLU:
+        halves = [s.chunk(2, dim=0) for s in slices]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    raise MmzooError(f"unknown tensor-parallel kind '{kind}'; use one of {', '.join(TP_KINDS)}")
+
+
+def tp_problem(name: str, shape: tuple[int, ...], kind: str, tp: int) -> str | None:
+    """Why ``name`` cannot be split ``tp`` ways as ``kind``, or ``None``."""
+    if tp == 1 or kind == REPLICATE:
+        return None
+    dim = 1 if kind == ROW else 0
+    if len(shape) <= dim:
+        return f"{name} has shape {shape}, which a {kind}-parallel split needs {dim + 1} dims for"
+    size = shape[dim] // 2 if kind == GLU else shape[dim]
+    if size % tp:
+        return f"{name}: dim {dim} ({size}{' per half' if kind == GLU else ''}) is not divisible by tp {tp}"
+    return None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor in a shard: stored ``name``, the full mm tensor it comes from, which canonical
+    ``part`` of it (``None``: all), and the tensor-parallel ``kind`` of the stored slice."""
+
+    name: str
+    source: str
+    part: int | None
+    kind: str
+    copy: bool = False
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Tensor-parallel size and per-stage layer counts of each group.
+
+    Args:
+        tp: tensor-parallel size.
+        vit_pp_layers: vision layers per pipeline stage, e.g. ``(32, 0)``.
+        llm_pp_layers: LLM layers per pipeline stage, e.g. ``(12, 16)``.
+        layout: ``"fused"`` (Megatron's fused tensors) or ``"canonical"`` (q/k/v and gate/up
+            as separate tensors under the mm names).
+    """
+
+    tp: int
+    vit_pp_layers: tuple[int, ...]
+    llm_pp_layers: tuple[int, ...]
+    layout: str = FUSED
+
+    @property
+    def pp(self) -> int:
+        return len(self.llm_pp_layers)
+
+    def counts(self, group: str) -> tuple[int, ...]:
+        return self.vit_pp_layers if group == "vision" else self.llm_pp_layers
+
+    def ranges(self, group: str) -> list[tuple[int, int]]:
+        """``[start, end)`` of ``group``'s global layer indices on each stage."""
+        out, start = [], 0
+        for n in self.counts(group):
+            out.append((start, start + n))
+            start += n
+        return out
+
+    def check(self, depths: dict[str, int]) -> None:
+        """Raise a one-line MmzooError for an impossible layout of a model with ``depths`` layers."""
+        if self.tp < 1:
+            raise MmzooError(f"tp must be >= 1, got {self.tp}")
+        if self.layout not in LAYOUTS:
+            raise MmzooError(f"unknown layout '{self.layout}'; use one of {', '.join(LAYOUTS)}")
+        if len(self.vit_pp_layers) != len(self.llm_pp_layers) or not self.llm_pp_layers:
+            raise MmzooError(
+                f"vit pp layers {list(self.vit_pp_layers)} and llm pp layers {list(self.llm_pp_layers)} "
+                "must list one count per pipeline stage, the same number of stages"
+            )
+        for group, flag in (("vision", "vit"), ("text", "llm")):
+            counts = self.counts(group)
+            if any(n < 0 for n in counts):
+                raise MmzooError(f"{flag} pp layers {list(counts)} has a negative count")
+            if sum(counts) != depths[group]:
+                raise MmzooError(
+                    f"{flag} pp layers {list(counts)} sum to {sum(counts)}, but the model has "
+                    f"{depths[group]} {group} layers"
+                )
+        vision_done = 0
+        for stage, (nv, nt) in enumerate(zip(self.vit_pp_layers, self.llm_pp_layers, strict=True)):
+            vision_done += nv
+            if nt and vision_done < depths["vision"]:
+                raise MmzooError(
+                    f"stage {stage} holds LLM layers before the vision encoder is complete "
+                    f"({vision_done} of {depths['vision']} vision layers by then); put every vision "
+                    "layer on the stages before or on the first stage with LLM layers"
+                )
+
+    def stage_of_layer(self, group: str, layer: int) -> int:
+        for stage, (start, end) in enumerate(self.ranges(group)):
+            if start <= layer < end:
+                return stage
+        raise MmzooError(f"{group} layer {layer} is on no pipeline stage")
+
+    def stage_of(self, place: str) -> int:
+        """The stage a non-layer tensor with ``place`` lives on."""
+        if place == "first":
+            return 0
+        if place == "last":
+            return self.pp - 1
+        group, _, end = place.partition(":")
+        if group not in GROUPS or end not in ("first", "last"):
+            raise MmzooError(f"unknown placement '{place}'; use first, last or <vision|text>:<first|last>")
+        stages = [s for s, n in enumerate(self.counts(group)) if n]
+        if not stages:
+            return 0
+        return stages[0] if end == "first" else stages[-1]
+
+    def rule_stage(self, rule: Rule) -> int:
+        if rule.layer is not None and rule.layers is not None:
+            return self.stage_of_layer(rule.layers, rule.layer)
+        return self.stage_of(rule.place)
+
+    def local_name(self, rule: Rule, stage: int) -> str:
+        """The rule's mm name on ``stage``: layers renumbered from 0 on each stage."""
+        assert rule.mm is not None
+        if rule.layer is None or rule.template is None or rule.layers is None:
+            return rule.mm
+        return rule.template.format(i=rule.layer - self.ranges(rule.layers)[stage][0])
+
+    def shard_name(self, tp_rank: int, pp_rank: int) -> str:
+        """``mp_rank_TT`` without pipeline parallelism, else ``mp_rank_TT_PPP``."""
+        return f"mp_rank_{tp_rank:02d}" if self.pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+    def shards(self) -> Iterator[tuple[int, int]]:
+        """``(pp_rank, tp_rank)`` of every shard, stage by stage."""
+        for pp_rank in range(self.pp):
+            for tp_rank in range(self.tp):
+                yield pp_rank, tp_rank
+
+    def stage_entries(self, mapping: WeightMapping, stage: int) -> list[Entry]:
+        """What each tp shard of ``stage`` holds, in order (tied copies included)."""
+        entries: list[Entry] = []
+        for rule in mapping.rules:
+            if rule.mm is None or self.rule_stage(rule) != stage:
+                continue
+            name = self.local_name(rule, stage)
+            parts = rule.op.part_names if self.layout == CANONICAL else ()
+            if not parts:
+                entries.append(Entry(name, rule.mm, None, rule.tp))
+                continue
+            module, _, param = name.rpartition(".")
+            # A GLU split of the fused tensor is a plain row split of gate and of up.
+            kind = COLUMN if rule.tp == GLU else rule.tp
+            entries.extend(Entry(f"{module}.{p}.{param}", rule.mm, j, kind) for j, p in enumerate(parts))
+        by_mm = {r.mm: r for r in mapping.rules if r.mm is not None}
+        for tied in mapping.tied_copies:
+            if self.stage_of(tied.place) == stage != self.rule_stage(by_mm[tied.source]):
+                entries.append(Entry(tied.name, tied.source, None, tied.tp, copy=True))
+        return entries

@@ -1,0 +1,215 @@
+"""Full (unsplit, fused) mm tensors read one at a time from an HF or an mm checkpoint.
+
+Both sources give the same interface: ``names``, ``spec(name)`` (dtype and shape from file
+headers, no data read) and ``get(name)``. Open files are dropped after every tensor so the
+pages their memory maps touched do not pile up: peak memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+
+from mmzoo.convert.hf_checkpoint import HFCheckpoint
+from mmzoo.convert.mapping import Rule, WeightMapping
+from mmzoo.convert.parallel import Entry, ParallelLayout, merge_tp
+from mmzoo.convert.safetensors_stream import DTYPE_NAMES
+from mmzoo.errors import MmzooError
+
+META = "mm_meta.json"
+WEIGHTS = "model.safetensors"
+_SHARD = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?")
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]
+
+
+class TensorSource(Protocol):
+    """Full mm tensors by name."""
+
+    names: list[str]
+
+    def spec(self, name: str) -> TensorSpec: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+def _meta_tensor(spec: TensorSpec) -> torch.Tensor:
+    return torch.empty(spec[1], dtype=spec[0], device="meta")
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
+
+
+class HFSource:
+    """mm tensors made from an HF checkpoint through the family's mapping.
+
+    Args:
+        checkpoint: the HF checkpoint.
+        mapping: the family's mapping for its config.
+    """
+
+    def __init__(self, checkpoint: HFCheckpoint, mapping: WeightMapping) -> None:
+        self.checkpoint = checkpoint
+        self.mapping = mapping
+        self.original = {mapping.canonical_hf_name(k): k for k in checkpoint.keys()}
+        available = set(self.original)
+        self.rules = {
+            r.mm: r
+            for r in mapping.rules
+            if r.mm is not None and (not r.optional or all(n in available for n in r.hf))
+        }
+        self.names = list(self.rules)
+
+    def check_names(self) -> None:
+        """Missing or unexpected HF names, listed in a one-line MmzooError."""
+        missing, unexpected = self.mapping.check_hf_names(set(self.original))
+        where = self.checkpoint.path
+        if missing:
+            raise MmzooError(f"{where}: {len(missing)} weights missing: {_listing(sorted(missing))}")
+        if unexpected:
+            raise MmzooError(f"{where}: {len(unexpected)} unexpected weights: {_listing(unexpected)}")
+
+    def hf_specs(self, rule: Rule) -> list[TensorSpec]:
+        out = []
+        for name in rule.hf:
+            dtype, shape = self.checkpoint.info(self.original[name])
+            out.append((DTYPE_NAMES[dtype], shape))
+        return out
+
+    def check_shapes(self, expected: dict[str, torch.Tensor]) -> None:
+        """Every HF tensor against the shapes the config implies (``expected``: meta mm tensors)."""
+        for mm, rule in self.rules.items():
+            wanted = rule.op.split(expected[mm])
+            for name, spec, want in zip(rule.hf, self.hf_specs(rule), wanted, strict=True):
+                if spec[1] != tuple(want.shape):
+                    raise MmzooError(
+                        f"{self.checkpoint.path}: shape mismatch for {self.original[name]}: checkpoint "
+                        f"gives {spec[1]}, config.json implies {tuple(want.shape)}"
+                    )
+                if spec[0] != self.hf_specs(rule)[0][0]:
+                    raise MmzooError(f"{self.checkpoint.path}: {rule.hf} mix dtypes; they cannot be fused")
+        self.checkpoint.close()
+
+    def spec(self, name: str) -> TensorSpec:
+        rule = self.rules[name]
+        merged = rule.op.merge([_meta_tensor(s) for s in self.hf_specs(rule)])
+        return merged.dtype, tuple(merged.shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        rule = self.rules[name]
+        try:
+            return rule.op.merge([self.checkpoint.get(self.original[n]) for n in rule.hf])
+        finally:
+            self.checkpoint.close()
+
+
+def read_shard_meta(shard: Path) -> dict[str, Any]:
+    """One shard's ``mm_meta.json`` (older single-shard files get ``tp_rank``/``pp_rank`` 0)."""
+    file = shard / META
+    if not file.is_file():
+        raise MmzooError(f"{shard}: no {META}; the checkpoint is incomplete or not in mm format")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise MmzooError(f"{file}: not valid JSON ({exc})") from exc
+    meta.setdefault("tp_rank", 0)
+    meta.setdefault("pp_rank", 0)
+    return meta
+
+
+def shard_dirs(iteration: Path) -> list[Path]:
+    """The ``mp_rank_*`` directories of an iteration directory, sorted."""
+    return sorted(p for p in iteration.iterdir() if p.is_dir() and _SHARD.fullmatch(p.name))
+
+
+def layout_of(meta: dict[str, Any]) -> ParallelLayout:
+    """The :class:`ParallelLayout` an ``mm_meta.json`` describes."""
+    return ParallelLayout(
+        int(meta["tp"]), tuple(meta["vit_pp_layers"]), tuple(meta["llm_pp_layers"]), meta["layout"]
+    )
+
+
+@dataclass
+class _Located:
+    stage: int
+    entry: Entry
+
+
+class MMSource:
+    """Full mm tensors merged from the shards of one mm iteration directory (any tp, pp, layout).
+
+    Args:
+        iteration: an ``iter_*``/``release`` directory.
+        meta: its first shard's ``mm_meta.json``.
+        mapping: the family's mapping for the config in ``meta``.
+    """
+
+    def __init__(self, iteration: Path, meta: dict[str, Any], mapping: WeightMapping) -> None:
+        self.iteration = iteration
+        self.layout = layout_of(meta)
+        self.mapping = mapping
+        self.rules = {r.mm: r for r in mapping.rules if r.mm is not None}
+        self.names = list(self.rules)
+        self._located: dict[str, list[_Located]] = {}
+        for stage in range(self.layout.pp):
+            for entry in self.layout.stage_entries(mapping, stage):
+                if not entry.copy:
+                    self._located.setdefault(entry.source, []).append(_Located(stage, entry))
+
+    def shard(self, tp_rank: int, pp_rank: int) -> Path:
+        return self.iteration / self.layout.shard_name(tp_rank, pp_rank)
+
+    def check(self) -> None:
+        """Every shard present, holding exactly the names and shapes its stage should."""
+        for pp_rank, tp_rank in self.layout.shards():
+            shard = self.shard(tp_rank, pp_rank)
+            file = shard / WEIGHTS
+            if not file.is_file():
+                raise MmzooError(
+                    f"{shard}: missing; a tp={self.layout.tp} pp={self.layout.pp} checkpoint needs it"
+                )
+            want = {e.name for e in self.layout.stage_entries(self.mapping, pp_rank)}
+            with safe_open(file, framework="pt") as f:
+                have = set(f.keys())
+            missing, unexpected = sorted(want - have), sorted(have - want)
+            if missing:
+                raise MmzooError(f"{file}: {len(missing)} weights missing: {_listing(missing)}")
+            if unexpected:
+                raise MmzooError(f"{file}: {len(unexpected)} unexpected weights: {_listing(unexpected)}")
+        for name in self.names:  # the slices of every tensor fit together
+            self.spec(name)
+
+    def _slice_spec(self, shard: Path, name: str) -> TensorSpec:
+        with safe_open(shard / WEIGHTS, framework="pt") as f:
+            info = f.get_slice(name)
+            return DTYPE_NAMES[info.get_dtype()], tuple(info.get_shape())
+
+    def spec(self, name: str) -> TensorSpec:
+        parts = []
+        for loc in self._located[name]:
+            slices = [
+                _meta_tensor(self._slice_spec(self.shard(t, loc.stage), loc.entry.name))
+                for t in range(self.layout.tp)
+            ]
+            parts.append(merge_tp(slices, loc.entry.kind))
+        try:
+            full = self.rules[name].op.from_parts(parts) if len(parts) > 1 else parts[0]
+        except RuntimeError as exc:
+            raise MmzooError(f"{self.iteration}: the slices of {name} do not fit together ({exc})") from exc
+        return full.dtype, tuple(full.shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        parts = []
+        for loc in self._located[name]:
+            slices = []
+            for t in range(self.layout.tp):
+                with safe_open(self.shard(t, loc.stage) / WEIGHTS, framework="pt") as f:
+                    slices.append(f.get_tensor(loc.entry.name))
+            parts.append(merge_tp(slices, loc.entry.kind))
+        return self.rules[name].op.from_parts(parts) if len(parts) > 1 else parts[0]

@@ -1,0 +1,1 @@
+"""Benchmarks: VLMEvalKit TSV reading, prompts, scoring rules, the evaluation loop and reports."""

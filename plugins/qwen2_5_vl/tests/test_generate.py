@@ -1,0 +1,310 @@
+"""Generation with the KV cache against transformers' ``generate`` on the same tiny weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_hf import make_sample, token_types
+
+import mmzoo
+from mmzoo.infer import SamplingConfig, _process_logits, generate
+
+NEW = 12
+CASES = {
+    "image": dict(images=[(1, 8, 12)]),
+    "video": dict(videos=[(2, 4, 4)], seconds=[0.75]),
+    "image_and_video": dict(images=[(1, 4, 6)], videos=[(2, 4, 4)], seconds=[0.5]),
+    "text_only": dict(),
+}
+
+
+@pytest.fixture(scope="module")
+def mm_model(hf_dir):
+    return mmzoo.load_model(hf_dir).eval()
+
+
+def hf_generate(hf_model, batch, attention_mask=None, **kwargs):
+    out = hf_model.generate(
+        **batch,
+        attention_mask=attention_mask,
+        mm_token_type_ids=token_types(batch["input_ids"]),
+        do_sample=False,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,  # the tiny vocab holds no eos; never stop early
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    return out.sequences[:, batch["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_equals_transformers(case, penalty, hf_model, mm_model):
+    batch = make_sample(**CASES[case])
+    expected, expected_logits = hf_generate(hf_model, batch, repetition_penalty=penalty)
+    logits: list[torch.Tensor] = []
+    ours = generate(
+        mm_model,
+        **batch,
+        sampling=SamplingConfig(max_new_tokens=NEW, repetition_penalty=penalty),
+        record_logits=logits,
+    )
+    assert ours == expected.tolist()
+    torch.testing.assert_close(torch.stack(logits, dim=1), expected_logits, atol=1e-4, rtol=1e-4)
+
+
+def left_padded_pair():
+    a = make_sample(images=[(1, 8, 12)], seed=1)
+    b = make_sample(images=[(1, 4, 4)], videos=[(2, 4, 4)], seconds=[1.0], seed=2)
+    length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for row, s in enumerate((a, b)):
+        n = s["input_ids"].shape[1]
+        ids[row, length - n :] = s["input_ids"][0]
+        mask[row, length - n :] = 1
+    batch = {
+        "input_ids": ids,
+        "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]]),
+        "image_grid_thw": torch.cat([a["image_grid_thw"], b["image_grid_thw"]]),
+        "pixel_values_videos": b["pixel_values_videos"],
+        "video_grid_thw": b["video_grid_thw"],
+        "second_per_grid_ts": b["second_per_grid_ts"],
+    }
+    return batch, mask
+
+
+def test_left_padded_batch_equals_transformers(hf_model, mm_model):
+    batch, mask = left_padded_pair()
+    expected, expected_logits = hf_generate(hf_model, batch, attention_mask=mask)
+    logits: list[torch.Tensor] = []
+    ours = generate(
+        mm_model,
+        **batch,
+        attention_mask=mask,
+        sampling=SamplingConfig(max_new_tokens=NEW),
+        record_logits=logits,
+    )
+    assert ours == expected.tolist()
+    torch.testing.assert_close(torch.stack(logits, dim=1), expected_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_decode_equals_full_forward(mm_model):
+    """Teacher forcing: the cached step logits equal a fresh forward over prompt + generated ids."""
+    batch = make_sample(images=[(1, 8, 12)], videos=[(2, 4, 4)], seconds=[0.5], seed=3)
+    logits: list[torch.Tensor] = []
+    ours = generate(mm_model, **batch, sampling=SamplingConfig(max_new_tokens=6), record_logits=logits)
+    full = dict(batch, input_ids=torch.cat([batch["input_ids"], torch.tensor(ours)], dim=1))
+    with torch.no_grad():
+        reference = mm_model(**full).logits[0, batch["input_ids"].shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.cat(logits), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_stops_at_stop_token_per_row(mm_model):
+    batch, mask = left_padded_pair()
+    free = generate(mm_model, **batch, attention_mask=mask, sampling=SamplingConfig(max_new_tokens=NEW))
+    stop = free[0][2]
+    stopped = generate(
+        mm_model,
+        **batch,
+        attention_mask=mask,
+        sampling=SamplingConfig(max_new_tokens=NEW),
+        stop_token_ids=[stop],
+    )
+    assert stopped[0] == free[0][: free[0].index(stop) + 1]
+    assert stopped[1] == (free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1])
+
+
+def test_sampling_is_seeded_and_filters():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    seen = torch.zeros(3, 50, dtype=torch.bool)
+    config = SamplingConfig(temperature=0.8, top_k=5, top_p=0.9, seed=1)
+    draws = [
+        _process_logits(logits, seen, config, torch.Generator().manual_seed(1)).tolist() for _ in range(2)
+    ]
+    assert draws[0] == draws[1]
+    top5 = logits.topk(5).indices
+    for _ in range(20):
+        tokens = _process_logits(logits, seen, config, None)
+        assert all(t in top5[row] for row, t in enumerate(tokens.tolist()))
+    greedy = _process_logits(logits, seen, SamplingConfig(), None)
+    assert torch.equal(greedy, logits.argmax(-1))
+    peaked = torch.full((1, 50), -10.0)
+    peaked[0, 7] = 10.0
+    assert _process_logits(peaked, seen[:1], SamplingConfig(temperature=1.0, top_p=0.5), None).item() == 7
+
+
+def test_bad_sampling_values_are_named():
+    with pytest.raises(mmzoo.MmzooError, match="top_p"):
+        SamplingConfig(top_p=0)
+
+
+HELLO, IM_END = 9707, 151645  # "Hello" and <|im_end|> in the real Qwen2.5 vocabulary
+
+
+@pytest.fixture(scope="module")
+def hello_dir(tmp_path_factory):
+    """A tiny real-vocab checkpoint that answers "Hello" and then ends its turn.
+
+    Every embedding gets a large value in dimension 0, so the last hidden state is positive
+    there; only "Hello" (weight 1) and <|im_end|> (weight 1.8) read that dimension. With a
+    repetition penalty of 2, <|im_end|> (already in the prompt) scores 0.9 against 1 for
+    "Hello"; once "Hello" is generated it scores 0.5 and <|im_end|> wins.
+    """
+    from mmzoo.convert.hf_export import save_hf
+
+    spec = mmzoo.get_model("qwen2_5_vl")
+    model = mmzoo.build_model("qwen2_5_vl", "tiny", text={"tie_word_embeddings": False})
+    with torch.no_grad():
+        model.text_decoder.embedding.word_embeddings.weight[:, 0] = 100.0
+        out = model.text_decoder.output_layer.weight
+        out.zero_()
+        out[HELLO, 0], out[IM_END, 0] = 1.0, 1.8
+    path = tmp_path_factory.mktemp("hello") / "hf"
+    save_hf(model, path, tokenizer=spec.default_tokenizer())
+    return path
+
+
+def infer_args(path, *extra):
+    return [
+        "infer",
+        "--model-dir",
+        str(path),
+        "--max-pixels",
+        "12544",
+        "--max-new-tokens",
+        "5",
+        "--repetition-penalty",
+        "2",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_infer_cli_answers_and_stops_at_end_of_turn(hello_dir, capsys, stream):
+    from mmzoo.cli import main
+
+    args = infer_args(hello_dir, "--image", "core/demo/chelsea.jpg", "--prompt", "Who is there?")
+    assert main(args + ([] if stream else ["--no-stream"])) == 0
+    assert capsys.readouterr().out == "Hello\n"  # without the stop it would go on: "HelloHello..."
+
+
+def test_infer_cli_jsonl_batches(hello_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from mmzoo.cli import main
+
+    shutil.copy("core/demo/chelsea.jpg", tmp_path / "cat.jpg")
+    requests = [
+        {"id": "a", "prompt": "What is it?", "images": ["cat.jpg"]},
+        {"id": "b", "prompt": "Say hi."},
+        {"id": "c", "prompt": "<image> and <image>: same?", "images": ["cat.jpg", "cat.jpg"]},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    out = tmp_path / "out.jsonl"
+    assert main(infer_args(hello_dir, "--input", str(src), "--output", str(out), "--batch-size", "2")) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert [r["response"] for r in rows] == ["Hello"] * 3
+
+
+def test_infer_cli_errors_are_one_line(hello_dir, tmp_path, capsys):
+    from mmzoo.cli import main
+
+    assert main(infer_args(hello_dir, "--image", str(tmp_path / "nope.jpg"), "--prompt", "x")) == 2
+    err = capsys.readouterr().err
+    assert "nope.jpg: no such media file" in err and err.count("\n") == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"images": []}\n')
+    assert main(infer_args(hello_dir, "--input", str(bad), "--output", str(tmp_path / "o.jsonl"))) == 2
+    assert 'bad.jsonl:2: a request needs a string "prompt"' in capsys.readouterr().err
+
+
+def test_streamer_never_emits_half_a_character():
+    from mmzoo.infer import _Streamer
+
+    tokenizer = mmzoo.get_model("qwen2_5_vl").default_tokenizer()
+    ids = tokenizer.encode("猫 naps")
+    pieces: list[str] = []
+    streamer = _Streamer(tokenizer, pieces.append)
+    for token in ids:
+        streamer.step([token])
+    assert "".join(pieces) == "猫 naps"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_eval_cli_end_to_end(hello_dir, tmp_path, capsys):
+    """`mmzoo eval` on a two-row TSV: the model answers "Hello" to everything."""
+    import base64
+    import csv
+    import io
+    import json
+
+    from PIL import Image
+
+    from mmzoo.cli import main
+
+    buffer = io.BytesIO()
+    Image.open("core/demo/chelsea.jpg").resize((56, 56)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    rows = [
+        {
+            "index": "1",
+            "image": image,
+            "question": "Greeting?",
+            "A": "Bye",
+            "B": "No",
+            "C": "Hello",
+            "answer": "C",
+        },
+        {
+            "index": "2",
+            "image": "1",
+            "question": "Farewell?",
+            "A": "Bye",
+            "B": "No",
+            "C": "Hello",
+            "answer": "A",
+        },
+    ]
+    tsv = tmp_path / "ai2d.tsv"
+    with tsv.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    args = [
+        "eval",
+        "--model-dir",
+        str(hello_dir),
+        "--dataset",
+        "ai2d_test",
+        "--data",
+        str(tsv),
+        "--out",
+        str(out),
+        "--max-pixels",
+        "12544",
+        "--max-new-tokens",
+        "4",
+        "--repetition-penalty",
+        "2",
+    ]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("ai2d_test accuracy: 50.00 over 2 questions")
+    assert ("mmzoo: warning: openpyxl is not installed" in captured.err) == _no_openpyxl()
+    summary = json.loads((out / "ai2d_test_summary.json").read_text())
+    assert summary["score"] == 50.0
+    cached = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert cached == [{"index": "1", "prediction": "Hello"}, {"index": "2", "prediction": "Hello"}]
+
+
+def _no_openpyxl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openpyxl") is None

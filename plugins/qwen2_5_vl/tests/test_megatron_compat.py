@@ -1,0 +1,108 @@
+"""A converted tp=1 text-decoder shard loads into megatron-core's GPTModel with the same logits.
+
+Needs ``mmzoo[megatron]`` (megatron-core 0.16.1); skipped without it. On a CPU-only torch,
+megatron-core's ``torch.cuda`` device and RNG calls are redirected to the CPU and the causal
+mask is passed explicitly (FACTS).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_hf import text
+
+import mmzoo
+from mmzoo.convert import convert
+
+megatron = pytest.importorskip(
+    "megatron.core", reason="megatron-core is not installed (pip install mmzoo[megatron])"
+)
+
+
+@pytest.fixture
+def megatron_on_cpu(monkeypatch):
+    """A one-process gloo group, model parallel state, and torch.cuda calls pointed at the CPU."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mp_random
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)  # fork() is a no-op
+    created = not dist.is_initialized()
+    if created:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+def gpt_model(config):
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    t = config.text
+    mcore = TransformerConfig(
+        num_layers=t.num_layers,
+        hidden_size=t.hidden_size,
+        ffn_hidden_size=t.ffn_hidden_size,
+        num_attention_heads=t.num_heads,
+        num_query_groups=t.num_kv_heads,
+        kv_channels=t.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=t.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
+    )
+    return GPTModel(
+        config=mcore,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=t.vocab_size,
+        max_sequence_length=256,
+        share_embeddings_and_output_weights=t.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(t.rope_theta),
+    ).eval()
+
+
+def test_gptmodel_loads_a_converted_text_decoder_shard(megatron_on_cpu, hf_dir, tmp_path):
+    mm = convert.hf_to_mm(hf_dir, tmp_path / "mm", report=lambda line: None)
+    ours = mmzoo.load_model(mm).eval()
+    shard = load_file(mm / "release" / "mp_rank_00" / "model.safetensors")
+    decoder = {k.removeprefix("text_decoder."): v for k, v in shard.items() if k.startswith("text_decoder.")}
+
+    model = gpt_model(ours.config)
+    missing, unexpected = model.load_state_dict(decoder, strict=False)
+    assert not unexpected
+    assert all(k.endswith("_extra_state") for k in missing), missing
+
+    ids = torch.tensor([text(24, seed=3)])
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    mask = torch.triu(
+        torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool), diagonal=1
+    )  # True: masked
+    with torch.no_grad():
+        theirs = model(ids, positions, mask)  # (B, S, V)
+        expected = ours(input_ids=ids).logits
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,551 @@
+"""``mmzoo train`` on the tiny Qwen2.5-VL: outputs, resume, loss reductions, freezing, recompute,
+config errors, faults and the Hugging Face export.
+
+Runs use a few demo samples at small image sizes so that each step takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mmzoo
+import mmzoo.data.tokenizer as tokenizer_module
+from mmzoo.cli import main
+from mmzoo.config import DataConfig, RecomputeConfig, load_config, to_dict
+from mmzoo.data.collate import collate_packed, collate_padded
+from mmzoo.data.dataset import build_dataset
+from mmzoo.loss import LossReduction, batch_target_counts
+from mmzoo.model import VLModel
+from mmzoo.nn.recompute import set_recompute
+from mmzoo.train.loop import DEMO_DATA, train
+
+REPO = Path(__file__).resolve().parents[3]
+SMALL_MEDIA = {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28}
+# Eight demo samples of 53-97 tokens (two packed rows per epoch), images of at most 16 tokens
+# (data.media as SMALL_MEDIA).
+SMALL = [
+    "--data.max_samples",
+    "8",
+    "--data.seq_length",
+    "512",
+    "--data.media",
+    "{min_pixels: 3136, max_pixels: 12544}",
+    "--train.tensorboard",
+    "false",
+]
+METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "samples_per_s", "seconds"}
+
+# The run the resume tests reproduce: 6 steps (3 epochs of 2 packed rows) at a high lr, saving at
+# steps 3 (mid-epoch) and 6.
+REFERENCE = ["--train.steps", "6", "--train.lr", "1e-2", "--train.save_every", "3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cached_tokenizer():
+    """Load the Qwen tokenizer once for the module (about 2 s per load); every run reads it."""
+    load = tokenizer_module.load_tokenizer
+    loaded: dict[str, object] = {}
+
+    def cached(path):
+        if str(path) not in loaded:
+            loaded[str(path)] = load(path)
+        return loaded[str(path)]
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tokenizer_module, "load_tokenizer", cached)
+        yield
+
+
+def config(output_dir, *extra: str):
+    return load_config(None, [*SMALL, "--train.output_dir", str(output_dir), *extra])
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return dict(mmzoo.load_model(path).state_dict())
+
+
+def initial_weights(seed: int = 42) -> dict[str, torch.Tensor]:
+    """The weights ``train`` starts from with ``train.seed`` = ``seed`` (it seeds, then builds)."""
+    torch.manual_seed(seed)
+    return dict(mmzoo.build_model("qwen2_5_vl", "tiny").state_dict())
+
+
+class Faults:
+    """Wraps ``VLModel.forward``: ``plan[call]`` (1-based) is ``"nan"`` or an exception to raise."""
+
+    def __init__(self, monkeypatch, plan: dict[int, object]) -> None:
+        self.calls = 0
+        forward = VLModel.forward
+
+        def faulty(model, *args, **kwargs):
+            self.calls += 1
+            action = plan.get(self.calls)
+            if isinstance(action, BaseException) or (
+                isinstance(action, type) and issubclass(action, BaseException)
+            ):
+                raise action
+            out = forward(model, *args, **kwargs)
+            if action == "nan":
+                out.loss = out.loss * float("nan")
+            return out
+
+        monkeypatch.setattr(VLModel, "forward", faulty)
+
+
+# --- 1. the embedded default ------------------------------------------------------------------
+
+
+def test_default_run_writes_checkpoint_and_metrics(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert main(["train", "--train.steps", "3", "--train.output_dir", str(out_dir)]) == 0
+    stdout = capsys.readouterr().out
+    assert f"checkpoint: {out_dir / 'iter_0000003'}" in stdout
+    assert (out_dir / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert (out_dir / "iter_0000003" / "mp_rank_00" / "model.safetensors").is_file()
+    assert sorted(p.name for p in out_dir.glob("iter_*")) == ["iter_0000003"]  # save_every 30 > 3
+
+    rows = metrics(out_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert METRIC_KEYS <= row.keys()
+        assert row["tokens"] > 0 and row["seconds"] > 0 and row["grad_norm"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
+        assert 10 < row["loss"] < 13  # ln(151936) = 11.93 at random init
+    # The demo's 3e-3 peak: warmup is 10% of 3 steps (none), then cosine decay.
+    assert rows[0]["lr"] == pytest.approx(3e-3)
+    assert rows[0]["lr"] > rows[1]["lr"] > rows[2]["lr"] > 0
+    # One epoch of the 14 demo samples; the dummy image of a text-only row is not a sample.
+    assert sum(round(r["samples_per_s"] * r["seconds"]) for r in rows) == 14
+    state = json.loads((out_dir / "iter_0000003" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["samples"] == 14 and state["position"] == 3
+    # The run itself: step 1's loss is that of the random init on the first packed row.
+    assert rows[0]["loss"] == pytest.approx(11.9658, abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run (and its output directory) that resumed runs must reproduce."""
+    output_dir = tmp_path_factory.mktemp("reference")
+    return train(config(output_dir, *REFERENCE), out=quiet), output_dir
+
+
+def test_loss_goes_down(reference):
+    losses = reference[0].losses
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+# --- 2. resume ---------------------------------------------------------------------------------
+
+
+def test_resume_is_exact(reference, tmp_path, monkeypatch):
+    straight, straight_dir = reference
+    # The same run crashes in step 5, after its step-3 checkpoint; the resumed run redoes 4-6.
+    cfg = config(tmp_path, *REFERENCE)
+    with monkeypatch.context() as m:
+        Faults(m, {5: RuntimeError("crash in step 5")})
+        with pytest.raises(RuntimeError, match="crash in step 5"):
+            train(cfg, out=quiet)
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    logged: list[str] = []
+    resumed = train(cfg, resume=True, out=logged.append)
+    assert f"resumed from {tmp_path / 'iter_0000003'} at step 3" in logged
+    assert "training 3 steps (2 per epoch)" in "\n".join(logged)
+
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 7))  # step 4 once, from the resumed run
+    assert [r["loss"] for r in rows[3:]] == resumed.losses
+    assert [r["loss"] for r in rows] == straight.losses  # bitwise, step by step
+    assert [r["lr"] for r in rows] == [r["lr"] for r in metrics(straight_dir)]
+    a, b = weights(straight.checkpoint), weights(resumed.checkpoint)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_fresh_run_starts_a_fresh_metrics_file(tmp_path):
+    train(config(tmp_path, "--train.steps", "2", "--data.max_samples", "2"), out=quiet)
+    train(config(tmp_path, "--train.steps", "1", "--data.max_samples", "2"), out=quiet)
+    assert [r["step"] for r in metrics(tmp_path)] == [1]
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+# --- 3. loss reductions --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_and_samples():
+    spec = mmzoo.get_model("qwen2_5_vl")
+    torch.manual_seed(0)
+    model = mmzoo.build_model("qwen2_5_vl", "tiny").train()
+    tokenizer = spec.default_tokenizer()
+    data = DataConfig(data=str(DEMO_DATA), max_samples=4, seq_length=512, packing=False, media=SMALL_MEDIA)
+    dataset = build_dataset(spec, model.config, tokenizer, data, log=quiet)
+    samples = [dataset[i] for i in range(4)]
+    return model, samples, tokenizer.pad_token_id, dataset.dummy
+
+
+def grads(model, batches, kind: str) -> dict[str, torch.Tensor]:
+    """Gradients of one optimizer step over ``batches`` (micro-batches) with reduction ``kind``."""
+    counts = [batch_target_counts(b) for b in batches]
+    reduction = LossReduction(kind, len(batches), sum(c[0] for c in counts), sum(c[1] for c in counts))
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        model(**batch, loss_reduction=reduction, return_logits=False).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(a, b, **tolerance):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=lambda m, name=name: f"{name}: {m}", **tolerance)
+
+
+def max_relative_difference(a, b) -> float:
+    return max(float((a[n] - b[n]).norm() / a[n].norm().clamp(min=1e-12)) for n in a)
+
+
+@pytest.mark.parametrize("kind", ["per_token", "per_sample"])
+def test_reduction_is_invariant_to_the_split(tiny_and_samples, kind):
+    model, samples, pad, dummy = tiny_and_samples
+    answers = [int((s.labels != -100).sum()) for s in samples]
+    assert len(set(answers)) == 4, answers  # different answer lengths, else nothing is tested
+    padded = grads(model, [collate_padded(samples, pad, dummy)], kind)
+    split = grads(model, [collate_padded([s], pad, dummy) for s in samples], kind)
+    packed = grads(model, [collate_packed(samples, dummy)], kind)
+    assert len(padded) == sum(1 for _ in model.parameters())  # every part got a gradient
+    assert_grads_close(padded, split, rtol=1e-4, atol=1e-7)
+    assert_grads_close(padded, packed, rtol=1e-4, atol=1e-7)
+
+
+def test_default_reduction_depends_on_the_split(tiny_and_samples):
+    model, samples, pad, dummy = tiny_and_samples
+    padded = grads(model, [collate_padded(samples, pad, dummy)], "default")
+    split = grads(model, [collate_padded([s], pad, dummy) for s in samples], "default")
+    # One micro-batch weighs every token alike; four weigh every sample alike.
+    assert max_relative_difference(padded, split) > 0.05
+    # ... while one padded micro-batch and one packed row are the same micro-batch.
+    assert_grads_close(
+        padded, grads(model, [collate_packed(samples, dummy)], "default"), rtol=1e-4, atol=1e-7
+    )
+
+
+# --- 4. freezing -------------------------------------------------------------------------------
+
+
+def test_freeze_vision_and_projector(tmp_path):
+    logged: list[str] = []
+    cfg = config(tmp_path, "--train.steps", "2", "--model.freeze", "[vision, projector]")
+    result = train(cfg, out=logged.append)
+    # The trainable summary: one line per group, "  vision  0.24M  frozen".
+    states = {
+        line.split()[0]: line.split()[-1]
+        for line in "\n".join(logged).splitlines()
+        if line.startswith("  ") and line.split()[0] in ("vision", "projector", "language")
+    }
+    assert states == {"vision": "frozen", "projector": "frozen", "language": "trainable"}
+
+    before, after = initial_weights(), weights(result.checkpoint)
+    assert before.keys() == after.keys()
+    for name in before:
+        frozen = name.startswith(("vision_encoder.", "projector."))
+        assert torch.equal(before[name], after[name]) == frozen, name
+
+
+def test_freeze_unknown_group_is_an_error(tmp_path, capsys):
+    args = ["train", *SMALL, "--train.output_dir", str(tmp_path), "--model.freeze", "[visoin]"]
+    assert main(args) == 2
+    assert "model.freeze: unknown group 'visoin' (did you mean 'vision'?)" in capsys.readouterr().err
+
+
+# --- 5. activation recompute ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "vision_calls", "text_calls"),
+    [
+        (RecomputeConfig("full", "uniform", 1), 4, 2),  # every layer
+        (RecomputeConfig("full", "uniform", 3), 2, 1),  # chunks of 3 layers: 4 -> 2, 2 -> 1
+        (RecomputeConfig("full", "block", 1), 1, 1),  # only the first layer
+        (RecomputeConfig("selective"), 4, 2),  # every attention core
+    ],
+    ids=["full-uniform-1", "full-uniform-3", "full-block-1", "selective"],
+)
+def test_recompute_keeps_gradients(tiny_and_samples, monkeypatch, policy, vision_calls, text_calls):
+    import mmzoo.nn.layers as layers
+    import mmzoo.nn.recompute as recompute
+
+    model, samples, _, dummy = tiny_and_samples
+    batch = collate_packed(samples[:2], dummy)
+    none = RecomputeConfig()
+    set_recompute(model.vision_encoder, none)
+    set_recompute(model.text_decoder, none)
+    expected = grads(model, [batch], "per_token")
+
+    calls: list[str] = []
+    running = [""]  # the tower whose recompute is on
+
+    def counting(module):
+        real = module.checkpoint
+
+        def checkpoint(*args, **kwargs):
+            calls.append(running[0])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "checkpoint", checkpoint)
+
+    counting(recompute)
+    counting(layers)
+    try:
+        for tower, module in (("vision", model.vision_encoder), ("text", model.text_decoder)):
+            running[0] = tower
+            set_recompute(module, policy)
+            tower_grads = grads(model, [batch], "per_token")
+            assert_grads_close(tower_grads, expected, rtol=1e-6, atol=1e-8)
+            set_recompute(module, none)
+    finally:
+        set_recompute(model.vision_encoder, none)
+        set_recompute(model.text_decoder, none)
+    assert calls.count("vision") == vision_calls and calls.count("text") == text_calls, calls
+
+
+# --- 6. config errors and config files ----------------------------------------------------------
+
+
+def test_unknown_key_suggests_the_nearest(capsys):
+    assert main(["train", "--train.lrr", "1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert err == "mmzoo: error: unknown config key 'train.lrr' (did you mean 'train.lr'?)\n"
+
+
+def test_bad_literal_names_the_choices(capsys):
+    assert main(["train", "--train.schedule", "cosin"]) == 2
+    err = capsys.readouterr().err
+    assert "train.schedule: 'cosin' is not one of cosine, linear, constant (did you mean 'cosine'?)" in err
+    assert main(["train", "--train.loss_reduction", "token"]) == 2
+    assert "default, per_sample, per_token" in capsys.readouterr().err
+
+
+def test_bad_types_are_errors(capsys):
+    assert main(["train", "--train.steps", "many"]) == 2
+    assert "train.steps: expected int, got 'many'" in capsys.readouterr().err
+    assert main(["train", "--data.packing", "maybe"]) == 2
+    assert "data.packing: expected true or false, got 'maybe'" in capsys.readouterr().err
+    assert main(["train", "--train.steps", "true"]) == 2  # bool is an int subclass in Python
+    assert "train.steps: expected int, got True" in capsys.readouterr().err
+    assert main(["train", "--train.betas", "[0.9, 0.99, 0.5]"]) == 2
+    assert "train.betas: expected a list of 2 values, got [0.9, 0.99, 0.5]" in capsys.readouterr().err
+    assert load_config(None, ["--train.betas", "[0.8, 0.9]"]).train.betas == (0.8, 0.9)
+
+
+def test_missing_config_file(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert main(["train", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err == f"mmzoo: error: config file {missing} does not exist\n"
+
+
+def keys(tree: dict, prefix: str = "") -> set[str]:
+    """Dotted keys of printed YAML (dict-valued options such as data.media are leaves)."""
+    out = set()
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("overrides", "media"):
+            out |= keys(value, f"{prefix}{key}.")
+        else:
+            out.add(prefix + key)
+    return out
+
+
+def fields(config, prefix: str = "") -> set[str]:
+    """Dotted keys of a config dataclass, from its fields."""
+    out = set()
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= fields(value, f"{prefix}{f.name}.")
+        else:
+            out.add(prefix + f.name)
+    return out
+
+
+def test_print_config_shows_every_key(capsys):
+    assert main(["train", "--print-config", "--train.lr", "2e-5", "--save-hf", "hf_out"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = to_dict(load_config(None, ["--train.lr", "2e-5", "--train.save_hf", "hf_out"]))
+    assert printed == expected
+    assert {"model", "data", "train"} <= set(printed)
+    assert keys(printed) == fields(mmzoo.config.Config())
+    assert "recompute_text.num_layers" in " ".join(keys(printed["model"]))
+    assert printed["train"]["lr"] == 2e-5 and printed["train"]["steps"] == 60  # the demo's steps
+
+
+def test_config_file_then_overrides(tmp_path, capsys):
+    file = tmp_path / "run.yaml"
+    file.write_text(
+        "model: {freeze: [vision]}\n"
+        "data: {seq_length: 640, media: {max_pixels: 12544}}\n"
+        "train: {lr: 2e-4, steps: 7, warmup: 2}\n"  # 2e-4 without a dot: YAML reads a string
+    )
+    assert main(["train", "--config", str(file), "--train.lr", "5e-4", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 5e-4  # the override wins over the file
+    assert printed["train"]["steps"] == 7 and printed["train"]["warmup"] == 2.0
+    assert printed["data"]["seq_length"] == 640 and printed["data"]["media"] == {"max_pixels": 12544}
+    assert printed["model"]["freeze"] == ["vision"]
+    assert printed["train"]["epochs"] == 1 and printed["data"]["packing"] is True  # defaults, not the demo's
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load(path, capsys):
+    assert main(["train", "--config", str(path), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_dict(load_config(path))
+    assert printed["model"]["name"] == "qwen2_5_vl"
+    assert printed["model"]["variant"] in mmzoo.get_model("qwen2_5_vl").variants
+
+
+def test_there_are_example_configs():
+    assert len(list((REPO / "examples" / "configs").glob("*.yaml"))) >= 4
+
+
+# --- 7. faults -----------------------------------------------------------------------------------
+
+
+def test_nonfinite_loss_stops_and_names_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    Faults(monkeypatch, {3: "nan"})
+    args = [
+        "train",
+        *SMALL,
+        "--train.output_dir",
+        str(tmp_path),
+        "--train.steps",
+        "5",
+        "--train.save_every",
+        "2",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan)" in err and "at step 3;" in err
+    assert f"the last good checkpoint is {tmp_path / 'iter_0000002'}" in err
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
+def test_nonfinite_loss_skip_continues(tmp_path, monkeypatch):
+    Faults(monkeypatch, {2: "nan"})
+    result = train(config(tmp_path, "--train.steps", "3", "--train.on_nonfinite", "skip"), out=quiet)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 3]
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.checkpoint == tmp_path / "iter_0000003"
+    assert all(torch.isfinite(t).all() for t in weights(result.checkpoint).values())
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch, capsys):
+    Faults(monkeypatch, {2: KeyboardInterrupt})  # Ctrl-C in step 2's forward: step 1 is complete
+    args = ["train", *SMALL, "--train.output_dir", str(tmp_path), "--train.steps", "6"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "interrupted at step 1: saving a checkpoint" in out
+    assert f"checkpoint: {tmp_path / 'iter_0000001'}" in out
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
+    state = json.loads((tmp_path / "iter_0000001" / "trainer_state.json").read_text())
+    assert state["step"] == 1 and state["position"] == 1  # one packed row consumed
+
+
+def test_ctrl_c_between_the_step_and_its_update(reference, tmp_path, monkeypatch):
+    """An interrupt after backward but before the optimizer step must not save that step as done."""
+    calls = 0
+    get_last_lr = torch.optim.lr_scheduler.LambdaLR.get_last_lr
+
+    def interrupted(self):
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # in step 4, after backward and clipping, before optimizer.step()
+            raise KeyboardInterrupt
+        return get_last_lr(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.lr_scheduler.LambdaLR, "get_last_lr", interrupted)
+        cut = train(config(tmp_path, *REFERENCE), out=quiet)
+    # Step 4 never updated anything: the newest checkpoint is still step 3's (the save_every one).
+    assert cut.interrupted and cut.checkpoint == tmp_path / "iter_0000003"
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert not (tmp_path / "iter_0000004").exists()
+    assert cut.losses == reference[0].losses[:3]
+    name = "iter_0000003/trainer_state.json"
+    assert json.loads((tmp_path / name).read_text()) == json.loads((reference[1] / name).read_text())
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
+    args = ["train", *SMALL, "--train.output_dir", str(tmp_path), "--resume"]
+    assert main(args) == 2
+    assert f"--resume: no checkpoint in {tmp_path}" in capsys.readouterr().err
+
+
+# --- 8. Hugging Face export ---------------------------------------------------------------------
+
+
+def test_save_hf_matches_transformers(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    hf_dir = tmp_path / "hf"
+    out_dir = tmp_path / "run"
+    args = [
+        "train",
+        *SMALL,
+        "--train.output_dir",
+        str(out_dir),
+        "--train.steps",
+        "1",
+        "--save-hf",
+        str(hf_dir),
+    ]
+    assert main(args) == 0
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
+    assert (hf_dir / "tokenizer.json").is_file() and (hf_dir / "tokenizer_config.json").is_file()
+
+    ours = mmzoo.load_model(out_dir).eval()
+    assert not torch.equal(
+        ours.state_dict()["projector.linear_fc1.weight"], initial_weights()["projector.linear_fc1.weight"]
+    )
+    spec = mmzoo.get_model("qwen2_5_vl")
+    data = DataConfig(data=str(DEMO_DATA), max_samples=2, seq_length=512, packing=False, media=SMALL_MEDIA)
+    dataset = build_dataset(spec, ours.config, tokenizer_module.load_tokenizer(hf_dir), data, log=quiet)
+    sample = dataset[0]
+    batch = {
+        "input_ids": sample.input_ids[None],
+        "pixel_values": sample.media["pixel_values"],
+        "image_grid_thw": sample.media["image_grid_thw"],
+    }
+    theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir).eval()
+    types = (batch["input_ids"] == ours.image_token_id).int()
+    with torch.no_grad():
+        expected = theirs(**batch, mm_token_type_ids=types).logits
+        got = ours(**batch, return_logits=True).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+# --- 9. TensorBoard -----------------------------------------------------------------------------
+
+
+def test_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (optional)")
+    cfg = load_config(None, [*SMALL, "--train.output_dir", str(tmp_path), "--train.steps", "2"])
+    cfg = mmzoo.config.merge(cfg, {"train": {"tensorboard": True}})
+    train(cfg, out=quiet)
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
