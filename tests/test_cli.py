@@ -72,3 +72,17 @@ def test_errors_are_one_line_unless_debug(tmp_path):
     assert result.stderr.startswith("mmzoo: error: model 'qwen2_5_vl' is registered by two plugins")
     debug = run("--debug", "list-models", env=env)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_readme_lists_every_command():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    cli = readme.split("## CLI", 1)[1].split("\n## ", 1)[0]
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001
+    for name, sub in commands.items():
+        nested = [a for a in sub._actions if isinstance(a, type(parser._subparsers._group_actions[0]))]  # noqa: SLF001
+        names = [f"{name} {child}" for child in nested[0].choices] if nested else [name]
+        for full in names:
+            assert f"mmzoo {full}" in cli, f"`mmzoo {full}` is missing from the README's CLI section"
