@@ -399,3 +399,14 @@ def test_two_process_gloo_merge(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["index"] for r in rows] == ["10", "11", "12", "13", "14"]
     assert [r["prediction"][:5] for r in rows] == ["rank0", "rank1", "rank0", "rank1", "rank0"]
+
+
+def test_mmmu_image_tags_become_placeholders_in_order():
+    from mmzoo.eval.datasets import place_images
+
+    prompt = "Compare <image 2> with <image 1>.\nOptions:\nA. <image 3>"
+    text, images = place_images(prompt, ["one", "two", "three", "four"])
+    assert text == "<image>Compare <image> with <image>.\nOptions:\nA. <image>"
+    assert images == ["four", "two", "one", "three"]
+    assert place_images("No tags here.", ["a", "b"]) == ("No tags here.", ["a", "b"])
+    assert place_images("Bad <image 9> tag", ["a"]) == ("Bad <image 9> tag", ["a"])

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mmzoo.commands.infer import load_chat
-    from mmzoo.eval.datasets import build_prompt, decode_image, get_dataset, read_tsv
+    from mmzoo.eval.datasets import build_prompt, decode_image, get_dataset, place_images, read_tsv
     from mmzoo.eval.run import dist_env, evaluate
     from mmzoo.infer import Request, SamplingConfig
 
@@ -84,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
 
     def generate(batch: Sequence) -> list[str]:
-        requests = [
-            Request(build_prompt(q, dataset), [decode_image(image, q.where) for image in q.images])
-            for q in batch
-        ]
+        requests = []
+        for q in batch:
+            prompt, images = place_images(build_prompt(q, dataset), q.images)
+            requests.append(Request(prompt, [decode_image(image, q.where) for image in images]))
         return chat.answer(requests, sampling)
 
     log = (lambda line: print(line, file=sys.stderr)) if rank == 0 else (lambda line: None)

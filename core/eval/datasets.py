@@ -13,6 +13,7 @@ import base64
 import binascii
 import csv
 import io
+import re
 import string
 import sys
 from collections.abc import Mapping, Sequence
@@ -190,6 +191,24 @@ def build_prompt(q: Question, dataset: Dataset) -> str:
         lines.append(LETTER_PROMPT)
         return "\n".join(lines)
     return f"{q.question}\n{SHORT_PROMPT}"
+
+
+IMAGE_TAG = re.compile(r"<image (\d+)>")
+
+
+def place_images(prompt: str, images: Sequence[str]) -> tuple[str, list[str]]:
+    """Interleave images where MMMU-style ``<image k>`` tags stand in the prompt.
+
+    Each tag becomes an ``<image>`` placeholder for the k-th image (1-based), in the order the
+    tags appear; images no tag mentions go first. Prompts without tags are returned as they are
+    (the chat puts their images before the text).
+    """
+    order = [int(k) for k in IMAGE_TAG.findall(prompt) if 1 <= int(k) <= len(images)]
+    if not order:
+        return prompt, list(images)
+    unmentioned = [image for i, image in enumerate(images, 1) if i not in order]
+    text = IMAGE_TAG.sub(lambda m: "<image>" if 1 <= int(m.group(1)) <= len(images) else m.group(0), prompt)
+    return "<image>" * len(unmentioned) + text, unmentioned + [images[k - 1] for k in order]
 
 
 @dataclass(frozen=True)
