@@ -135,6 +135,9 @@ def layout_of(meta: dict[str, Any]) -> ParallelLayout:
     )
 
 
+REOPEN_BYTES = 512 << 20
+
+
 @dataclass
 class _Located:
     stage: int
@@ -157,6 +160,10 @@ class MMSource:
         self.rules = {r.mm: r for r in mapping.rules if r.mm is not None}
         self.names = list(self.rules)
         self._located: dict[str, list[_Located]] = {}
+        # Open files are reused (headers parsed once) but dropped after every 512 MiB read: their
+        # memory maps would otherwise keep every page read resident.
+        self._handles: dict[Path, Any] = {}
+        self._read_since_reopen = 0
         for stage in range(self.layout.pp):
             for entry in self.layout.stage_entries(mapping, stage):
                 if not entry.copy:
@@ -164,6 +171,15 @@ class MMSource:
 
     def shard(self, tp_rank: int, pp_rank: int) -> Path:
         return self.iteration / self.layout.shard_name(tp_rank, pp_rank)
+
+    def _open(self, shard: Path) -> Any:
+        if self._read_since_reopen > REOPEN_BYTES:
+            self._handles.clear()
+            self._read_since_reopen = 0
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = safe_open(shard / WEIGHTS, framework="pt")
+        return handle
 
     def check(self) -> None:
         """Every shard present, holding exactly the names and shapes its stage should."""
@@ -186,9 +202,8 @@ class MMSource:
             self.spec(name)
 
     def _slice_spec(self, shard: Path, name: str) -> TensorSpec:
-        with safe_open(shard / WEIGHTS, framework="pt") as f:
-            info = f.get_slice(name)
-            return DTYPE_NAMES[info.get_dtype()], tuple(info.get_shape())
+        info = self._open(shard).get_slice(name)
+        return DTYPE_NAMES[info.get_dtype()], tuple(info.get_shape())
 
     def spec(self, name: str) -> TensorSpec:
         parts = []
@@ -207,9 +222,9 @@ class MMSource:
     def get(self, name: str) -> torch.Tensor:
         parts = []
         for loc in self._located[name]:
-            slices = []
-            for t in range(self.layout.tp):
-                with safe_open(self.shard(t, loc.stage) / WEIGHTS, framework="pt") as f:
-                    slices.append(f.get_tensor(loc.entry.name))
+            slices = [
+                self._open(self.shard(t, loc.stage)).get_tensor(loc.entry.name) for t in range(self.layout.tp)
+            ]
+            self._read_since_reopen += sum(s.numel() * s.element_size() for s in slices)
             parts.append(merge_tp(slices, loc.entry.kind))
         return self.rules[name].op.from_parts(parts) if len(parts) > 1 else parts[0]
