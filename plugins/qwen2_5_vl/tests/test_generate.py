@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_hf import make_sample, token_types
+from tiny_hf import left_pad, make_sample, token_types
 
 import mmzoo
 from mmzoo.infer import SamplingConfig, _process_logits, generate
@@ -57,22 +57,7 @@ def test_greedy_equals_transformers(case, penalty, hf_model, mm_model):
 def left_padded_pair():
     a = make_sample(images=[(1, 8, 12)], seed=1)
     b = make_sample(images=[(1, 4, 4)], videos=[(2, 4, 4)], seconds=[1.0], seed=2)
-    length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-    ids = torch.zeros(2, length, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.long)
-    for row, s in enumerate((a, b)):
-        n = s["input_ids"].shape[1]
-        ids[row, length - n :] = s["input_ids"][0]
-        mask[row, length - n :] = 1
-    batch = {
-        "input_ids": ids,
-        "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]]),
-        "image_grid_thw": torch.cat([a["image_grid_thw"], b["image_grid_thw"]]),
-        "pixel_values_videos": b["pixel_values_videos"],
-        "video_grid_thw": b["video_grid_thw"],
-        "second_per_grid_ts": b["second_per_grid_ts"],
-    }
-    return batch, mask
+    return left_pad(a, b)
 
 
 def test_left_padded_batch_equals_transformers(hf_model, mm_model):

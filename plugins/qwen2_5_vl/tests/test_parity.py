@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_hf import IMAGE, V_END, V_START, make_sample, text, token_types
+from tiny_hf import IMAGE, V_END, V_START, left_pad, make_sample, text, token_types
 
 import mmzoo
 
@@ -58,21 +58,7 @@ def test_rope_index_equals_transformers(case, hf_model, mm_model):
 
 def padded_pair():
     """Two samples of different lengths, left-padded into one batch, each with an image."""
-    a = make_sample(images=[(1, 8, 12)], seed=1)
-    b = make_sample(images=[(1, 4, 4)], seed=2)
-    length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-    ids = torch.zeros(2, length, dtype=torch.long)
-    mask = torch.zeros(2, length, dtype=torch.long)
-    for row, s in enumerate((a, b)):
-        n = s["input_ids"].shape[1]
-        ids[row, length - n :] = s["input_ids"][0]
-        mask[row, length - n :] = 1
-    batch = {
-        "input_ids": ids,
-        "pixel_values": torch.cat([a["pixel_values"], b["pixel_values"]]),
-        "image_grid_thw": torch.cat([a["image_grid_thw"], b["image_grid_thw"]]),
-    }
-    return batch, mask
+    return left_pad(make_sample(images=[(1, 8, 12)], seed=1), make_sample(images=[(1, 4, 4)], seed=2))
 
 
 def test_padded_batch_matches_transformers(hf_model, mm_model):

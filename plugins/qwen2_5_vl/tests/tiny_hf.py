@@ -96,3 +96,26 @@ def make_sample(images=(), videos=(), seconds=(), seed=0):
 
 def token_types(input_ids: torch.Tensor) -> torch.Tensor:
     return (input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int()
+
+
+def left_pad(*samples: dict) -> tuple[dict, torch.Tensor]:
+    """Samples from :func:`make_sample` left-padded into one batch, media concatenated in order."""
+    length = max(s["input_ids"].shape[1] for s in samples)
+    ids = torch.zeros(len(samples), length, dtype=torch.long)
+    mask = torch.zeros(len(samples), length, dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = s["input_ids"].shape[1]
+        ids[row, length - n :] = s["input_ids"][0]
+        mask[row, length - n :] = 1
+    batch = {"input_ids": ids}
+    for key in (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    ):
+        parts = [s[key] for s in samples if key in s]
+        if parts:
+            batch[key] = torch.cat(parts)
+    return batch, mask
