@@ -117,6 +117,30 @@ def _micro_batches(
         epoch, position = epoch + 1, 0
 
 
+def _forward_backward(
+    model: VLModel,
+    micro_batches: list[dict[str, torch.Tensor]],
+    reduction: LossReduction,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[torch.Tensor, int]:
+    """Accumulate gradients over one optimizer step's micro-batches: (summed loss, real tokens)."""
+    step_loss = torch.zeros((), device=device)
+    tokens = 0
+    for batch in micro_batches:
+        mask = batch.get("attention_mask")
+        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            loss = model(**batch, loss_reduction=reduction, return_logits=False).loss
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += loss.detach()
+    return step_loss, tokens
+
+
 def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = print) -> TrainResult:
     """Run training as configured; returns what was written. Errors are :class:`MmzooError`."""
     t = cfg.train
@@ -200,20 +224,11 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
             reduction = LossReduction(
                 t.loss_reduction, len(group), sum(c[0] for c in counts), sum(c[1] for c in counts)
             )
-            step_loss = torch.zeros((), device=device)
-            tokens = 0
             # Samples with targets: the collator's dummy media sample (no labels) is not one.
             samples = sum(c[1] for c in counts)
-            for _, _, batch in group:
-                mask = batch.get("attention_mask")
-                tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    loss = model(**batch, loss_reduction=reduction, return_logits=False).loss
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.detach()
+            step_loss, tokens = _forward_backward(
+                model, [b for _, _, b in group], reduction, device, autocast_dtype, scaler
+            )
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
