@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmzoo.data.collate import collate_left_padded
 from mmzoo.errors import MmzooError
 from mmzoo.model import VLModel
 from mmzoo.registry import ModelSpec, get_model
@@ -252,25 +253,7 @@ class Chat:
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Left-padded ``input_ids``/``attention_mask`` and the media of all samples, in order."""
-        length = max(len(s["input_ids"]) for s in samples)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(samples), length), pad, dtype=torch.long)
-        mask = torch.zeros(len(samples), length, dtype=torch.long)
-        for row, s in enumerate(samples):
-            n = len(s["input_ids"])
-            ids[row, length - n :] = torch.tensor(s["input_ids"])
-            mask[row, length - n :] = 1
-        batch = {"input_ids": ids, "attention_mask": mask}
-        for key in (
-            "pixel_values",
-            "image_grid_thw",
-            "pixel_values_videos",
-            "video_grid_thw",
-            "second_per_grid_ts",
-        ):
-            parts = [s[key] for s in samples if key in s]
-            if parts:
-                batch[key] = torch.cat(parts)
+        batch = collate_left_padded(samples, self.tokenizer.pad_token_id or 0)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def answer(

@@ -80,20 +80,22 @@ def _terminate_cleanly() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _split(args: argparse.Namespace) -> dict:
+    """The target split options shared by hf-to-mm and resplit."""
+    return {
+        "tp": args.tp,
+        "vit_pp_layers": parse_layers(args.vit_pp_layers),
+        "llm_pp_layers": parse_layers(args.llm_pp_layers),
+        "layout": args.layout,
+        "force": args.force,
+    }
+
+
 def hf_to_mm(args: argparse.Namespace) -> int:
     from mmzoo.convert.convert import hf_to_mm as convert
 
     with _terminate_cleanly():
-        convert(
-            args.hf_dir,
-            args.mm_dir,
-            model=args.model,
-            tp=args.tp,
-            vit_pp_layers=parse_layers(args.vit_pp_layers),
-            llm_pp_layers=parse_layers(args.llm_pp_layers),
-            layout=args.layout,
-            force=args.force,
-        )
+        convert(args.hf_dir, args.mm_dir, model=args.model, **_split(args))
     return 0
 
 
@@ -109,13 +111,5 @@ def resplit(args: argparse.Namespace) -> int:
     from mmzoo.convert.convert import resplit as convert
 
     with _terminate_cleanly():
-        convert(
-            args.src,
-            args.dst,
-            tp=args.tp,
-            vit_pp_layers=parse_layers(args.vit_pp_layers),
-            llm_pp_layers=parse_layers(args.llm_pp_layers),
-            layout=args.layout,
-            force=args.force,
-        )
+        convert(args.src, args.dst, **_split(args))
     return 0

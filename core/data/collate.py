@@ -6,8 +6,9 @@ batch without any gets the family's dummy sample (one tiny image, no loss) appen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,13 +62,33 @@ def pack(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
     return rows
 
 
-def _media(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+def concat_media(media: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Each of ``MEDIA_KEYS`` present in any sample, concatenated in sample order."""
     out: dict[str, torch.Tensor] = {}
     for key in MEDIA_KEYS:
-        parts = [s.media[key] for s in samples if key in s.media]
+        parts = [m[key] for m in media if key in m]
         if parts:
             out[key] = torch.cat(parts)
     return out
+
+
+def _media(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    return concat_media([s.media for s in samples])
+
+
+def collate_left_padded(samples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded rows for generation: ``input_ids``, ``attention_mask`` and the samples' media.
+
+    Each sample maps ``input_ids`` (a list or 1-D tensor) and any of ``MEDIA_KEYS``.
+    """
+    length = max(len(s["input_ids"]) for s in samples)
+    ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(samples), length, dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[row, length - n :] = torch.as_tensor(s["input_ids"])
+        mask[row, length - n :] = 1
+    return {"input_ids": ids, "attention_mask": mask, **concat_media(samples)}
 
 
 def _with_dummy(samples: Sequence[Sample], dummy: Sample | None) -> list[Sample]:

@@ -99,23 +99,8 @@ def token_types(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def left_pad(*samples: dict) -> tuple[dict, torch.Tensor]:
-    """Samples from :func:`make_sample` left-padded into one batch, media concatenated in order."""
-    length = max(s["input_ids"].shape[1] for s in samples)
-    ids = torch.zeros(len(samples), length, dtype=torch.long)
-    mask = torch.zeros(len(samples), length, dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = s["input_ids"].shape[1]
-        ids[row, length - n :] = s["input_ids"][0]
-        mask[row, length - n :] = 1
-    batch = {"input_ids": ids}
-    for key in (
-        "pixel_values",
-        "image_grid_thw",
-        "pixel_values_videos",
-        "video_grid_thw",
-        "second_per_grid_ts",
-    ):
-        parts = [s[key] for s in samples if key in s]
-        if parts:
-            batch[key] = torch.cat(parts)
-    return batch, mask
+    """Samples from :func:`make_sample` left-padded into one batch (pad id 0), and the mask."""
+    from mmzoo.data.collate import collate_left_padded
+
+    batch = collate_left_padded([{**s, "input_ids": s["input_ids"][0]} for s in samples], 0)
+    return batch, batch.pop("attention_mask")
