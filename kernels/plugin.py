@@ -15,6 +15,10 @@ def mmzoo_register_kernels(register):
     register(KernelImpl("cross_entropy", "chunked", chunked.cross_entropy))
     register(KernelImpl("attention", "flash", flash.attention, flash.unavailable, devices=("cuda",)))
     for op in ("rotary", "rms_norm"):
-        register(KernelImpl(op, "triton", getattr(triton_ops, op), triton_ops.unavailable, devices=("cuda",)))
+        register(
+            KernelImpl(
+                op, "triton", getattr(triton_ops, op), triton_ops.unavailable, devices=triton_ops.devices()
+            )
+        )
     for op in ("attention", "rotary", "rms_norm", "swiglu"):
         register(KernelImpl(op, "npu", getattr(npu, op), npu.unavailable, devices=("npu",)))

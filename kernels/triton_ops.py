@@ -2,19 +2,34 @@
 
 Each is one kernel launch per op in forward and one in backward, instead of the half-dozen
 elementwise kernels of the reference. No gradient flows into the rotary ``cos``/``sin``.
+
+With ``TRITON_INTERPRET=1`` in the environment (set before the first kernel call), Triton runs
+the same kernels in its interpreter on CPU tensors: slow, but it checks the kernels' indexing,
+masking and arithmetic on a machine without a GPU (``tests/test_kernels.py`` does).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "") in ("1", "true", "True")
+
+
+def devices() -> tuple[str, ...]:
+    """Device types the kernels run on: ``cuda``, and ``cpu`` under the interpreter."""
+    return ("cuda", "cpu") if interpreting() else ("cuda",)
 
 
 def unavailable() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "package triton is not installed"
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() or interpreting()):
         return "no CUDA device"
     return None
 

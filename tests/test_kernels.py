@@ -4,9 +4,15 @@ Inputs are fresh random tensors (never zeros); forward and backward; fp32 and bf
 GQA ratios, many short sequences and one long one. Implementations that cannot run on this
 machine (flash-attn and Triton need CUDA, ``npu`` needs an Ascend NPU) are skipped with the
 reason; on a CUDA machine the same tests run on ``cuda`` too (``benchmarks/gpu_check.sh``).
+Without a GPU, the Triton kernels still run here in Triton's CPU interpreter when triton is
+installed (``test_triton_kernels_in_the_interpreter``).
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +22,7 @@ import mmzoo_kernels as K
 from mmzoo.config import KernelsConfig, load_config
 from mmzoo.errors import MmzooError
 from mmzoo.nn.rotary import RotaryEmbedding
-from mmzoo_kernels import chunked, reference, registry
+from mmzoo_kernels import chunked, reference, registry, triton_ops
 
 BACKENDS = {
     "attention": ["sdpa", "flash", "npu"],
@@ -185,6 +191,20 @@ def test_rotary_on_a_strided_view(backend, device):
     torch.testing.assert_close(impl.fn(k, cos, sin), reference.rotary(k, cos, sin))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels run compiled on this GPU")
+def test_triton_kernels_in_the_interpreter():
+    """Every Triton test above, run on CPU by Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    if triton_ops.interpreting():
+        pytest.skip("already interpreting: the Triton tests above ran on cpu")
+    pytest.importorskip("triton", reason="package triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", __file__, "-k", "triton and not interpreter"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
 # ---------------------------------------------------------------------------- RMSNorm, SwiGLU
 
 
@@ -325,10 +345,11 @@ def test_unpad_pad_round_trip_and_varlen_equals_padded_attention():
 
 def test_auto_picks_the_best_usable_backend_on_cpu():
     chosen = K.configure(device="cpu")
+    fused = "triton" if triton_ops.unavailable() is None and triton_ops.interpreting() else "reference"
     assert chosen == {
         "attention": "sdpa",
-        "rotary": "reference",
-        "rms_norm": "reference",
+        "rotary": fused,
+        "rms_norm": fused,
         "swiglu": "reference",
         "cross_entropy": "chunked",
     }

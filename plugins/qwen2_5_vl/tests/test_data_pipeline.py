@@ -29,7 +29,7 @@ from mmzoo.data.collate import collate_packed, collate_padded, pack
 from mmzoo.data.dataset import VLDataset, build_dataset
 from mmzoo.data.tokenizer import default_qwen_tokenizer
 from mmzoo.errors import MmzooError
-from mmzoo.loss import IGNORE_INDEX, shift_labels
+from mmzoo.loss import IGNORE_INDEX, LossReduction, batch_target_counts, shift_labels
 from mmzoo_qwen2_5_vl import media as qwen_media
 from mmzoo_qwen2_5_vl.rope_index import rope_index
 
@@ -283,6 +283,32 @@ def test_padded_logits_equal_each_sample_alone(model, mixed, alone, packed_run):
         assert batch["attention_mask"][r].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
         torch.testing.assert_close(out.logits[r, :n], logits)
     torch.testing.assert_close(out.loss, packed_run[1].loss)
+
+
+def test_packed_and_padded_give_equal_gradients_with_media(model, mixed):
+    """Per-token loss: the packed row and the padded batch of images, video and text train alike."""
+    padded = VLDataset(
+        mixed.preprocessor, mixed.stores, replace(mixed.data, packing=False), mixed.pad_token_id
+    )
+    grads = []
+    for data in (mixed, padded):
+        (row,) = data.batches(micro_batch_size=len(data), shuffle=False)
+        batch = data.collate([data[i] for i in row])
+        tokens, count = batch_target_counts(batch)
+        model.zero_grad()
+        model(
+            **batch, loss_reduction=LossReduction("per_token", total_tokens=tokens, total_samples=count)
+        ).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad()
+    packed, padded_grads = grads
+    assert packed.keys() == padded_grads.keys()
+    assert any(n.startswith("vision_encoder.") for n in packed) and any(
+        n.startswith("projector.") for n in packed
+    )
+    for name, grad in packed.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, padded_grads[name], msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------- 5. the dummy image

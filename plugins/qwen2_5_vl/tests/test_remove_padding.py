@@ -2,8 +2,8 @@
 
 With the ``per_token`` reduction the loss is a plain sum over target tokens divided by their
 count, so the packed row (``cu_seqlens``, no padding) and the right-padded batch must give the
-same loss and the same gradient for every parameter. (Logits of a packed row against each sample
-alone are checked in test_data_pipeline.py.)
+same loss and the same gradient for every parameter. (test_data_pipeline.py checks the logits of
+a packed row against each sample alone, and the same gradient equality with images and video.)
 """
 
 from __future__ import annotations
