@@ -40,6 +40,7 @@ class RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps):  # type: ignore[override]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
+        weight = weight.contiguous()  # the kernels index it as a dense vector
         rows, n = x2.shape
         y = torch.empty(x2.shape, dtype=torch.result_type(x, weight), device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)

@@ -39,8 +39,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         scale = torch.where(valid, grad_loss.to(lse.dtype), 0.0)  # (N,)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        # Accumulated in the weight's dtype (each chunk's GEMM accumulates in fp32 internally).
-        grad_w = torch.zeros_like(weight) if need_w else None
+        # Summed over chunks in fp32 and rounded to the weight's dtype once, as the naive path's
+        # single GEMM is: a bf16 sum would round once per chunk.
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], chunk):
             end = start + chunk
             h = hidden[start:end]
@@ -52,9 +53,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 torch.matmul(grad_logits, weight, out=grad_h[start:end])
             if grad_w is not None:
-                grad_w.addmm_(grad_logits.t(), h)
+                if grad_w.dtype == weight.dtype:
+                    grad_w.addmm_(grad_logits.t(), h)
+                else:
+                    grad_w += grad_logits.t() @ h
             del grad_logits
-        return grad_h, grad_w, None, None
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 
 def cross_entropy(

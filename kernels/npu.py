@@ -13,6 +13,7 @@ Thin wrappers over the documented signatures:
 from __future__ import annotations
 
 import importlib.util
+from itertools import pairwise
 
 import torch
 
@@ -35,7 +36,8 @@ def attention(
 ) -> torch.Tensor:
     import torch_npu
 
-    ends = [int(e) for e in cu_seqlens[1:].tolist()]  # host ints, as TND requires
+    bounds = [int(e) for e in cu_seqlens.tolist()]  # host ints, as TND requires
+    ends = [end for start, end in pairwise(bounds) if end > start]  # empty sequences dropped
     mask = None
     if causal:
         mask = _masks.get(q.device)
@@ -67,7 +69,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     import torch_npu
 
-    return torch_npu.npu_rms_norm(x, weight, epsilon=eps)[0]
+    return torch_npu.npu_rms_norm(x, weight, epsilon=eps)[0].to(torch.result_type(x, weight))
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

@@ -114,10 +114,17 @@ def backends(op: str, device: str | None = None) -> dict[str, str | None]:
 
 
 def select(op: str, backend: str = "auto", device: str = "cpu") -> KernelImpl:
-    """Choose the implementation of ``op`` on ``device``.
+    """Choose the implementation of ``op`` on ``device`` and use it from now on.
 
     A requested backend that is not registered, or cannot run here, is an error saying why.
     """
+    impl = _pick(op, backend, device)
+    _chosen[(op, device)] = impl
+    return impl
+
+
+def _pick(op: str, backend: str, device: str) -> KernelImpl:
+    """:func:`select` without recording the choice."""
     from mmzoo.errors import MmzooError, nearest
 
     if op not in OPS:
@@ -128,7 +135,6 @@ def select(op: str, backend: str = "auto", device: str = "cpu") -> KernelImpl:
         for name, candidate in impls.items():
             reason = why_not(candidate, device)
             if reason is None:
-                _chosen[(op, device)] = candidate
                 return candidate
             reasons.append(f"{name}: {reason}")
         raise MmzooError(f"no usable implementation of kernel '{op}' on {device} ({'; '.join(reasons)})")
@@ -140,7 +146,6 @@ def select(op: str, backend: str = "auto", device: str = "cpu") -> KernelImpl:
     reason = why_not(impl, device)
     if reason is not None:
         raise MmzooError(f"kernels.{op}: backend '{backend}' is unavailable on {device}: {reason}")
-    _chosen[(op, device)] = impl
     return impl
 
 
@@ -174,7 +179,7 @@ def configure(*, device: str | None = None, **choices: str) -> dict[str, str]:
     for op in choices:
         if op not in OPS:
             raise MmzooError(f"unknown kernel op '{op}'{nearest(op, OPS)}; ops: {', '.join(OPS)}")
-    picked = {op: select(op, backend, device) for op, backend in choices.items()}  # all or nothing
+    picked = {op: _pick(op, backend, device) for op, backend in choices.items()}  # all or nothing
     for op, backend in choices.items():
         _requested[op] = backend
         for key in [key for key in _chosen if key[0] == op]:

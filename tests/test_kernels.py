@@ -182,13 +182,21 @@ def test_rotary_matches_reference(backend, kind, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS["rotary"])
 def test_rotary_on_a_strided_view(backend, device):
-    """``k`` is a view into the fused qkv projection (head stride > head_dim)."""
+    """``k`` is a view into the fused qkv projection (head stride > head_dim), forward and backward."""
     impl = impl_or_skip("rotary", backend, device)
     torch.manual_seed(4)
     cos, sin = (a.to(device) for a in angles("1d", 21, 16))
-    qkv = torch.randn(21, 2, 4, 16, device=device)
-    k = qkv[:, :, 2]  # (T, Hkv, D), not contiguous
-    torch.testing.assert_close(impl.fn(k, cos, sin), reference.rotary(k, cos, sin))
+    grad = torch.randn(21, 2, 16, device=device)
+    results = []
+    for fn in (impl.fn, reference.rotary):
+        qkv = torch.randn(21, 2, 4, 16, device=device, generator=torch.Generator(device).manual_seed(5))
+        qkv.requires_grad_()
+        k = qkv[:, :, 2]  # (T, Hkv, D), not contiguous
+        out = fn(k, cos, sin)
+        out.backward(grad)
+        results.append((out, qkv.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels run compiled on this GPU")
@@ -224,6 +232,19 @@ def test_rms_norm_matches_reference(backend, shape, dtype, weight_dtype, device)
     compare(
         lambda x, w: impl.fn(x, w, 1e-6), lambda x, w: reference.rms_norm(x, w, 1e-6), [x, weight], dtype, 4
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS["rms_norm"])
+def test_rms_norm_with_a_strided_weight(backend, device):
+    """A weight that is a view (every other element; one value broadcast) is read as such."""
+    impl = impl_or_skip("rms_norm", backend, device)
+    torch.manual_seed(6)
+    x = torch.randn(5, 8, device=device)
+    for w in ((torch.rand(16, device=device) + 0.5)[::2], torch.tensor(2.0, device=device).expand(8)):
+        compare(
+            lambda x, w=w: impl.fn(x, w, 1e-6), lambda x, w=w: reference.rms_norm(x, w, 1e-6), [x], x.dtype
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -285,6 +306,24 @@ def test_chunked_cross_entropy_under_autocast_matches_the_naive_path():
     for a, b in zip(*results, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+
+
+def test_chunked_cross_entropy_rounds_the_weight_gradient_once():
+    """bf16 over 64 chunks: the weight gradient is as close to the exact one as the naive path's."""
+    h, w, t = ce_inputs(4096, 300, 32, "cpu", torch.bfloat16, ignored=0)
+    grads = {}
+    for name, fn, dtype in (
+        ("chunked", lambda h, w: chunked.cross_entropy(h, w, t, chunk_size=64), torch.bfloat16),
+        ("naive", lambda h, w: reference.cross_entropy(h, w, t), torch.bfloat16),
+        ("exact", lambda h, w: reference.cross_entropy(h, w, t), torch.float64),  # same bf16 values
+    ):
+        weight = w.to(dtype).detach().clone().requires_grad_()
+        fn(h.to(dtype), weight).sum().backward()
+        grads[name] = weight.grad.double()
+    error = {
+        k: float((grads[k] - grads["exact"]).norm() / grads["exact"].norm()) for k in ("chunked", "naive")
+    }
+    assert error["chunked"] < 1.5 * error["naive"], error
 
 
 def saved_bytes(fn) -> int:
@@ -386,6 +425,73 @@ def test_a_missing_package_or_device_is_an_error_saying_which():
     assert "package flash-attn is not installed" in str(err.value) or "no CUDA device" in str(err.value)
     with pytest.raises(MmzooError, match="package torch_npu is not installed|no Ascend NPU device"):
         K.configure(device="npu", swiglu="npu")
+
+
+def test_a_failed_configure_changes_nothing():
+    assert K.configure(device="cpu", attention="reference")["attention"] == "reference"
+    with pytest.raises(MmzooError, match="backend 'npu' is unavailable"):
+        K.configure(device="cpu", attention="sdpa", rms_norm="npu")
+    assert registry.get("attention", "cpu").backend == "reference"
+    assert registry.get("rms_norm", "cpu").backend == "reference"
+
+
+class FakeTorchNpu:
+    """The documented ``torch_npu`` semantics in plain PyTorch, to check what the npu wrappers pass.
+
+    Only the adapter (layouts, sequence ends, mask, argument names) is checked here; the NPU
+    kernels themselves are unverified on hardware.
+    """
+
+    @staticmethod
+    def npu_fusion_attention(q, k, v, head_num, input_layout, *, atten_mask, scale, sparse_mode, **seq):
+        assert input_layout == "TND" and head_num == q.shape[1]
+        assert seq["actual_seq_qlen"] == seq["actual_seq_kvlen"] and seq["actual_seq_qlen"][-1] == q.shape[0]
+        ends = seq["actual_seq_qlen"]
+        assert all(isinstance(e, int) for e in ends) and ends == sorted(set(ends))  # no empty sequence
+        causal = sparse_mode == 3
+        if causal:  # the compressed mask: 2048 x 2048, True above the diagonal
+            assert torch.equal(atten_mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1))
+        else:
+            assert sparse_mode == 0 and atten_mask is None
+        cu_seqlens = torch.tensor([0, *ends])
+        return (reference.attention(q, k, v, cu_seqlens, causal, scale), None, None, None)
+
+    @staticmethod
+    def npu_rotary_mul(x, r1, r2):
+        assert x.dim() == 4 and r1.shape == r2.shape == (1, x.shape[1], 1, x.shape[3])
+        return x * r1 + reference._rotate_half(x) * r2
+
+    @staticmethod
+    def npu_rms_norm(x, gamma, epsilon):
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
+        return (x.float() * rstd * gamma.float()).to(x.dtype), rstd
+
+    @staticmethod
+    def npu_swiglu(x, dim):
+        gate, up = x.chunk(2, dim=dim)
+        return F.silu(gate) * up
+
+
+def test_npu_wrappers_pass_the_documented_arguments(monkeypatch):
+    from mmzoo_kernels import npu
+
+    monkeypatch.setitem(sys.modules, "torch_npu", FakeTorchNpu)
+    torch.manual_seed(8)
+    q, k, v = torch.randn(20, 4, 8), torch.randn(20, 2, 8), torch.randn(20, 2, 8)
+    cu_seqlens = cu([5, 0, 11, 4], "cpu")  # an empty sequence in the middle
+    for causal in (True, False):
+        torch.testing.assert_close(
+            npu.attention(q, k, v, cu_seqlens, causal, 0.3),
+            reference.attention(q, k, v, cu_seqlens, causal, 0.3),
+        )
+    x, (cos, sin) = torch.randn(20, 3, 16), angles("mrope", 20, 16)
+    torch.testing.assert_close(npu.rotary(x, cos, sin), reference.rotary(x, cos, sin))
+    x, weight = torch.randn(6, 16, dtype=torch.bfloat16), torch.rand(16) + 0.5
+    out = npu.rms_norm(x, weight, 1e-6)
+    assert out.dtype == reference.rms_norm(x, weight, 1e-6).dtype == torch.float32
+    torch.testing.assert_close(out, reference.rms_norm(x, weight, 1e-6), atol=3e-2, rtol=3e-2)
+    x = torch.randn(6, 32)
+    torch.testing.assert_close(npu.swiglu(x), reference.swiglu(x))
 
 
 def test_unknown_backend_and_op_suggest_the_nearest():
