@@ -41,7 +41,7 @@ def _list_models(args: argparse.Namespace) -> int:
         print(f"  variants: {', '.join(row['variants'])}")
         print(f"  reads:    {', '.join(row['hf_architectures']) or '-'}")
         for part, impl in row["parts"].items():
-            print(f"  {part + ':':<16}{impl or '-'}")
+            print(f"  {part + ':':<17}{impl or '-'}")
     return 0
 
 

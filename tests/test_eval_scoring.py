@@ -330,6 +330,27 @@ def test_evaluate_writes_reports_and_resumes(tmp_path):
     assert (out / "ai2d_test_summary.csv").read_text().splitlines()[1] == "overall,5,60.0"
 
 
+def test_a_cache_from_another_run_is_refused(tmp_path):
+    ai2d, docvqa = get_dataset("ai2d_test"), get_dataset("docvqa_val")
+    questions = read_tsv(write_tsv(tmp_path / "a.tsv", ai2d_rows(), COLUMNS), ai2d)
+    answers = {"10": "A", "11": "B", "12": "C", "13": "x", "14": "C"}
+    out = tmp_path / "out"
+    quiet = {"log": lambda line: None}
+    evaluate(questions, ai2d, fake_generator(answers, []), out, run={"model_dir": "/m/one"}, **quiet)
+    calls: list[str] = []
+    evaluate(questions, ai2d, fake_generator(answers, calls), out, run={"model_dir": "/m/one"}, **quiet)
+    assert calls == []  # the same run resumes from its cache
+    with pytest.raises(MmzooError, match=r"another run \(model_dir: /m/one -> /m/two\): use another --out"):
+        evaluate(questions, ai2d, fake_generator(answers, calls), out, run={"model_dir": "/m/two"}, **quiet)
+    with pytest.raises(MmzooError, match=r"dataset: ai2d_test -> docvqa_val"):
+        evaluate(questions, docvqa, fake_generator(answers, calls), out, run={"model_dir": "/m/one"}, **quiet)
+    assert calls == []
+    for path in out.glob("predictions*.jsonl"):
+        path.unlink()  # as the message says: answer again
+    evaluate(questions, ai2d, fake_generator(answers, calls), out, run={"model_dir": "/m/two"}, **quiet)
+    assert len(calls) == 5 and json.loads((out / "eval_run.json").read_text())["model_dir"] == "/m/two"
+
+
 def test_score_subcommand_rescoring_results_and_joining_predictions(tmp_path, capsys):
     ai2d = get_dataset("ai2d_test")
     tsv = write_tsv(tmp_path / "a.tsv", ai2d_rows(), COLUMNS)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mmzoo.commands.infer import load_chat
     from mmzoo.eval.datasets import build_prompt, decode_image, get_dataset, place_images, read_tsv
-    from mmzoo.eval.run import dist_env, evaluate
+    from mmzoo.eval.run import dist_env, evaluate, file_digest
     from mmzoo.infer import Request, SamplingConfig
 
     for option in ("model_dir", "dataset", "data", "out"):
@@ -93,7 +93,24 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda line: print(line, file=sys.stderr)) if rank == 0 else (lambda line: None)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        summary = evaluate(questions, dataset, generate, args.out, batch_size=args.batch_size, log=log)
+        run = {
+            "model_dir": str(Path(args.model_dir).resolve()),
+            "data_sha256": file_digest(args.data),
+            **{
+                k: getattr(args, k)
+                for k in (
+                    "max_new_tokens",
+                    "repetition_penalty",
+                    "dtype",
+                    "tokenizer",
+                    "min_pixels",
+                    "max_pixels",
+                )
+            },
+        }
+        summary = evaluate(
+            questions, dataset, generate, args.out, batch_size=args.batch_size, run=run, log=log
+        )
     if summary is not None:
         _print_summary(summary)
         print(f"results in {args.out}")

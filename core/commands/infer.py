@@ -68,7 +68,7 @@ def load_chat(args: argparse.Namespace) -> Any:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     tokenizer = None
-    for candidate in (args.tokenizer, args.model_dir):
+    for candidate in (args.tokenizer, args.model_dir, _hf_assets(Path(args.model_dir))):
         if candidate and (args.tokenizer or _has_tokenizer(Path(candidate))):
             tokenizer = load_tokenizer(candidate)
             break
@@ -85,6 +85,14 @@ def load_chat(args: argparse.Namespace) -> Any:
         media.setdefault("video_max_pixels", media["max_pixels"])
         media.setdefault("video_min_pixels", min(media["max_pixels"], media.get("min_pixels", 128 * 28 * 28)))
     return Chat(model, tokenizer, **media)
+
+
+def _hf_assets(path: Path) -> Path | None:
+    """The ``hf_assets/`` folder (HF config and tokenizer files) of an mm checkpoint, if any."""
+    from mmzoo.convert.convert import HF_ASSETS
+    from mmzoo.convert.mm_checkpoint import is_mm_checkpoint, resolve_iteration
+
+    return resolve_iteration(path) / HF_ASSETS if is_mm_checkpoint(path) else None
 
 
 def _has_tokenizer(path: Path) -> bool:

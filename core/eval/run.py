@@ -2,12 +2,15 @@
 
 Predictions are appended to ``OUT/predictions.jsonl`` (``predictions.rank{r}.jsonl`` per rank
 under torchrun) after every batch; a rerun skips every index found in any of those files.
+``OUT/eval_run.json`` records what produced them (model, dataset, data file, settings): a run
+that differs finds the cache refused rather than scored as its own.
 Under torchrun (``WORLD_SIZE > 1``) each rank answers ``pending[rank::world]``; rank 0
 gathers the answers (gloo), merges them in the TSV's row order and writes the reports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -33,6 +36,37 @@ def read_cache(out_dir: Path, known: set[str]) -> dict[str, str]:
             if isinstance(row, dict) and str(row.get("index")) in known:
                 done[str(row["index"])] = str(row.get("prediction", ""))
     return done
+
+
+RUN_FILE = "eval_run.json"
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def claim_cache(out_dir: Path, run: dict[str, Any]) -> None:
+    """Tie ``out_dir``'s cached predictions to ``run``; those of a different run are an error."""
+    path = out_dir / RUN_FILE
+    cached = sorted(out_dir.glob("predictions*.jsonl"))
+    if cached:
+        before = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        changed = [k for k in sorted(set(before) | set(run)) if before.get(k) != run.get(k)]
+        if changed:
+            diff = "; ".join(f"{k}: {before.get(k, '?')} -> {run.get(k)}" for k in changed)
+            raise MmzooError(
+                f"{out_dir} holds predictions of another run ({diff}): use another --out, or delete "
+                f"{out_dir}/predictions*.jsonl to answer every question again"
+            )
+        return
+    tmp = path.with_name(f".{RUN_FILE}.tmp")
+    tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def shard(pending: Sequence[Question], rank: int, world: int) -> list[Question]:
@@ -63,6 +97,7 @@ def evaluate(
     out_dir: str | Path,
     *,
     batch_size: int = 8,
+    run: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any] | None:
     """Answer every question not cached in ``out_dir``, then score and write the reports.
@@ -73,6 +108,7 @@ def evaluate(
         generate: questions -> predictions (one string each, in order).
         out_dir: where the cache and the reports go.
         batch_size: questions per ``generate`` call.
+        run: what produces the predictions (JSON values); cached ones of another run are refused.
         log: progress lines.
 
     Returns:
@@ -81,6 +117,8 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = dist_env()
+    if rank == 0:
+        claim_cache(out, {"dataset": dataset.name, **(run or {})})
     done = read_cache(out, {q.index for q in questions}) if rank == 0 else {}
     if world > 1:
         import torch.distributed as dist

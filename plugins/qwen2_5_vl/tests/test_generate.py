@@ -197,6 +197,16 @@ def test_infer_cli_jsonl_batches(hello_dir, tmp_path, capsys):
     assert [r["response"] for r in rows] == ["Hello"] * 3
 
 
+def test_infer_cli_on_a_converted_checkpoint_uses_its_tokenizer(hello_dir, tmp_path, capsys):
+    from mmzoo.cli import main
+    from mmzoo.convert.convert import hf_to_mm
+
+    mm_dir = hf_to_mm(hello_dir, tmp_path / "mm", report=lambda line: None)
+    assert main(infer_args(mm_dir, "--prompt", "Who is there?")) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "Hello\n" and "no tokenizer files" not in captured.err  # from hf_assets/
+
+
 def test_infer_cli_errors_are_one_line(hello_dir, tmp_path, capsys):
     from mmzoo.cli import main
 
