@@ -25,7 +25,7 @@ def test_list_models_text(capsys):
     out = capsys.readouterr().out
     assert out.startswith("qwen2_5_vl  (mmzoo-qwen2_5_vl ")
     assert "variants: 3b, 7b, 32b, 72b, tiny" in out
-    assert "position_ids:   mmzoo_qwen2_5_vl.rope_index.position_ids" in out
+    assert "position_ids:    mmzoo_qwen2_5_vl.rope_index.position_ids" in out
 
 
 def test_list_models_json_and_pattern(capsys):
