@@ -133,8 +133,10 @@ def run(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mm-convert`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+    if not args or "-h" in args or "--help" in args:
+        examples = __doc__.split("\n\n", 1)[1].rstrip().replace("``", "").replace("::", ":")
+        print(f"{USAGE}\n\n{examples}")
+        print("Extra keys: --cfg.force true (replace an existing output), --cfg.layout fused|canonical.")
         return 0
     try:
         return run(args)

@@ -468,3 +468,5 @@ def test_mm_convert_errors(hf_untied, tmp_path, capsys):
     assert mm_convert_main(["NopeConverter", "hf_to_mm"]) == 2
     assert "mm-convert: error: " in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert mm_convert_main(["Qwen2_5_VLConverter", "resplit", "--help"]) == 0  # help wherever it stands
+    assert "--cfg.target_parallel_config.tp_size" in capsys.readouterr().out
