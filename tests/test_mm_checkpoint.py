@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -162,3 +163,19 @@ def test_failed_save_changes_nothing(model, tmp_path, monkeypatch):
         save_mm(model, tmp_path, 2, variant="tiny")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", TRACKER]
     assert (tmp_path / TRACKER).read_text() == "1"
+
+
+def test_outputs_are_readable_as_the_umask_allows(model, tmp_path):
+    """Checkpoints and exports get plain-file modes, not safetensors' / mkdtemp's owner-only ones."""
+    from mmzoo.convert.hf_export import save_hf
+
+    old = os.umask(0o022)
+    try:
+        save_mm(model, tmp_path / "mm", 3, variant="tiny")
+        save_hf(model, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    for root in (tmp_path / "mm", tmp_path / "hf"):
+        for path in [root, *root.rglob("*")]:
+            mode = path.stat().st_mode & 0o777
+            assert mode == (0o755 if path.is_dir() else 0o644), f"{path}: {oct(mode)}"

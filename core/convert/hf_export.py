@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mmzoo.convert.mapping import Rule, WeightMapping
 from mmzoo.errors import MmzooError
+from mmzoo.files import save_safetensors, share_dir
 from mmzoo.model import VLModel
 from mmzoo.registry import get_model
 
@@ -92,6 +92,7 @@ def save_hf(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    share_dir(tmp)
     try:
         _write_json(tmp / "config.json", config)
         _write_weights(tmp, mapping, tensors, out_dtype, max_shard_bytes)
@@ -179,7 +180,7 @@ def _write_weights(
             name: t.to(device="cpu", dtype=dtype).contiguous()
             for name, t in WeightMapping(rules).to_hf(tensors.__getitem__)
         }
-        save_file(shard, tmp / file, metadata={"format": "pt"})
+        save_safetensors(shard, tmp / file)
         weight_map.update(dict.fromkeys(shard, file))
         del shard
     if n > 1:

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mmzoo.api import apply_overrides, compose
 from mmzoo.errors import MmzooError
+from mmzoo.files import save_safetensors
 from mmzoo.model import VLModel
 from mmzoo.registry import get_model
 
@@ -90,7 +90,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` to a safetensors file and fsync it."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
     fsync_file(path)
 
 

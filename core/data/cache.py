@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mmzoo.data.pipeline import Prepared
+from mmzoo.files import save_safetensors, share_dir
 
 INDEX = "index.json"
 SHARD_BYTES = 256 << 20
@@ -58,6 +58,7 @@ def write_entry(root: Path, key: str, samples: Iterable[Prepared], skips: dict[s
     """Write prepared samples as entry ``root/key``; returns its directory."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    share_dir(tmp)
     shards: list[str] = []
     entries: list[dict[str, Any]] = []
     pending: dict[str, torch.Tensor] = {}
@@ -67,7 +68,7 @@ def write_entry(root: Path, key: str, samples: Iterable[Prepared], skips: dict[s
         nonlocal pending, size
         if pending:
             name = f"samples-{len(shards):05d}.safetensors"
-            save_file(pending, tmp / name)
+            save_safetensors(pending, tmp / name)
             shards.append(name)
             pending, size = {}, 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmzoo.errors import MmzooError
+from mmzoo.files import share_dir
 
 # The 22 added tokens of Qwen2.5(-VL), ids 151643.. in this order.
 QWEN2_SPECIAL_TOKENS = (
@@ -264,7 +265,7 @@ def _write_dir_atomically(out: Path, files: dict[str, dict[str, Any]]) -> None:
     try:
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
+        share_dir(tmp)  # the cache may be shared
         try:
             os.replace(tmp, out)
         except OSError as exc:
