@@ -70,8 +70,9 @@ def test_errors_are_one_line_unless_debug(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("mmzoo: error: model 'qwen2_5_vl' is registered by two plugins")
-    debug = run("--debug", "list-models", env=env)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    for args in (("--debug", "list-models"), ("list-models", "--debug")):
+        debug = run(*args, env=env)
+        assert debug.returncode != 0 and "Traceback" in debug.stderr, args
 
 
 def test_readme_lists_every_command():
