@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from machine import cpu_model  # benchmarks/machine.py
 from PIL import Image, ImageOps
 
 import mmzoo
@@ -178,15 +179,6 @@ def check_same(mmzoo_samples, hf_samples) -> str:
                 return f"no: image_grid_thw differ at sample {i}"
             worst = max(worst, (ours.media["pixel_values"] - theirs["pixel_values"]).abs().max().item())
     return f"yes (same input_ids and grids; pixel_values max abs diff {worst:.1e})"
-
-
-def cpu_model() -> str:
-    """The CPU model name (Linux), else the machine type."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from machine import cpu_model  # benchmarks/machine.py
 
 import mmzoo
 from mmzoo.data.collate import Sample, collate_packed, collate_padded
@@ -165,15 +166,6 @@ def reset_peak() -> bool:
     except OSError:
         return False
     return True
-
-
-def cpu_model() -> str:
-    """The CPU model name (Linux), else the machine type."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 class Path_:

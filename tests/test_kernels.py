@@ -202,9 +202,13 @@ def test_rotary_on_a_strided_view(backend, device):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton kernels run compiled on this GPU")
 def test_triton_kernels_in_the_interpreter():
     """Every Triton test above, run on CPU by Triton's interpreter (``TRITON_INTERPRET=1``)."""
-    if triton_ops.interpreting():
-        pytest.skip("already interpreting: the Triton tests above ran on cpu")
     pytest.importorskip("triton", reason="package triton is not installed")
+    if triton_ops.interpreting():  # this process interprets: the Triton tests above ran on cpu here
+        assert all(
+            registry.why_not(registry.implementations(op)["triton"], "cpu") is None
+            for op in ("rotary", "rms_norm")
+        )
+        return
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     command = [sys.executable, "-m", "pytest", "-q", "-rs", __file__, "-k", "triton and not interpreter"]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
