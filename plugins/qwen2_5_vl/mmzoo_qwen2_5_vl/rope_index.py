@@ -1,4 +1,11 @@
-"""M-RoPE position ids: 3 rows (t, h, w) per token; text advances all three together."""
+"""M-RoPE position ids: 3 rows (t, h, w) per token; text advances all three together.
+
+This is the rule Qwen2.5-VL was trained with (its authors' code as first released): after an
+image or a video, text continues at the largest position used so far plus one, over all three
+rows. transformers 5.3 and later continue after a video at ``start + max(h, w)`` instead, which
+differs whenever a video's time row runs past its height and width rows (most videos longer than
+a few seconds); mmzoo follows the trained rule (docs/architecture.md, "Rope index").
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,23 @@ from mmzoo.errors import MmzooError
 from mmzoo_qwen2_5_vl.config import Qwen2_5_VLConfig
 
 
-def _vision_block(grid: list[int], merge: int, start: int, time_step: torch.Tensor | int) -> torch.Tensor:
-    t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-    tpos = (torch.arange(t) * time_step).long() + start
-    hpos = torch.arange(h) + start
-    wpos = torch.arange(w) + start
-    grid_t, grid_h, grid_w = torch.meshgrid(tpos, hpos, wpos, indexing="ij")
-    return torch.stack([grid_t, grid_h, grid_w]).reshape(3, -1)
+def time_index(grid_t: int, second_per_grid_t: float | torch.Tensor, tokens_per_second: int) -> torch.Tensor:
+    """Time row of a video's grid steps: ``floor(i * second_per_grid_t * tokens_per_second)``.
+
+    Computed in float32, left to right, then truncated: the precision and order of the trained
+    code, whose ``second_per_grid_ts`` is a float32 tensor. The precision matters at the
+    truncation: at 0.7 s per grid, index 5 gives 7, while float32's 0.699999988 multiplied in
+    float64 gives 6.99999988 and so 6.
+    """
+    seconds = torch.as_tensor(second_per_grid_t, dtype=torch.float32)
+    return (torch.arange(grid_t) * seconds * tokens_per_second).long()
+
+
+def _vision_block(grid: list[int], merge: int, start: int, times: torch.Tensor) -> torch.Tensor:
+    """Positions ``(3, t*h*w/merge**2)`` of one image or video whose first position is ``start``."""
+    h, w = grid[1] // merge, grid[2] // merge
+    grid_t, grid_h, grid_w = torch.meshgrid(times, torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([grid_t, grid_h, grid_w]).reshape(3, -1) + start
 
 
 def rope_index(
@@ -28,11 +45,11 @@ def rope_index(
     """Position ids ``(3, B, S)`` and rope deltas ``(B, 1)`` for a padded batch.
 
     Text tokens take the running position on all three rows. Each image/video run of
-    ``t*h*w/4`` placeholder tokens takes ``t = index * tokens_per_second * second_per_grid_t``
-    (images: 0), ``h``/``w`` = merged-grid indices, all offset by the position before it; the
-    next text continues at that offset plus ``max(h, w)`` merged rows/columns. Padded positions
-    (``attention_mask == 0``) are 0. ``rope_deltas = max + 1 - length`` is what generation adds
-    to positions past the prompt.
+    ``t*h*w/4`` placeholder tokens takes ``h``/``w`` = merged-grid indices and ``t`` =
+    :func:`time_index` (images: 0; a video without ``second_per_grid_ts``: 1 s per grid), all
+    offset by the running position; the next text continues at the largest position of the
+    run, over all three rows, plus one. Padded positions (``attention_mask == 0``) are 0.
+    ``rope_deltas = max + 1 - length`` is what generation adds to positions past the prompt.
     """
     merge = config.vision.spatial_merge_size
     tokens_per_second = config.vision.tokens_per_second
@@ -71,12 +88,13 @@ def rope_index(
                         f"{count} tokens its grid {grid} needs"
                     )
                 if token == config.video_token_id:
-                    seconds = next(video_seconds, None)
-                    step = tokens_per_second * (seconds if seconds is not None else 1)
+                    seconds = next(video_seconds, 1.0)
+                    times = time_index(grid[0], seconds, tokens_per_second)
                 else:
-                    step = 1
-                pieces.append(_vision_block(grid, merge, pos, step))
-                pos += max(grid[1], grid[2]) // merge
+                    times = torch.zeros(grid[0], dtype=torch.long)
+                block = _vision_block(grid, merge, pos, times)
+                pieces.append(block)
+                pos = int(block.max()) + 1
                 i += count
             else:
                 end = i
@@ -88,7 +106,7 @@ def rope_index(
         if pieces:
             row_pos = torch.cat(pieces, dim=1)
             positions[:, row, keep] = row_pos
-            deltas[row, 0] = row_pos.max() + 1 - len(ids)
+            deltas[row, 0] = pos - len(ids)
     return positions.to(input_ids.device), deltas.to(input_ids.device)
 
 

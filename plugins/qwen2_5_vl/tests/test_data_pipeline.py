@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trained_rope import trained_positions
 
 import mmzoo
 from mmzoo.config import DataConfig
@@ -31,7 +32,6 @@ from mmzoo.data.tokenizer import default_qwen_tokenizer
 from mmzoo.errors import MmzooError
 from mmzoo.loss import IGNORE_INDEX, LossReduction, batch_target_counts, shift_labels
 from mmzoo_qwen2_5_vl import media as qwen_media
-from mmzoo_qwen2_5_vl.rope_index import rope_index
 
 DEMO = Path(mmzoo.__file__).parent / "demo"
 MEDIA = {"max_pixels": 64 * 28 * 28, "video_min_pixels": 16 * 28 * 28, "video_max_pixels": 32 * 28 * 28}
@@ -235,9 +235,16 @@ def test_packed_row_boundaries_positions_and_labels(spec, mixed, packed_run):
     config = spec.variant("tiny")
     for k, s in enumerate(samples):
         start, end = cu[k], cu[k + 1]
-        grids = {key: s.media.get(key) for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
-        own, _ = rope_index(config, s.input_ids[None], **grids)
-        assert torch.equal(batch["position_ids"][:, 0, start:end], own[:, 0])
+        # the trained M-RoPE rule, restated in the tests (the video's time row runs past its grid)
+        own, _ = trained_positions(
+            s.input_ids.tolist(),
+            image_token=config.image_token_id,
+            video_token=config.video_token_id,
+            image_grids=s.media["image_grid_thw"].tolist() if "image_grid_thw" in s.media else [],
+            video_grids=s.media["video_grid_thw"].tolist() if "video_grid_thw" in s.media else [],
+            seconds=s.media["second_per_grid_ts"].tolist() if "second_per_grid_ts" in s.media else None,
+        )
+        assert batch["position_ids"][:, 0, start:end].tolist() == own
         assert batch["position_ids"][:, 0, start].tolist() == [0, 0, 0]  # restarts per sample
         assert torch.equal(batch["labels"][0, start:end], s.labels)
     labels = batch["labels"][0]
@@ -248,6 +255,35 @@ def test_packed_row_boundaries_positions_and_labels(spec, mixed, packed_run):
     inside = torch.ones_like(labels, dtype=torch.bool)
     inside[cu[1:].long() - 1] = False
     assert torch.equal(target[inside], labels.roll(-1)[inside])
+
+
+def test_packed_row_positions_follow_the_trained_rule_after_a_long_video(spec, tok, assets):
+    """A 10 s video: its time row (0..18) runs past its merged grid; the text after it, and the
+    next sample in the row, take the positions of the trained M-RoPE rule."""
+    write_video(assets / "long.mp4", n_frames=40, fps=4)
+    records = [
+        chat("<video>\nWhat happens?", "Noise, for a while.", videos=["long.mp4"]),
+        chat("Hi.", "Hello!"),
+    ]
+    data = build(spec, tok, write_jsonl(assets / "long.jsonl", records))
+    (row,) = data.batches(shuffle=False)
+    batch = data.collate([data[i] for i in row])
+    config, video = spec.variant("tiny"), data[0]
+    grid = video.media["video_grid_thw"].tolist()
+    assert grid[0][0] == 10 and video.media["second_per_grid_ts"].tolist() == [1.0]
+    cu = batch["cu_seqlens"].tolist()
+    for k in range(2):
+        s = data[k]
+        own, _ = trained_positions(
+            s.input_ids.tolist(),
+            image_token=config.image_token_id,
+            video_token=config.video_token_id,
+            video_grids=grid if k == 0 else [],
+            seconds=[1.0] if k == 0 else None,
+        )
+        assert batch["position_ids"][:, 0, cu[k] : cu[k + 1]].tolist() == own
+    after_video = int((video.input_ids == config.vision_end_token_id).nonzero()[0, 0])
+    assert batch["position_ids"][0, 0, after_video] > batch["position_ids"][1, 0, after_video - 1] + 2
 
 
 def test_packed_loss_is_token_weighted_mean_of_sample_losses(alone, packed_run):

@@ -56,7 +56,7 @@ def test_greedy_equals_transformers(case, penalty, hf_model, mm_model):
 
 def left_padded_pair():
     a = make_sample(images=[(1, 8, 12)], seed=1)
-    b = make_sample(images=[(1, 4, 4)], videos=[(2, 4, 4)], seconds=[1.0], seed=2)
+    b = make_sample(images=[(1, 4, 4)], videos=[(2, 4, 4)], seconds=[0.5], seed=2)
     return left_pad(a, b)
 
 
@@ -75,9 +75,18 @@ def test_left_padded_batch_equals_transformers(hf_model, mm_model):
     torch.testing.assert_close(torch.stack(logits, dim=1), expected_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_cached_decode_equals_full_forward(mm_model):
+@pytest.mark.parametrize(
+    "media",
+    [
+        dict(images=[(1, 8, 12)], videos=[(2, 4, 4)], seconds=[0.5]),
+        # a video whose time row (0..14) runs far past its 2x2 merged grid: the rope delta is the
+        # trained rule's (max + 1 - length), which transformers 5.3+ would not give
+        dict(images=[(1, 4, 4)], videos=[(8, 4, 4)], seconds=[1.0]),
+    ],
+)
+def test_cached_decode_equals_full_forward(mm_model, media):
     """Teacher forcing: the cached step logits equal a fresh forward over prompt + generated ids."""
-    batch = make_sample(images=[(1, 8, 12)], videos=[(2, 4, 4)], seconds=[0.5], seed=3)
+    batch = make_sample(**media, seed=3)
     logits: list[torch.Tensor] = []
     ours = generate(mm_model, **batch, sampling=SamplingConfig(max_new_tokens=6), record_logits=logits)
     full = dict(batch, input_ids=torch.cat([batch["input_ids"], torch.tensor(ours)], dim=1))
