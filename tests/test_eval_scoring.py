@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import io
 import json
+import random
 import subprocess
 import sys
 import textwrap
@@ -16,10 +18,22 @@ from PIL import Image
 from mmzoo.cli import main
 from mmzoo.errors import MmzooError
 from mmzoo.eval import scoring
-from mmzoo.eval.datasets import Question, build_prompt, decode_image, get_dataset, read_tsv, score_question
+from mmzoo.eval.datasets import (
+    Question,
+    Scored,
+    build_prompt,
+    decode_image,
+    get_dataset,
+    read_tsv,
+    score_question,
+)
+from mmzoo.eval.report import summarize
 from mmzoo.eval.run import evaluate, merge, read_cache, shard
 
-OPTIONS = {"A": "a cat", "B": "black cat", "C": "dog", "D": "the sun"}
+# Expected values below are derived by hand from VLMEvalKit's rule-based scorers (see the
+# docstring of mmzoo.eval.scoring); "quirk" marks a reference behaviour kept for comparability.
+
+OPTIONS = {"A": "a cat", "B": "black cat", "C": "dog", "D": "the sun"}  # option texts: 24 characters
 
 
 # ---------------------------------------------------------------- multiple choice
@@ -32,18 +46,28 @@ OPTIONS = {"A": "a cat", "B": "black cat", "C": "dog", "D": "the sun"}
         (" (B) ", "B"),
         ("B.", "B"),
         ("C)", "C"),
+        ("**B**", "B"),  # markdown stars are separators
         ("The answer is B", "B"),
         ("the answer is (C).", "C"),
         ("Answer: D", "D"),
         ("Final answer: (A)", "A"),
         ("B. black cat", "B"),
-        ("I think (C) fits best", "C"),
+        ("I think (C) fits best", "C"),  # the letter is among the last 4 words
         ("Looking at the diagram, D is shown", "D"),
-        ("dog", "C"),
+        ("The answer is B, not C", "B"),  # two letters, then "answer is B"
+        ("dog", "C"),  # option text contained in the answer
         ("It is a dog.", "C"),
-        ("Black Cat!", "B"),  # case and punctuation
-        ("the picture shows a black cat", "B"),  # the longer option wins over "a cat"
+        ("Black Cat!", "B"),  # lower-cased; "a cat" is not inside "black cat"
+        ("the picture shows a black cat", "B"),
         ("The Sun", "D"),
+        ("a cat", "A"),
+        ("Z", "Z"),  # "none of the options"
+        ("Cannot determine the answer", "Z"),  # a refusal phrase
+        ("B) A cat", "A"),  # two letter words (B, A): the option text decides
+        ("B) a cat", "B"),
+        ("The answer is a dog", "A"),  # quirk: "answer is a" reads as letter A
+        ("The answer is cat", "C"),  # quirk: "answer is c"
+        ("the answer is d", "D"),
     ],
 )
 def test_choice_extraction_rules(prediction, expected):
@@ -55,10 +79,15 @@ def test_choice_extraction_rules(prediction, expected):
     [
         "",
         "E",  # not an option
-        "I cannot tell",  # "I" the word, not a letter
-        "A bird sitting on a branch",  # the article "A"
+        "b",  # letters are case-sensitive
+        "I cannot tell",
+        "A bird sitting on a branch",  # "A" is the first of 6 words: too early to be the answer
+        "B is correct because the cat is black and sitting",  # letter too early; 49 > 2 * 24 chars
         "either (B) or (C)",  # two letters
+        "A or B",
+        "(B) or maybe C",
         "a dog or a black cat",  # two option texts
+        "I am fairly confident that the animal shown in this picture is a dog",  # too long for text
         "no idea",
     ],
 )
@@ -66,14 +95,61 @@ def test_choice_extraction_gives_up(prediction):
     assert scoring.extract_choice(prediction, OPTIONS) is None
 
 
-def test_unparseable_choice_counts_wrong_and_is_flagged():
+def test_option_texts_inside_each_other_are_a_tie():
+    assert scoring.extract_choice("black cat", {"A": "cat", "B": "black cat"}) is None
+    assert scoring.extract_choice("a black dog", {"A": "cat", "B": "black cat"}) is None
+
+
+def test_choice_scores_and_unparsed_answers():
     q = Question("1", "What animal?", "C", options=dict(OPTIONS))
     ai2d = get_dataset("ai2d_test")
-    assert score_question(q, "no idea", ai2d).unparsed is True
-    assert score_question(q, "no idea", ai2d).score == 0.0
-    assert score_question(q, "(C)", ai2d) == score_question(q, "dog", ai2d)
-    assert score_question(q, "(C)", ai2d).score == 1.0
-    assert score_question(q, "B", ai2d).score == 0.0
+    assert score_question(q, "no idea", ai2d) == Scored("", 0.0, unparsed=True)
+    assert score_question(q, "(C)", ai2d) == Scored("C", 1.0) == score_question(q, "dog", ai2d)
+    assert score_question(q, "B", ai2d) == Scored("B", 0.0)
+    assert score_question(q, "Z", ai2d) == Scored("Z", 0.0)  # read, but names no option
+    lower = Question("2", "What animal?", "c", options=dict(OPTIONS))
+    assert score_question(lower, "C", ai2d).score == 0.0  # the letter is compared as given
+    bare = Question("3", "Which?", "Z")
+    assert score_question(bare, "no idea", ai2d) == Scored("", 1.0, unparsed=True)  # unread counts as Z
+
+
+# ---------------------------------------------------------------- MMMU
+
+
+@pytest.mark.parametrize(
+    "prediction, answer, score",
+    [
+        ("4", "4", 1.0),  # open question: option A = "4", B = "Other Answers"
+        ("The count is 4.", "4", 1.0),
+        ("The count is 14", "4", 1.0),  # quirk: "4" is inside "14"
+        ("A", "4", 1.0),  # quirk: the letter of the answer's own option
+        ("B", "4", 0.0),
+        ("5", "4", 0.0),
+        ("Other answers", "4", 0.0),
+        ("3.141", "3.14", 1.0),
+        ("3.1", "3.14", 0.0),
+        ("Mitochondria", "mitochondria", 1.0),
+        ("four", "['4', 'four']", 0.0),  # the answer cell is one text, list or not
+        ("x = 5", "5", 1.0),
+        ("so the final value is 5 after all", "5", 0.0),  # 33 characters > 2 * (1 + 13)
+        ("C", "C", 0.0),  # quirk: a one-capital answer stays the right letter, which no option has
+    ],
+)
+def test_mmmu_open_questions(prediction, answer, score):
+    assert (
+        score_question(Question("7", "How many?", answer), prediction, get_dataset("mmmu_dev_val")).score
+        == score
+    )
+
+
+def test_mmmu_choice_questions():
+    mmmu = get_dataset("mmmu_dev_val")
+    q = Question("8", "Which?", "B", options={"A": "red", "B": "green", "C": "blue"})
+    assert score_question(q, "(B)", mmmu) == Scored("B", 1.0)
+    assert score_question(q, "green", mmmu) == Scored("B", 1.0)
+    several = Question("9", "Which?", "['A', 'C']", options=dict(q.options))
+    assert score_question(several, "A", mmmu).score == 1.0  # a non-letter answer counts as A
+    assert score_question(several, "C", mmmu).score == 0.0
 
 
 # ---------------------------------------------------------------- ChartQA
@@ -82,27 +158,40 @@ def test_unparseable_choice_counts_wrong_and_is_flagged():
 @pytest.mark.parametrize(
     "prediction, target, correct",
     [
-        ("105", "100", True),  # exactly 5% above
-        ("95", "100", True),  # exactly 5% below
-        ("105.01", "100", False),  # just over
-        ("94.99", "100", False),
-        ("0.21", "0.2", True),  # 5% of a small value
-        ("0.2101", "0.2", False),
-        ("45%", "45", True),  # percent sign
-        ("45", "45%", True),
-        ("1,234", "1234", True),  # thousands separator
-        ("1,234,567.5", "1234567.5", True),
-        ("$12", "12", True),  # currency
-        ("12 kg", "12", True),  # unit
-        ("12 million", "12.3", True),
-        ("0", "0", True),
-        ("0.01", "0", False),  # no tolerance around 0
+        ("4.2", "4", False),  # abs(4.2 - 4) / 4 = 0.05000000000000004 > 0.05
+        ("3.8", "4", False),
+        ("1.05", "1", False),
+        ("0.95", "1", False),
+        ("0.095", "0.1", False),
+        ("4.19", "4", True),
+        ("105", "100", True),  # exactly 0.05
+        ("95", "100", True),
+        ("10.5", "10", True),
+        ("0.21", "0.2", True),  # 0.0499999999999999
+        ("105.01", "100", False),
         ("-10", "10", False),
+        ("0", "0", True),  # a zero target compares strings
+        ("0.0", "0", False),
+        ("0.01", "0", False),
+        ("0%", "0", False),
+        ("45%", "45", False),  # "45%" is 0.45
+        ("45%", "0.45", True),
+        ("0.5", "50%", True),
+        ("45%", "45%", True),
+        ("1,234", "1234", False),  # not a float: compared as text
+        ("1,234", "1,234", True),
+        ("$12", "12", False),
+        ("12 kg", "12", False),
+        ("1e1", "10", True),  # Python float syntax
+        ("1_000", "1000", True),
+        (" 12\n", "12", True),  # the prediction is stripped
         ("Yes", "yes", True),  # case
-        ("yes.", "Yes", True),  # final punctuation
-        ("The answer is Brazil.", "Brazil", True),
-        ("Brazil", "Brazilia", False),
-        ("12 and 13", "12", False),
+        ("yes", "Yes ", False),  # the target is not stripped
+        ("yes.", "Yes", False),  # punctuation is kept
+        ("New  York", "new york", False),  # so is whitespace
+        ("The answer is Brazil.", "Brazil", False),
+        ("Answer: 12", "12", False),
+        ("nan", "nan", False),  # quirk: both parse, nan <= 0.05 is false
     ],
 )
 def test_chartqa_relaxed_accuracy(prediction, target, correct):
@@ -112,28 +201,128 @@ def test_chartqa_relaxed_accuracy(prediction, target, correct):
 def test_chartqa_answer_list():
     assert scoring.relaxed_accuracy("7", ["5", "7.2"]) == 1.0
     assert scoring.relaxed_accuracy("8", ["5", "7.2"]) == 0.0
+    assert scoring.relaxed_accuracy("8", []) == 0.0
 
 
-def test_parse_number():
-    assert scoring.parse_number("1,234.5") == 1234.5
-    assert scoring.parse_number("-3.5%") == -3.5
-    assert scoring.parse_number("1e3") == 1000.0
-    assert scoring.parse_number("abc") is None
-    assert scoring.parse_number("12,34") is None  # not a thousands grouping
+def reference_number(text: str) -> float | None:
+    """VLMEvalKit's ChartQA number: float(), a trailing "%" dividing by 100."""
+    try:
+        return float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        return None
+
+
+def reference_relaxed(target: str, prediction: str) -> bool:
+    """VLMEvalKit's ChartQA rule restated: both numbers and t != 0: ratio <= 0.05; else lower()."""
+    prediction = prediction.strip()
+    p, t = reference_number(prediction), reference_number(target)
+    if p is None or not t:
+        return prediction.lower() == target.lower()
+    return abs(p - t) / abs(t) <= 0.05
+
+
+def chartqa_cases(n: int) -> list[tuple[str, str]]:
+    """``n`` mixed (prediction, target) pairs: numbers around the 5% boundary, percents, text."""
+    rng = random.Random(0)
+    words = ["Yes", "No", "Brazil", "2019", "Q3"]
+    cases = []
+    for i in range(n):
+        kind = i % 5
+        t = rng.choice([rng.randint(1, 40), rng.randint(1, 400) / 10, rng.randint(1, 99) / 100, 0])
+        k = rng.choice([-6, -5, -5, -4, 0, 4, 5, 5, 6])
+        p = t * (100 + k) / 100  # 5% off lands on either side of the boundary in float64
+        target = f"{t:g}"
+        if kind == 0:
+            cases.append((f"{p:.6g}", target))
+        elif kind == 1:
+            cases.append((f"{p:.6g}%", f"{t / 100:g}" if rng.random() < 0.5 else f"{t:g}%"))
+        elif kind == 2:
+            cases.append((f"{p * 1000:,.0f}", f"{t * 1000:.0f}"))  # thousands separators
+        elif kind == 3:
+            word = rng.choice(words)
+            cases.append((rng.choice([word, word.lower(), word + ".", " " + word.upper()]), word))
+        else:
+            cases.append((rng.choice([f"The answer is {p:.6g}", f"{p:.6g}.", f"{p:.6g}"]), target))
+    return cases
+
+
+def test_chartqa_aggregate_equals_the_reference_rule():
+    chartqa = get_dataset("chartqa_test")
+    cases = chartqa_cases(400)
+    questions = [Question(str(i), "q", target) for i, (_, target) in enumerate(cases)]
+    scored = [score_question(q, p, chartqa) for q, (p, _) in zip(questions, cases, strict=True)]
+    expected = [float(reference_relaxed(t, p)) for p, t in cases]
+    assert [s.score for s in scored] == expected
+    assert (
+        summarize(chartqa, questions, scored)["score"] == round(100 * sum(expected) / len(cases), 2) == 53.0
+    )
+    # the set reaches the boundary: pairs a hair above 5% that any epsilon would accept
+    near = [
+        (p, t)
+        for p, t in cases
+        if (a := reference_number(p.strip())) is not None
+        and (b := reference_number(t))
+        and 0.05 < abs(a - b) / abs(b) <= 0.05 * (1 + 1e-9)
+    ]
+    assert len(near) >= 20
 
 
 # ---------------------------------------------------------------- DocVQA
 
 
-def test_anls_threshold_and_lists():
-    assert scoring.anls("abcd", ["abcd"]) == 1.0
-    assert scoring.anls(" ABCD ", ["abcd"]) == 1.0  # case and surrounding space
-    assert scoring.anls("abcx", ["abcd"]) == pytest.approx(0.75)
-    assert scoring.anls("abxy", ["abcd"]) == 0.0  # distance exactly 0.5: at the threshold -> 0
-    assert scoring.anls("abcdx", ["abcd"]) == pytest.approx(0.8)
-    assert scoring.anls("abcxyz", ["abcdef", "abcxyq"]) == pytest.approx(5 / 6)  # best of the list
-    assert scoring.anls("", ["abc"]) == 0.0
-    assert scoring.anls("new  york", ["New York"]) == 1.0  # whitespace collapsed
+@pytest.mark.parametrize(
+    "prediction, targets, expected",
+    [
+        ("abcd", ["abcd"], 1.0),
+        (" ABCD ", ["abcd"], 1.0),  # case and surrounding space do not change the distance
+        ("new  york", ["New York"], 1.0),  # nor do inner runs of whitespace
+        ("abcx", ["abcd"], 0.75),
+        ("abcx", ["ABCD"], 0.75),
+        ("abcdx", ["abcd"], 0.8),
+        ("abxy", ["abcd"], 0.5),  # 1 - 0.5 is not below the threshold
+        ("abc", ["abcdef"], 0.5),
+        ("ab", ["abcde"], 0.0),  # 0.4 < 0.5
+        ("ab", ["abcd", "zzzz"], 0.5),  # the best of the answers
+        ("abcxyz", ["abcdef", "abcxyq"], 1 - 1 / 6),
+        (" abcx ", ["abcd"], 1 - 1 / 6),  # quirk: the raw length 6 divides
+        ("ßa", ["sa"], 1 - 1 / 3),  # quirk: "ßa".upper() is "SSA", length 3
+        ("", ["abc"], 0.0),
+        ("", [""], 1.0),
+        ("  ", [""], 1.0),
+        ("x", [], 0.0),
+    ],
+)
+def test_anls(prediction, targets, expected):
+    assert scoring.anls(prediction, targets) == expected
+
+
+def reference_anls(prediction: str, targets: list[str]) -> float:
+    """VLMEvalKit's ANLS restated (edit distance by recursion, not a table)."""
+
+    @functools.cache
+    def edit(a: str, b: str) -> int:
+        if not a or not b:
+            return len(a) + len(b)
+        return min(edit(a[1:], b) + 1, edit(a, b[1:]) + 1, edit(a[1:], b[1:]) + (a[0] != b[0]))
+
+    def distance(gold: str) -> float:
+        length = max(len(gold.upper()), len(prediction.upper()))
+        clean = [" ".join(s.strip().lower().split()) for s in (gold, prediction)]
+        return edit(*clean) / length if length else 0.0
+
+    best = 1 - min(distance(t) for t in targets)
+    return 0.0 if best < 0.5 else best
+
+
+def test_anls_aggregate_equals_the_reference_rule():
+    rng = random.Random(1)
+    docvqa = get_dataset("docvqa_val")
+    for _ in range(300):
+        gold = "".join(rng.choice("abAB c") for _ in range(rng.randint(0, 8)))
+        pred = "".join(rng.choice("abAB c") for _ in range(rng.randint(0, 8)))
+        targets = [gold, gold[::-1]]
+        q = Question("1", "q", repr(targets))
+        assert score_question(q, pred, docvqa).score == reference_anls(pred, targets), (pred, targets)
 
 
 def test_levenshtein():
@@ -144,35 +333,10 @@ def test_levenshtein():
 def test_answer_list_parsing():
     assert scoring.answer_list("['1/8', 'one eighth']") == ["1/8", "one eighth"]
     assert scoring.answer_list('["x"]') == ["x"]
+    assert scoring.answer_list("[3, 4.5]") == ["3", "4.5"]
     assert scoring.answer_list("[not a list") == ["[not a list"]
+    assert scoring.answer_list("('a', 'b')") == ["('a', 'b')"]  # only a list literal is a list
     assert scoring.answer_list("plain") == ["plain"]
-
-
-# ---------------------------------------------------------------- MMMU open
-
-
-@pytest.mark.parametrize(
-    "prediction, targets, correct",
-    [
-        ("The answer is 3.14", ["3.14"], True),
-        ("So the value is 3.141", ["3.14"], True),  # rounded to 2 decimals
-        ("Therefore, the total is 1,200 dollars.", ["1200"], True),
-        ("It is 12", ["13"], False),
-        ("The final answer is Mitochondria.", ["mitochondria"], True),
-        ("The organelle is the nucleus", ["mitochondria"], False),
-        ("x = 5", ["5"], True),
-        ("The answer is 5", ["['4', '5']"][0:1] and ["4", "5"], True),  # any accepted answer
-    ],
-)
-def test_mmmu_open_matching(prediction, targets, correct):
-    assert scoring.open_correct(prediction, targets) is correct
-
-
-def test_mmmu_open_question_scored_as_open():
-    mmmu = get_dataset("mmmu_dev_val")
-    q = Question("7", "<image 1> How many?", "['4', 'four']")
-    assert score_question(q, "There are four", mmmu).score == 1.0
-    assert score_question(q, "The count is 5", mmmu).score == 0.0
 
 
 # ---------------------------------------------------------------- prompts

@@ -221,19 +221,18 @@ class Scored:
 
 
 def score_question(q: Question, prediction: str, dataset: Dataset) -> Scored:
-    """Score one prediction with the dataset's rule."""
-    if dataset.kind in ("mcq", "mmmu") and q.is_choice:
-        letter = scoring.extract_choice(prediction, q.options)
-        if letter is None:
-            return Scored("", 0.0, unparsed=True)
-        return Scored(letter, float(letter == q.answer.strip().upper()))
+    """Score one prediction with the dataset's rule (see :mod:`mmzoo.eval.scoring`)."""
+    if dataset.kind in ("mcq", "mmmu"):
+        options, truth = q.options, q.answer
+        if dataset.kind == "mmmu":
+            options, truth = scoring.mmmu_choice(q.options, q.answer)
+        letter = scoring.extract_choice(prediction, options)
+        # VLMEvalKit scores an answer it cannot read as the letter Z
+        return Scored(letter or "", float((letter or scoring.NO_CHOICE) == truth), unparsed=letter is None)
     targets = scoring.answer_list(q.answer)
-    if dataset.kind == "mmmu":
-        extracted = "; ".join(str(c) for c in scoring.open_candidates(prediction)[:4])
-        return Scored(extracted, float(scoring.open_correct(prediction, targets)))
     if dataset.kind == "chartqa":
-        return Scored(scoring.short_answer(prediction), scoring.relaxed_accuracy(prediction, targets))
-    return Scored(str(prediction).strip(), scoring.anls(prediction, targets))
+        return Scored(prediction.strip(), scoring.relaxed_accuracy(prediction, targets))
+    return Scored(prediction.strip(), scoring.anls(prediction, targets))
 
 
 def option_columns(questions: Sequence[Question]) -> list[str]:

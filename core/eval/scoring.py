@@ -1,14 +1,44 @@
-"""Answer extraction and scoring rules, written from the benchmarks' public descriptions.
+"""Answer extraction and scoring that decide exactly as VLMEvalKit's rule-based evaluation.
 
-- Multiple choice (AI2D, MMMU): a letter is extracted by rules (bare letter, ``(B)``, ``B.``,
-  ``The answer is B``, a lone option letter, the option text itself); ``None`` when nothing
-  parses, which scores as wrong and is flagged.
-- MMMU open questions: numbers and key phrases are pulled from the answer's concluding clauses
-  and matched against the accepted answers (numbers rounded to 2 decimals, strings contained).
-- ChartQA: relaxed accuracy, numbers within 5% of the ground truth (relative to it), otherwise
-  exact match after normalisation.
-- DocVQA: ANLS, ``1 - normalised Levenshtein distance`` when below the 0.5 threshold, else 0,
-  maximised over the accepted answers.
+Reference: VLMEvalKit (github.com/open-compass/VLMEvalKit, checked at commit e8e78f0), the
+toolkit behind the OpenCompass leaderboard and the TSVs ``mmzoo eval`` reads, run without an
+LLM judge (its ``exact_matching`` policy). Every rule below matches it on every input: the same
+string operations, Python ``float`` parsing, float64 arithmetic without epsilons, and the same
+order of tries and tie rules.
+
+- Multiple choice (AI2D, MMMU), ``can_infer``: first an option letter: the answer with
+  ``.()[],:;!*#{}`` turned into spaces is split into words; exactly one word equal to an option
+  letter, among the last 4 words, names it; no such word but a word ``Z`` gives ``Z`` ("none
+  of them"), as do a few refusal phrases; then ``answer is X`` (X one of A-D). Failing those,
+  the option text: the lower-cased answer, at most twice as long as all option texts together,
+  must contain exactly one lower-cased option text. Nothing found counts as ``Z``.
+- MMMU (``MMMU_preproc``): a question without option A becomes a two-option question, A = the
+  answer text, B = "Other Answers", correct answer A; any answer that is not a single capital
+  letter is taken as A.
+- ChartQA (``relaxed_correctness``): the stripped prediction and the target are read with
+  ``float`` (``"45%"`` is 0.45; ``"1,234"`` and ``"$3"`` are not numbers); two numbers with a
+  non-zero target are right when ``abs(p - t) / abs(t) <= 0.05``, so 4.2 for 4 is wrong
+  (0.05000000000000004); anything else needs equal strings after lower-casing only.
+  Right for any accepted answer.
+- DocVQA (``anls_compute``, ``hit_calculate``): distance = Levenshtein distance of the
+  lower-cased, whitespace-collapsed strings / the longer raw string's length; score =
+  ``1 - min distance`` over the accepted answers, 0 when that is below 0.5 (0.5 itself counts).
+
+Reference quirks kept, so that scores stay comparable (each is tested):
+
+- ``answer is X`` is matched case-insensitively, letter included: "The answer is a dog" picks
+  A and "The answer is cat" picks C.
+- A letter among the first words of a long answer is not taken ("B is right because ..."),
+  and two letters are no answer ("(B) or maybe C"), while "B) A cat" picks the option whose
+  text is "A cat".
+- MMMU open questions match by substring: answer "4" takes "14" as right, and so is "A"; an
+  open question whose answer is one capital letter (say "C") can never be right; a choice
+  question whose answer lists letters ("['A', 'C']") takes A as its only right letter.
+- ChartQA: "nan" for "nan" is wrong (both parse; NaN compares false).
+- ANLS divides by the length of the raw strings (surrounding spaces and upper-casing included):
+  " abcx " for "abcd" is distance 1/6, not 1/4.
+- VLMEvalKit with the ``VERBOSE`` environment variable set also refuses a lone ``A`` among more
+  than 3 words; mmzoo follows the default (unset).
 """
 
 from __future__ import annotations
@@ -18,132 +48,104 @@ import re
 import string
 from collections.abc import Mapping, Sequence
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, punctuation to spaces (decimal points kept), whitespace collapsed."""
-    text = re.sub(r"(?<=\d)[.,](?=\d)", "\0", str(text).lower())  # keep 3.5 and 1,000 intact
-    return " ".join(_PUNCT.sub(" ", text).replace("\0", ".").split())
-
 
 def answer_list(value: object) -> list[str]:
-    """Accepted answers from a cell: a Python/JSON list literal (``"['a', 'b']"``) or one string."""
-    if isinstance(value, (list, tuple)):
+    """Accepted answers from a cell: a list literal (``"['a', 'b']"``) or else the cell as one answer."""
+    if isinstance(value, list):
         return [str(v) for v in value]
-    text = str(value).strip()
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            parsed = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            parsed = None
-        if isinstance(parsed, (list, tuple)):
-            return [str(v) for v in parsed]
-    return [text]
+    text = str(value)
+    try:
+        parsed = ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        parsed = None
+    return [str(v) for v in parsed] if isinstance(parsed, list) else [text]
 
 
 # ---------------------------------------------------------------- multiple choice
 
-_ANSWER_IS = re.compile(
-    r"(?i:answer|option|choice)\s*(?i:is|would be|should be)?\s*[:\-]?\s*\(?([A-Z])\)?(?![A-Za-z])"
+NO_CHOICE = "Z"
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
 )
+_SEPARATORS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
 
 def extract_choice(prediction: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a free-form answer names, or ``None`` when no rule applies.
+    """The option letter (or ``"Z"``) an answer names; ``None`` when no rule applies.
 
-    Rules, in order: the whole answer is a letter (``B``, ``(B)``, ``B.``); an explicit
-    statement (``The answer is B``, ``Answer: (B)``); the answer starts with ``B.``/``B)``/``B:``;
-    exactly one parenthesised option letter; exactly one standalone option letter ("A" or "I"
-    before a lower-case word is a word, not a letter); the answer equals, or contains exactly one
-    of, the option texts (the longest wins when one contains another).
+    Args:
+        prediction: the model's answer.
+        options: option letter -> option text, in letter order.
     """
-    letters = set(options)
-    text = str(prediction).strip()
-    if not text:
+    text = str(prediction)
+    return _choice_by_letter(text, options) or _choice_by_text(text, options)
+
+
+def _choice_by_letter(text: str, options: Mapping[str, str]) -> str | None:
+    if "Failed to obtain answer via API" in text:
         return None
-    whole = re.fullmatch(r"\(?([A-Z])\)?[.:)]?", text)
-    if whole:
-        return whole.group(1) if whole.group(1) in letters else None
-    stated = [m.group(1) for m in _ANSWER_IS.finditer(text)]
-    stated = [s for s in stated if s in letters]
-    if stated:
-        return stated[-1]
-    lead = re.match(r"\(?([A-Z])[.:)]\s", text + " ")
-    if lead and lead.group(1) in letters:
-        return lead.group(1)
-    bracketed = {m for m in re.findall(r"\(([A-Z])\)", text) if m in letters}
-    if len(bracketed) == 1:
-        return bracketed.pop()
-    lone = {
-        m.group(1)
-        for m in re.finditer(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])", text)
-        if m.group(1) in letters and not (m.group(1) in "AI" and re.match(r" [a-z]", text[m.end() :]))
-    }
-    if len(lone) == 1:
-        return lone.pop()
-    return _match_option_text(text, options)
+    if any(refusal in text for refusal in _REFUSALS):
+        return NO_CHOICE
+    words = text.translate(_SEPARATORS).split()
+    named = [letter for letter in options if letter in words]
+    if len(named) == 1:
+        if words.index(named[0]) > len(words) - 5:
+            return named[0]
+    elif not named and NO_CHOICE in words:
+        return NO_CHOICE
+    stated = _ANSWER_IS.search(text)
+    if stated and stated.group(1).upper() in options:
+        return stated.group(1).upper()
+    return None
 
 
-def _match_option_text(text: str, options: Mapping[str, str]) -> str | None:
-    norm = normalize_text(text)
-    texts = {letter: normalize_text(value) for letter, value in options.items() if normalize_text(value)}
-    for letter, value in texts.items():
-        if norm == value:
-            return letter
-    found = [
-        letter for letter, value in texts.items() if re.search(rf"(?<!\w){re.escape(value)}(?!\w)", norm)
-    ]
-    # Keep the options no other found option contains ("black cat" over "cat").
-    found = [a for a in found if not any(a != b and texts[a] in texts[b] for b in found)]
+def _choice_by_text(text: str, options: Mapping[str, str]) -> str | None:
+    text = text.lower()
+    if len(text) > 2 * sum(len(value) for value in options.values()):
+        return None
+    found = [letter for letter, value in options.items() if value.lower() in text]
     return found[0] if len(found) == 1 else None
 
 
-# ---------------------------------------------------------------- numbers
+def mmmu_choice(options: Mapping[str, str], answer: str) -> tuple[dict[str, str], str]:
+    """The options and the right letter of an MMMU question, as VLMEvalKit scores it.
 
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
-
-
-def parse_number(text: str) -> float | None:
-    """A number written alone, allowing a currency sign, thousands separators, ``%`` or a unit.
-
-    ``"1,234.5"`` -> 1234.5, ``"45%"`` -> 45.0, ``"$3"`` -> 3.0, ``"12 kg"`` -> 12.0;
-    ``"12 and 13"`` or ``"abc"`` -> ``None``.
+    A question without option A (an open question) gets A = its answer, B = "Other Answers".
+    The right letter is the answer when that is a single capital letter, else A.
     """
-    s = str(text).strip().rstrip(".").strip()
-    m = re.fullmatch(rf"[$€£¥]?\s*({_NUMBER.pattern})\s*(?:%|[A-Za-z°$€£¥]+\.?)?", s)
-    if not m:
-        return None
-    try:
-        return float(m.group(1).replace(",", ""))
-    except ValueError:
-        return None
+    if "A" not in options:
+        options = dict(sorted({**options, "A": answer, "B": "Other Answers"}.items()))
+    return dict(options), answer if len(answer) == 1 and answer in string.ascii_uppercase else "A"
 
 
 # ---------------------------------------------------------------- ChartQA
 
-_PREAMBLE = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", re.IGNORECASE)
+
+def _to_float(text: str) -> float | None:
+    """``float(text)``; a trailing ``%`` (one or more) divides by 100."""
+    try:
+        if text.endswith("%"):
+            return float(text.rstrip("%")) / 100.0
+        return float(text)
+    except ValueError:
+        return None
 
 
-def short_answer(prediction: str) -> str:
-    """The first line of an answer without an "The answer is" preamble, quotes or a final period."""
-    text = str(prediction).strip().splitlines()[0] if str(prediction).strip() else ""
-    return _PREAMBLE.sub("", text).strip().rstrip(".").strip().strip("\"'")
+def relaxed_correct(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
+    """ChartQA relaxed correctness of one answer against one target.
 
-
-def relaxed_correct(prediction: str, target: str, tolerance: float = 0.05) -> bool:
-    """ChartQA relaxed accuracy for one answer.
-
-    Both numbers: ``|pred - target| <= tolerance * |target|`` (exact when the target is 0).
-    Otherwise the normalised strings must be equal.
+    Both parse as numbers and the target is non-zero: ``abs(p - t) / abs(t) <= max_relative_change``
+    in float64. Otherwise the stripped prediction and the target must be equal once lower-cased.
     """
-    pred, gold = short_answer(prediction), str(target).strip()
-    p, g = parse_number(pred), parse_number(gold)
-    if p is not None and g is not None:
-        if g == 0:
-            return p == 0
-        return abs(p - g) <= tolerance * abs(g) * (1 + 1e-9)  # 1e-9: 105 vs 100 is exactly 5%
-    return normalize_text(pred) == normalize_text(gold)
+    pred, target = str(prediction).strip(), str(target)
+    p, t = _to_float(pred), _to_float(target)
+    if p is not None and t:
+        return abs(p - t) / abs(t) <= max_relative_change
+    return pred.lower() == target.lower()
 
 
 def relaxed_accuracy(prediction: str, targets: Sequence[str]) -> float:
@@ -167,79 +169,20 @@ def levenshtein(a: str, b: str) -> int:
     return previous[-1]
 
 
+def anls_distance(prediction: str, target: str) -> float:
+    """Levenshtein distance of the lower-cased, whitespace-collapsed strings over the raw length.
+
+    The length is that of the longer string as given, upper-cased (VLMEvalKit's rule, spaces
+    included); two empty strings are at distance 0.
+    """
+    pred, gold = (" ".join(s.strip().lower().split()) for s in (prediction, target))
+    length = max(len(prediction.upper()), len(target.upper()))
+    return 0.0 if length == 0 else levenshtein(pred, gold) / length
+
+
 def anls(prediction: str, targets: Sequence[str], threshold: float = 0.5) -> float:
-    """Average normalised Levenshtein similarity of one answer, maximised over ``targets``.
-
-    Strings are lower-cased with whitespace collapsed; a normalised distance at or above
-    ``threshold`` scores 0.
-    """
-    pred = " ".join(str(prediction).strip().lower().split())
-    best = 0.0
-    for target in targets:
-        gold = " ".join(str(target).strip().lower().split())
-        if not pred and not gold:
-            return 1.0
-        distance = levenshtein(pred, gold) / max(len(pred), len(gold))
-        if distance < threshold:
-            best = max(best, 1.0 - distance)
-    return best
-
-
-# ---------------------------------------------------------------- MMMU open questions
-
-_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
-
-
-def open_candidates(prediction: str) -> list[str | float]:
-    """Candidate answers of a free-form response, as the MMMU reference describes them.
-
-    The response is split into clauses; from each, the text after the last concluding word
-    ("is", "so", "therefore", "answer", ... and "=" in the last clause) is kept. Numbers found
-    in those pieces become floats; the pieces themselves are kept as normalised strings.
-    """
-    text = str(prediction).strip().strip(".").lower()
-    clauses = [c for c in re.split(r"\.\s(?=[a-z])|\n", text) if c.strip()]
-    pieces: list[str] = []
-    for i, clause in enumerate(clauses):
-        indicators = _INDICATORS + (("=",) if i == len(clauses) - 1 else ())
-        tail = None
-        for word in indicators:
-            if word in clause:
-                candidate = clause.split(word)[-1].strip()
-                if tail is None or len(candidate) < len(tail):
-                    tail = candidate
-        if tail and tail not in {":", ",", ".", "!", "?", ";", "'"}:
-            pieces.append(tail)
-    if not pieces:
-        pieces = [text]
-    found: list[str | float] = []
-    for piece in pieces:
-        for number in _NUMBER.findall(piece):
-            value = _float(number)
-            if value is not None:
-                found.append(round(value, 2))
-        found.append(normalize_text(piece))
-    return list(dict.fromkeys(found))
-
-
-def _float(text: str) -> float | None:
-    try:
-        return float(text.replace(",", ""))
-    except ValueError:
-        return None
-
-
-def open_correct(prediction: str, targets: Sequence[str]) -> bool:
-    """MMMU open-question matching: a number equal after rounding to 2 decimals, or an accepted
-    answer (normalised) contained in a candidate string."""
-    candidates = open_candidates(prediction)
-    for target in targets:
-        number = parse_number(target)
-        if number is not None:
-            if any(isinstance(c, float) and c == round(number, 2) for c in candidates):
-                return True
-            continue
-        gold = normalize_text(target)
-        if gold and any(isinstance(c, str) and gold in c for c in candidates):
-            return True
-    return False
+    """ANLS of one answer: ``1 - min distance`` over ``targets``, 0.0 when below ``threshold``."""
+    if not targets:
+        return 0.0
+    similarity = 1 - min(anls_distance(str(prediction), str(t)) for t in targets)
+    return 0.0 if similarity < threshold else similarity
