@@ -176,6 +176,12 @@ def get_model(name: str) -> ModelSpec:
     return models[name].spec
 
 
+def model_plugin(name: str) -> PluginInfo:
+    """The plugin that registered model ``name`` (its distribution and version)."""
+    get_model(name)  # an unknown name is the usual error
+    return _collect()[name].plugin
+
+
 def model_for_architecture(architecture: str) -> ModelSpec:
     """The spec whose ``hf_architectures`` include ``architecture``."""
     for registered in _collect().values():

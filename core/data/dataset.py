@@ -17,8 +17,9 @@ from mmzoo.data.cache import CacheEntry, cache_key, write_entry
 from mmzoo.data.collate import Sample, collate_packed, collate_padded, pack
 from mmzoo.data.pipeline import Prepared, Preprocessor
 from mmzoo.data.records import SkipReport, read_records
+from mmzoo.data.tokenizer import tokenizer_digest
 from mmzoo.errors import MmzooError
-from mmzoo.registry import ModelSpec
+from mmzoo.registry import ModelSpec, model_plugin
 
 
 def _log(message: str) -> None:
@@ -85,16 +86,23 @@ class VLDataset(torch.utils.data.Dataset):
 
 
 def _settings(spec: ModelSpec, model_config: Any, tokenizer: Any, data: DataConfig) -> dict[str, Any]:
-    """Everything besides the data file that changes what preprocessing produces."""
+    """Everything besides the data file that changes what preprocessing produces.
+
+    The plugin's version stands for its code (media processor, position ids, placeholder
+    expansion); the template by its content, the tokenizer by a digest of its vocabulary and
+    special tokens: an upgraded plugin or an edited tokenizer never reads stale samples.
+    """
     from mmzoo import __version__
 
+    plugin = model_plugin(spec.name)
     return {
         "mmzoo": __version__,
         "model": spec.name,
+        "plugin": [plugin.distribution, plugin.version],
         "vision": repr(getattr(model_config, "vision", None)),
         "token_ids": [model_config.image_token_id, model_config.video_token_id],
-        "template": getattr(spec.template, "name", repr(spec.template)),
-        "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer)],
+        "template": repr(spec.template),  # a ChatTemplate's repr lists every field
+        "tokenizer": tokenizer_digest(tokenizer),
         "data": {
             k: getattr(data, k)
             for k in ("dataset_dir", "max_samples", "seq_length", "train_on_prompt", "mask_history", "media")

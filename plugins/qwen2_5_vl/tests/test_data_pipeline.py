@@ -434,6 +434,62 @@ def test_cache_hit_decodes_nothing_and_gives_the_same_samples(spec, tok, assets,
     assert not [name for name in entries(cache) if name.startswith(".")]
 
 
+def test_cache_misses_when_plugin_template_tokenizer_or_media_change(spec, tmp_path, monkeypatch):
+    """Each ingredient of preprocessing, changed alone, gives a new entry: never a stale sample."""
+    import shutil
+
+    from mmzoo import registry
+    from mmzoo.data.tokenizer import load_tokenizer, qwen_tokenizer_dir
+
+    path = write_jsonl(tmp_path / "data.jsonl", [chat("Is it in the box?", "It is in the box.")])
+    tok_dir = tmp_path / "tokenizer"
+    shutil.copytree(qwen_tokenizer_dir(), tok_dir)
+    tok = load_tokenizer(tok_dir)
+    cache = tmp_path / "cache"
+
+    def ids(spec=spec, tok=tok, **data) -> list[int]:
+        return build(spec, tok, path, cache_dir=str(cache), **data).prepared(0).input_ids.tolist()
+
+    first = ids()
+    assert ids() == first and len(entries(cache)) == 1  # a hit
+
+    # A newer plugin release (its media processor or position ids may have changed).
+    registered = registry._collect()[spec.name]
+    newer = replace(
+        registered, plugin=replace(registered.plugin, version=registered.plugin.version + ".post1")
+    )
+    with monkeypatch.context() as patched:
+        patched.setitem(registry._collect(), spec.name, newer)
+        assert ids() == first and len(entries(cache)) == 2
+
+    # The same template name with other content: the default system prompt is in every sample.
+    brief = replace(spec, template=replace(spec.template, default_system="Be brief."))
+    assert ids(spec=brief) != first and len(entries(cache)) == 3
+
+    # The tokenizer directory edited in place (same path, same size): one merge fewer.
+    tokenizer_json = tok_dir / "tokenizer.json"
+    content = json.loads(tokenizer_json.read_text())
+    content["model"]["merges"].remove(["i", "n"])
+    tokenizer_json.write_text(json.dumps(content))
+    edited = load_tokenizer(tok_dir)
+    assert len(edited) == len(tok) and edited.name_or_path == tok.name_or_path
+    assert ids(tok=edited) != first and len(entries(cache)) == 4
+
+    # Another special-token map (eos) in tokenizer_config.json.
+    config_json = tok_dir / "tokenizer_config.json"
+    config_json.write_text(
+        config_json.read_text().replace('"eos_token": "<|im_end|>"', '"eos_token": "<|endoftext|>"')
+    )
+    eos = load_tokenizer(tok_dir)
+    assert eos.eos_token == "<|endoftext|>"
+    ids(tok=eos)
+    assert len(entries(cache)) == 5
+
+    # Media settings (sizes and frame rate).
+    ids(tok=eos, media={**MEDIA, "fps": 1.0})
+    assert len(entries(cache)) == 6
+
+
 def test_same_file_content_elsewhere_gets_its_own_entry(spec, tok, tmp_path):
     # Relative media paths resolve per directory: equal JSONL text can mean different images.
     cache = str(tmp_path / "cache")
