@@ -67,15 +67,22 @@ class VLDataset(torch.utils.data.Dataset):
     def batches(
         self, micro_batch_size: int = 1, seed: int = 0, epoch: int = 0, shuffle: bool = True
     ) -> list[list[int]]:
-        """Sample indices per micro-batch for one epoch: packed rows of ``seq_length`` tokens, or
-        ``micro_batch_size`` samples each when packing is off. Deterministic in (seed, epoch)."""
+        """Sample indices per micro-batch for one epoch. Deterministic in (seed, epoch).
+
+        Packing on: ``micro_batch_size`` packed rows of at most ``seq_length`` tokens each,
+        collated as one sequence (attention stays within each sample). Packing off:
+        ``micro_batch_size`` samples, padded.
+        """
         if shuffle:
             order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         else:
             order = list(range(len(self)))
         if self.data.packing:
-            rows = pack([self.lengths[i] for i in order], self.data.seq_length)
-            return [[order[j] for j in row] for row in rows]
+            rows = [
+                [order[j] for j in row]
+                for row in pack([self.lengths[i] for i in order], self.data.seq_length)
+            ]
+            return [sum(rows[i : i + micro_batch_size], []) for i in range(0, len(rows), micro_batch_size)]
         return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:

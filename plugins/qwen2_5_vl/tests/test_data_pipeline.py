@@ -320,7 +320,7 @@ def test_every_batch_runs_the_vision_encoder_and_the_dummy_has_no_loss(spec, tok
         assets / "text.jsonl", [chat(f"Question {i}?", f"Answer number {i}.") for i in range(5)]
     )
     dataset = build(spec, tok, path, seq_length=64, packing=packing)
-    batches = dataset.batches(micro_batch_size=2, seed=3)
+    batches = dataset.batches(micro_batch_size=1 if packing else 2, seed=3)  # packed: 2 samples a row
     assert len(batches) == 3 and sorted(sum(batches, [])) == list(range(5))
     calls = []
     hook = model.vision_encoder.register_forward_hook(lambda m, args, out: calls.append(args[1].tolist()))
@@ -341,6 +341,22 @@ def test_every_batch_runs_the_vision_encoder_and_the_dummy_has_no_loss(spec, tok
     finally:
         hook.remove()
     assert calls == [[[1, 2, 2]]] * len(batches)
+
+
+def test_packed_micro_batches_hold_micro_batch_size_rows(spec, tok, assets):
+    path = write_jsonl(
+        assets / "text7.jsonl", [chat(f"Question {i}?", f"Answer number {i}.") for i in range(7)]
+    )
+    dataset = build(spec, tok, path, seq_length=64)
+    rows = dataset.batches(micro_batch_size=1, seed=5)
+    assert len(rows) == 4  # two samples (about 25 tokens each) per 64-token row, one left over
+    pairs = dataset.batches(micro_batch_size=2, seed=5)
+    assert pairs == [rows[0] + rows[1], rows[2] + rows[3]]
+    batch = dataset.collate([dataset[i] for i in pairs[0]])
+    lengths = [dataset.lengths[i] for i in pairs[0]]
+    assert batch["input_ids"].shape == (1, sum(lengths) + len(dataset.dummy))  # one sequence, no padding
+    ends = torch.tensor(lengths + [len(dataset.dummy)]).cumsum(0).tolist()
+    assert len(lengths) == 4 and batch["cu_seqlens"].tolist() == [0, *ends]  # each sample on its own
 
 
 def test_the_dummy_joins_only_batches_without_media(mixed):

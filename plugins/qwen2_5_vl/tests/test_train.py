@@ -393,6 +393,21 @@ def test_print_config_shows_every_key(capsys):
     assert printed["train"]["lr"] == 2e-5 and printed["train"]["steps"] == 120  # the demo's steps
 
 
+def test_print_config_describes_every_key(capsys):
+    assert main(["train", "--print-config"]) == 0
+    keyed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    config = mmzoo.config.Config()
+    assert len(keyed) == sum(
+        len(dataclasses.fields(getattr(config, f.name))) for f in dataclasses.fields(config)
+    )
+    described = dict(line.strip().split("  # ", 1) for line in keyed)
+    assert all(text.strip() for text in described.values())
+    assert described["micro_batch_size: 1"].startswith(
+        "samples per micro-batch; with `data.packing` on, packed rows of `data.seq_length` tokens"
+    )
+    assert described["lr: 0.01"] == "peak learning rate (after warmup)."
+
+
 def test_config_file_then_overrides(tmp_path, capsys):
     file = tmp_path / "run.yaml"
     file.write_text(
