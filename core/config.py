@@ -93,10 +93,10 @@ class TrainConfig:
     Attributes:
         output_dir: checkpoints, metrics.jsonl and TensorBoard events go here.
         steps: optimizer steps (0: ``epochs`` passes over the data).
-        epochs: passes over the data when ``steps`` is 0.
+        epochs: passes over the data when ``steps`` is 0 (a step never spans two epochs).
         micro_batch_size: samples per micro-batch; with ``data.packing`` on, packed rows of
             ``data.seq_length`` tokens per micro-batch (one sequence of at most their product).
-        grad_accum: micro-batches per optimizer step.
+        grad_accum: micro-batches per optimizer step (an epoch's last step may have fewer).
         lr: peak learning rate (after warmup).
         min_lr: final learning rate (the schedule decays to it).
         schedule: ``cosine``, ``linear`` or ``constant`` after warmup.
