@@ -37,7 +37,8 @@ class ModelConfig:
 
     Attributes:
         name: registry name (``mmzoo list-models``).
-        variant: size for random init (ignored when ``load`` is set, except as the name saved).
+        variant: size for random init (ignored when ``load`` is set: checkpoints then record the
+            variant whose config the loaded model's equals, or null).
         load: a Hugging Face checkpoint directory or an mm checkpoint to start from.
         overrides: config fields to change for random init (nested dicts).
         tokenizer: tokenizer directory (default: ``load`` when set, else the family's own).

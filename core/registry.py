@@ -107,6 +107,11 @@ class ModelSpec:
             )
         return self.variants[name]
 
+    def variant_of(self, config: Any) -> str | None:
+        """The name of the variant whose config equals ``config`` (e.g. one read from an HF
+        checkpoint), or ``None`` when it matches none."""
+        return next((name for name, known in self.variants.items() if known == config), None)
+
 
 @dataclass(frozen=True)
 class Registered:

@@ -172,7 +172,7 @@ def save_training_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     *,
-    variant: str,
+    variant: str | None,
     save_optimizer: bool = True,
     save_rng: bool = True,
     keep_last: int | None = None,
@@ -186,7 +186,7 @@ def save_training_checkpoint(
         optimizer: its state is saved keyed by parameter name.
         scheduler: an LR scheduler with a JSON-able ``state_dict()`` (LambdaLR is), or ``None``.
         trainer_state: JSON-able loop state (step, epoch, position in the epoch, tokens seen, ...).
-        variant: the registry variant the model's config started from.
+        variant: the registry variant the model's config started from (``None``: none).
         save_optimizer: write the optimizer state (needed to resume exactly).
         save_rng: write the RNG states.
         keep_last: keep this many ``iter_*`` directories (the new one included); ``None``: all.

@@ -179,6 +179,8 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
     model, tokenizer = build(cfg, spec)
+    # A loaded model is the variant its config equals, if any; model.variant names only random inits.
+    variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
     dataset = build_dataset(spec, model.config, tokenizer, cfg.data)
 
     freeze(model, cfg.model.freeze, spec.freeze_groups)
@@ -201,7 +203,8 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
         )
         out(f"resumed from {checkpoint} at step {state['step']}")
 
-    out(f"model {spec.name} ({cfg.model.load or cfg.model.variant}) on {device}, {len(dataset)} samples")
+    origin = f"{variant or 'no registered variant'}" + (f", from {cfg.model.load}" if cfg.model.load else "")
+    out(f"model {spec.name} ({origin}) on {device}, {len(dataset)} samples")
     out("\n".join(trainable_summary(model, spec.freeze_groups)))
     kernels = mmzoo_kernels.configure(device=device.type, **vars(cfg.kernels))
     out("kernels: " + ", ".join(f"{op}={backend}" for op, backend in kernels.items()))
@@ -238,7 +241,7 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
             optimizer,
             scheduler,
             dict(state),
-            variant=cfg.model.variant,
+            variant=variant,
             save_optimizer=t.save_optimizer,
             save_rng=t.save_rng,
             keep_last=t.keep_last,

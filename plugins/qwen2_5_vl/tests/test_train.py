@@ -237,6 +237,23 @@ def test_tokens_metric_counts_the_samples_not_the_dummy_image(tmp_path, packing)
     assert [r["tokens"] for r in metrics(tmp_path / "run")] == expected
 
 
+@pytest.mark.parametrize(("overrides", "variant"), [({}, "tiny"), ({"text": {"num_layers": 1}}, None)])
+def test_a_loaded_hf_model_records_its_real_variant(tmp_path, overrides, variant):
+    from mmzoo.convert.hf_export import save_hf
+    from mmzoo.convert.mm_checkpoint import read_mm_meta
+
+    hf = tmp_path / "hf"
+    save_hf(mmzoo.build_model("qwen2_5_vl", "tiny", **overrides), hf)
+    # model.variant names random inits only: 7b here must not end up in the checkpoint.
+    cfg = config(tmp_path / "run", "--model.load", str(hf), "--model.variant", "7b", "--train.steps", "1")
+    logged: list[str] = []
+    result = train(cfg, out=logged.append)
+    assert read_mm_meta(result.checkpoint)["variant"] == variant
+    origin = f"{variant or 'no registered variant'}, from {hf}"
+    assert logged[0].startswith(f"model qwen2_5_vl ({origin}) on ") and logged[0].endswith(", 8 samples")
+    assert mmzoo.load_model(result.checkpoint).config == mmzoo.load_model(hf).config
+
+
 # --- 3. loss reductions --------------------------------------------------------------------------
 
 
