@@ -76,15 +76,26 @@ def load_chat(args: argparse.Namespace) -> Any:
         print(
             f"mmzoo: no tokenizer files in {args.model_dir}; using the {model.name} default", file=sys.stderr
         )
-    media = {
+    return Chat(model, tokenizer, **media_options(args))
+
+
+def media_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Media processor options: the ones the checkpoint was trained with, then the arguments."""
+    from mmzoo.train.checkpoint import trained_media
+
+    given = {
         key: value
         for key in ("min_pixels", "max_pixels", "fps", "video_maxlen")
         if (value := getattr(args, key, None)) is not None
     }
-    if "max_pixels" in media:  # one knob for both: frames are images too
-        media.setdefault("video_max_pixels", media["max_pixels"])
-        media.setdefault("video_min_pixels", min(media["max_pixels"], media.get("min_pixels", 128 * 28 * 28)))
-    return Chat(model, tokenizer, **media)
+    if "max_pixels" in given:  # one knob for both: frames are images too
+        given.setdefault("video_max_pixels", given["max_pixels"])
+        given.setdefault("video_min_pixels", min(given["max_pixels"], given.get("min_pixels", 128 * 28 * 28)))
+    trained = {k: v for k, v in trained_media(args.model_dir).items() if k not in given}
+    if trained:
+        settings = ", ".join(f"{k}={v}" for k, v in trained.items())
+        print(f"mmzoo: media as in training: {settings}", file=sys.stderr)
+    return {**trained, **given}
 
 
 def _hf_assets(path: Path) -> Path | None:

@@ -245,6 +245,7 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
             save_optimizer=t.save_optimizer,
             save_rng=t.save_rng,
             keep_last=t.keep_last,
+            media=cfg.data.media,
         )
 
     interrupted = False
