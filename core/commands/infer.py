@@ -21,10 +21,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: the checkpoint's)"
     )
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--min-pixels", type=int, help="least resized image area")
-    p.add_argument("--max-pixels", type=int, help="largest resized image area")
-    p.add_argument("--fps", type=float, help="video frames sampled per second")
-    p.add_argument("--video-maxlen", type=int, help="most frames sampled from a video")
+    # Media options left out come from the checkpoint's training (media.json), else the family's defaults.
+    p.add_argument("--min-pixels", type=int, help="least resized image area (default: as trained)")
+    p.add_argument("--max-pixels", type=int, help="largest resized image/frame area (default: as trained)")
+    p.add_argument("--fps", type=float, help="video frames sampled per second (default: as trained)")
+    p.add_argument("--video-maxlen", type=int, help="most frames sampled from a video (default: as trained)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
 
 
