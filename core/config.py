@@ -37,7 +37,8 @@ class ModelConfig:
 
     Attributes:
         name: registry name (``mmzoo list-models``).
-        variant: size for random init (ignored when ``load`` is set, except as the name saved).
+        variant: size for random init (ignored when ``load`` is set: checkpoints then record the
+            variant whose config the loaded model's equals, or null).
         load: a Hugging Face checkpoint directory or an mm checkpoint to start from.
         overrides: config fields to change for random init (nested dicts).
         tokenizer: tokenizer directory (default: ``load`` when set, else the family's own).
@@ -93,10 +94,12 @@ class TrainConfig:
     Attributes:
         output_dir: checkpoints, metrics.jsonl and TensorBoard events go here.
         steps: optimizer steps (0: ``epochs`` passes over the data).
-        epochs: passes over the data when ``steps`` is 0.
-        micro_batch_size: samples per micro-batch when packing is off (packed: one row).
-        grad_accum: micro-batches per optimizer step.
-        lr, min_lr: peak and final learning rate.
+        epochs: passes over the data when ``steps`` is 0 (a step never spans two epochs).
+        micro_batch_size: samples per micro-batch; with ``data.packing`` on, packed rows of
+            ``data.seq_length`` tokens per micro-batch (one sequence of at most their product).
+        grad_accum: micro-batches per optimizer step (an epoch's last step may have fewer).
+        lr: peak learning rate (after warmup).
+        min_lr: final learning rate (the schedule decays to it).
         schedule: ``cosine``, ``linear`` or ``constant`` after warmup.
         warmup: warmup steps, or a fraction of all steps when below 1.
         weight_decay, betas, eps: AdamW.
@@ -109,7 +112,7 @@ class TrainConfig:
         save_every: steps between checkpoints (0: only at the end).
         keep_last: keep only this many newest checkpoints (None: all).
         save_optimizer, save_rng: include optimizer / RNG state in checkpoints.
-        load_optimizer, load_rng: restore them when resuming.
+        load_optimizer, load_rng: restore optimizer / RNG state when resuming.
         on_nonfinite: ``stop`` at a NaN/inf loss, or ``skip`` that step's update.
         save_hf: also export the final model as a Hugging Face checkpoint here.
         tensorboard: write TensorBoard events when ``tensorboard`` is installed.
@@ -335,6 +338,42 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its description, from the ``Attributes:`` section of ``cls``'s docstring.
+
+    A line ``a, b: text`` describes both ``a`` and ``b``; deeper-indented lines continue it.
+    """
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    indent = None
+    for line in (cls.__doc__ or "").splitlines():
+        text = line.strip()
+        if text == "Attributes:":
+            indent = -1
+        elif indent is not None and text:
+            depth = len(line) - len(line.lstrip())
+            if indent == -1:
+                indent = depth
+            if depth == indent:
+                head, _, text = text.partition(": ")
+                names = [name.strip() for name in head.split(",")]
+                docs.update(dict.fromkeys(names, text))
+            elif depth > indent:
+                docs.update({name: f"{docs[name]} {text}" for name in names})
+            else:
+                break
+    return {name: text.replace("``", "`") for name, text in docs.items()}
+
+
 def dump(config: Config) -> str:
-    """YAML of every key with its value."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
+    """YAML of every key with its value, each followed by its description as a comment."""
+    lines = []
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        docs = field_docs(type(value))
+        lines.append(f"{section.name}:")
+        for key, item in to_dict(value).items():
+            # One line per key: the flow form of {key: value}, braces dropped.
+            line = yaml.safe_dump({key: item}, default_flow_style=True, width=1 << 20).strip()[1:-1]
+            lines.append(f"  {line}  # {docs[key]}" if key in docs else f"  {line}")
+    return "\n".join(lines) + "\n"

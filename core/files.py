@@ -28,3 +28,23 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None
 def share_dir(path: str | Path) -> None:
     """Give a ``mkdtemp`` directory the mode ``mkdir`` would."""
     os.chmod(path, 0o777 & ~_umask())
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to disk (a rename or an index naming it is only as durable as the data)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (new names, renames) to disk; a no-op where it cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -107,6 +107,11 @@ class ModelSpec:
             )
         return self.variants[name]
 
+    def variant_of(self, config: Any) -> str | None:
+        """The name of the variant whose config equals ``config`` (e.g. one read from an HF
+        checkpoint), or ``None`` when it matches none."""
+        return next((name for name, known in self.variants.items() if known == config), None)
+
 
 @dataclass(frozen=True)
 class Registered:
@@ -174,6 +179,12 @@ def get_model(name: str) -> ModelSpec:
             f"Install its plugin (e.g. pip install mmzoo-{name}) and check `mmzoo plugins`"
         )
     return models[name].spec
+
+
+def model_plugin(name: str) -> PluginInfo:
+    """The plugin that registered model ``name`` (its distribution and version)."""
+    get_model(name)  # an unknown name is the usual error
+    return _collect()[name].plugin
 
 
 def model_for_architecture(architecture: str) -> ModelSpec:

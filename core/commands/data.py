@@ -29,7 +29,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="model family, e.g. qwen2_5_vl (see `mmzoo list-models`)")
     p.add_argument("--data", required=True, help="JSON/JSONL file(s), comma-separated")
-    p.add_argument("--index", type=int, default=0, help="which usable record to show (default 0)")
+    p.add_argument(
+        "--index",
+        type=int,
+        default=0,
+        help="which usable record to show, counted as training does (default 0)",
+    )
     p.add_argument("--variant", default="7b", help="variant whose config sets token ids and patch sizes")
     p.add_argument("--tokenizer", help="checkpoint directory with the tokenizer (default: the family's own)")
     p.add_argument("--dataset-dir", help="base of relative media paths (default: the data file's directory)")
@@ -103,23 +108,32 @@ def inspect(args: argparse.Namespace) -> int:
         mask_history=args.mask_history,
         media=media,
     )
+    if args.index < 0:
+        raise MmzooError(f"--index {args.index} is negative; samples count from 0")
     report = SkipReport()
     records = read_records(args.data, args.dataset_dir, report=report)
-    if not 0 <= args.index < len(records):
-        raise MmzooError(
-            f"--index {args.index} is out of range: {args.data} has {len(records)} usable records"
-        )
-    record = records[args.index]
     preprocessor = Preprocessor(spec, config, tokenizer, data)
-    prepared = preprocessor.prepare(record, report)
+    # Every record is prepared, as training does: samples are numbered and counted as training sees
+    # them, a record that cannot be prepared is skipped (with its reason), never shown or counted.
+    shown, usable = None, 0
+    for candidate in records:
+        prepared = preprocessor.prepare(candidate, report)
+        if prepared is not None:
+            if usable == args.index:
+                shown = candidate, prepared
+            usable += 1
     for line in report.summary_lines():
         print(line, file=sys.stderr)
-    if prepared is None:
-        raise MmzooError(f"record {record.source} cannot be used; see the line above")
+    if shown is None:
+        skipped = f" ({report.total} skipped, reasons above)" if report.total else ""
+        raise MmzooError(
+            f"--index {args.index} is out of range: {args.data} has {usable} usable records{skipped}"
+        )
+    record, prepared = shown
     ids, labels = prepared.input_ids.tolist(), prepared.labels.tolist()
     trained = sum(label != IGNORE_INDEX for label in labels)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    print(f"sample {args.index} of {len(records)} ({record.source})")
+    print(f"sample {args.index} of {usable} ({record.source})")
     print(f"tokens: {len(ids)}, trained: {trained}, positions: {tuple(prepared.position_ids.shape)}")
     merge = config.vision.spatial_merge_size
     for kind, frames_list in (("image", prepared.images), ("video", prepared.videos)):

@@ -21,10 +21,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: the checkpoint's)"
     )
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--min-pixels", type=int, help="least resized image area")
-    p.add_argument("--max-pixels", type=int, help="largest resized image area")
-    p.add_argument("--fps", type=float, help="video frames sampled per second")
-    p.add_argument("--video-maxlen", type=int, help="most frames sampled from a video")
+    # Media options left out come from the checkpoint's training (media.json), else the family's defaults.
+    p.add_argument("--min-pixels", type=int, help="least resized image area (default: as trained)")
+    p.add_argument("--max-pixels", type=int, help="largest resized image/frame area (default: as trained)")
+    p.add_argument("--fps", type=float, help="video frames sampled per second (default: as trained)")
+    p.add_argument("--video-maxlen", type=int, help="most frames sampled from a video (default: as trained)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
 
 
@@ -76,15 +77,26 @@ def load_chat(args: argparse.Namespace) -> Any:
         print(
             f"mmzoo: no tokenizer files in {args.model_dir}; using the {model.name} default", file=sys.stderr
         )
-    media = {
+    return Chat(model, tokenizer, **media_options(args))
+
+
+def media_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Media processor options: the ones the checkpoint was trained with, then the arguments."""
+    from mmzoo.train.checkpoint import trained_media
+
+    given = {
         key: value
         for key in ("min_pixels", "max_pixels", "fps", "video_maxlen")
         if (value := getattr(args, key, None)) is not None
     }
-    if "max_pixels" in media:  # one knob for both: frames are images too
-        media.setdefault("video_max_pixels", media["max_pixels"])
-        media.setdefault("video_min_pixels", min(media["max_pixels"], media.get("min_pixels", 128 * 28 * 28)))
-    return Chat(model, tokenizer, **media)
+    if "max_pixels" in given:  # one knob for both: frames are images too
+        given.setdefault("video_max_pixels", given["max_pixels"])
+        given.setdefault("video_min_pixels", min(given["max_pixels"], given.get("min_pixels", 128 * 28 * 28)))
+    trained = {k: v for k, v in trained_media(args.model_dir).items() if k not in given}
+    if trained:
+        settings = ", ".join(f"{k}={v}" for k, v in trained.items())
+        print(f"mmzoo: media as in training: {settings}", file=sys.stderr)
+    return {**trained, **given}
 
 
 def _hf_assets(path: Path) -> Path | None:

@@ -113,10 +113,6 @@ def _expected(spec: ModelSpec, config: Any) -> dict[str, torch.Tensor]:
         return dict(compose(spec, config).state_dict())
 
 
-def _variant_of(spec: ModelSpec, config: Any) -> str | None:
-    return next((name for name, c in spec.variants.items() if c == config), None)
-
-
 def _copy_hf_assets(src: Path, dst: Path, files: Sequence[str]) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in files:
@@ -175,7 +171,7 @@ def hf_to_mm(
     _check_tp(mapping, specs, tp)
     meta = {
         "model": spec.name,
-        "variant": _variant_of(spec, config),
+        "variant": spec.variant_of(config),
         "config": dataclasses.asdict(config),
         "format_version": FORMAT_VERSION,
     }

@@ -156,7 +156,7 @@ def _layer_counts(names: list[str], pattern: re.Pattern[str]) -> int:
     return len({m.group(1) for n in names if (m := pattern.match(n))})
 
 
-def mm_meta(model: VLModel, *, variant: str) -> dict[str, Any]:
+def mm_meta(model: VLModel, *, variant: str | None) -> dict[str, Any]:
     """The ``mm_meta.json`` contents describing ``model``'s (single) shard."""
     names = list(model.state_dict())
     return {
@@ -172,7 +172,7 @@ def mm_meta(model: VLModel, *, variant: str) -> dict[str, Any]:
     }
 
 
-def write_model_shard(model: VLModel, directory: Path, *, variant: str) -> Path:
+def write_model_shard(model: VLModel, directory: Path, *, variant: str | None) -> Path:
     """Write ``directory/mp_rank_00/{model.safetensors, mm_meta.json}``; returns the shard dir."""
     shard = directory / SHARD
     shard.mkdir(parents=True, exist_ok=True)

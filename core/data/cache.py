@@ -3,7 +3,9 @@
 One cache entry per data file, keyed by the file's content and the preprocessing settings,
 so a second run reads token ids and resized media from disk and decodes nothing. Entries are
 built in a temporary sibling directory and renamed into place: concurrent runs never see a
-half-written entry (the first rename wins; the loser's copy is discarded).
+half-written entry (the first rename wins; the loser's copy is discarded). Each shard is
+fsynced before the index naming it is written, and the index before the rename, so a crash
+never leaves an index that names lost data.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from mmzoo.data.pipeline import Prepared
-from mmzoo.files import save_safetensors, share_dir
+from mmzoo.files import fsync_dir, fsync_file, save_safetensors, share_dir
 
 INDEX = "index.json"
 SHARD_BYTES = 256 << 20
@@ -69,6 +71,7 @@ def write_entry(root: Path, key: str, samples: Iterable[Prepared], skips: dict[s
         if pending:
             name = f"samples-{len(shards):05d}.safetensors"
             save_safetensors(pending, tmp / name)
+            fsync_file(tmp / name)
             shards.append(name)
             pending, size = {}, 0
 
@@ -95,6 +98,7 @@ def write_entry(root: Path, key: str, samples: Iterable[Prepared], skips: dict[s
             json.dump(index, f)
             f.flush()
             os.fsync(f.fileno())
+        fsync_dir(tmp)
     except BaseException:  # e.g. a strict-mode error or Ctrl-C while preprocessing: leave no debris
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -103,6 +107,7 @@ def write_entry(root: Path, key: str, samples: Iterable[Prepared], skips: dict[s
         os.rename(tmp, target)
     except OSError:  # another run finished the same entry first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(root)
     return target
 
 

@@ -17,8 +17,9 @@ from mmzoo.data.cache import CacheEntry, cache_key, write_entry
 from mmzoo.data.collate import Sample, collate_packed, collate_padded, pack
 from mmzoo.data.pipeline import Prepared, Preprocessor
 from mmzoo.data.records import SkipReport, read_records
+from mmzoo.data.tokenizer import tokenizer_digest
 from mmzoo.errors import MmzooError
-from mmzoo.registry import ModelSpec
+from mmzoo.registry import ModelSpec, model_plugin
 
 
 def _log(message: str) -> None:
@@ -66,15 +67,22 @@ class VLDataset(torch.utils.data.Dataset):
     def batches(
         self, micro_batch_size: int = 1, seed: int = 0, epoch: int = 0, shuffle: bool = True
     ) -> list[list[int]]:
-        """Sample indices per micro-batch for one epoch: packed rows of ``seq_length`` tokens, or
-        ``micro_batch_size`` samples each when packing is off. Deterministic in (seed, epoch)."""
+        """Sample indices per micro-batch for one epoch. Deterministic in (seed, epoch).
+
+        Packing on: ``micro_batch_size`` packed rows of at most ``seq_length`` tokens each,
+        collated as one sequence (attention stays within each sample). Packing off:
+        ``micro_batch_size`` samples, padded.
+        """
         if shuffle:
             order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         else:
             order = list(range(len(self)))
         if self.data.packing:
-            rows = pack([self.lengths[i] for i in order], self.data.seq_length)
-            return [[order[j] for j in row] for row in rows]
+            rows = [
+                [order[j] for j in row]
+                for row in pack([self.lengths[i] for i in order], self.data.seq_length)
+            ]
+            return [sum(rows[i : i + micro_batch_size], []) for i in range(0, len(rows), micro_batch_size)]
         return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
@@ -85,16 +93,23 @@ class VLDataset(torch.utils.data.Dataset):
 
 
 def _settings(spec: ModelSpec, model_config: Any, tokenizer: Any, data: DataConfig) -> dict[str, Any]:
-    """Everything besides the data file that changes what preprocessing produces."""
+    """Everything besides the data file that changes what preprocessing produces.
+
+    The plugin's version stands for its code (media processor, position ids, placeholder
+    expansion); the template by its content, the tokenizer by a digest of its vocabulary and
+    special tokens: an upgraded plugin or an edited tokenizer never reads stale samples.
+    """
     from mmzoo import __version__
 
+    plugin = model_plugin(spec.name)
     return {
         "mmzoo": __version__,
         "model": spec.name,
+        "plugin": [plugin.distribution, plugin.version],
         "vision": repr(getattr(model_config, "vision", None)),
         "token_ids": [model_config.image_token_id, model_config.video_token_id],
-        "template": getattr(spec.template, "name", repr(spec.template)),
-        "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer)],
+        "template": repr(spec.template),  # a ChatTemplate's repr lists every field
+        "tokenizer": tokenizer_digest(tokenizer),
         "data": {
             k: getattr(data, k)
             for k in ("dataset_dir", "max_samples", "seq_length", "train_on_prompt", "mask_history", "media")

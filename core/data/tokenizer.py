@@ -89,6 +89,20 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
         raise MmzooError(f"{directory}: cannot load the tokenizer ({first_line})") from exc
 
 
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of everything in ``tokenizer`` that decides token ids.
+
+    A fast tokenizer's serialized form (vocabulary, merges, added tokens, normalizer and
+    pre-tokenizer; about 0.1 s for Qwen's 151k tokens), else the vocabulary, plus the
+    special-token map (eos, pad, ...).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    digest = hashlib.sha256(text.encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def default_qwen_tokenizer() -> Any:
     """The real Qwen2.5 tokenizer (151,643 BPE tokens + 22 special tokens), no download needed.
 

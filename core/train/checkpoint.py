@@ -8,6 +8,7 @@ One ``OUTPUT/iter_0000010/`` directory per save, written atomically (see
     mp_rank_00/rng.safetensors, rng.json          torch CPU/CUDA, numpy and Python RNG states
     scheduler.json                                the LR scheduler's state_dict
     trainer_state.json                            what the loop passes (step, epoch, ...)
+    media.json                                    the data.media settings training used
 
 Optimizer and RNG state sit in the rank directory because they are per rank once the
 model is split; the scheduler and trainer state are global. Nothing is pickled.
@@ -28,11 +29,13 @@ import torch
 from safetensors import safe_open
 
 from mmzoo.convert.mm_checkpoint import (
+    is_mm_checkpoint,
     iteration_dirs,
     iteration_name,
     load_mm_weights,
     read_mm_meta,
     read_tracker,
+    resolve_iteration,
     resolve_shard,
     staged_iteration,
     write_json,
@@ -45,6 +48,7 @@ OPTIMIZER = "optimizer"
 RNG = "rng"
 SCHEDULER = "scheduler.json"
 TRAINER_STATE = "trainer_state.json"
+MEDIA = "media.json"
 
 
 def _group_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
@@ -172,10 +176,11 @@ def save_training_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     *,
-    variant: str,
+    variant: str | None,
     save_optimizer: bool = True,
     save_rng: bool = True,
     keep_last: int | None = None,
+    media: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``output_dir/iter_{step:07d}`` atomically, point the tracker at it, prune old ones.
 
@@ -186,10 +191,12 @@ def save_training_checkpoint(
         optimizer: its state is saved keyed by parameter name.
         scheduler: an LR scheduler with a JSON-able ``state_dict()`` (LambdaLR is), or ``None``.
         trainer_state: JSON-able loop state (step, epoch, position in the epoch, tokens seen, ...).
-        variant: the registry variant the model's config started from.
+        variant: the registry variant the model's config started from (``None``: none).
         save_optimizer: write the optimizer state (needed to resume exactly).
         save_rng: write the RNG states.
         keep_last: keep this many ``iter_*`` directories (the new one included); ``None``: all.
+        media: the media processor options the model was trained with (``data.media``);
+            ``mmzoo infer`` and ``mmzoo eval`` size media the same way by default.
 
     Returns:
         The new iteration directory.
@@ -206,10 +213,32 @@ def save_training_checkpoint(
         if save_rng:
             _write_rng(shard)
         write_json(tmp / TRAINER_STATE, trainer_state)
+        if media is not None:
+            write_json(tmp / MEDIA, media)
     final = root / iteration_name(step)
     if keep_last is not None:
         _prune(root, keep_last, final)
     return final
+
+
+def trained_media(path: str | Path) -> dict[str, Any]:
+    """The media options a checkpoint was trained with (``{}`` when it records none).
+
+    Args:
+        path: any checkpoint directory; only mm checkpoints saved by ``mmzoo train`` have them.
+    """
+    if not is_mm_checkpoint(path):
+        return {}
+    file = resolve_iteration(path) / MEDIA
+    if not file.is_file():
+        return {}
+    try:
+        media = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise MmzooError(f"{file}: not valid JSON ({exc})") from exc
+    if not isinstance(media, dict):
+        raise MmzooError(f"{file}: expected a mapping of media options, found {type(media).__name__}")
+    return media
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -276,4 +305,4 @@ def load_training_checkpoint(
     return json.loads((directory / TRAINER_STATE).read_text())
 
 
-__all__ = ["latest_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
+__all__ = ["latest_checkpoint", "load_training_checkpoint", "save_training_checkpoint", "trained_media"]

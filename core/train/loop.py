@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import mmzoo
 import mmzoo_kernels
-from mmzoo.config import Config
+from mmzoo.config import Config, TrainConfig
 from mmzoo.data.dataset import VLDataset, build_dataset
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
@@ -33,6 +33,16 @@ OOM_HELP = (
     "out of memory; lower data.seq_length or train.micro_batch_size, turn on activation recompute "
     "(model.recompute_text.granularity=full), lower data.media.max_pixels, or freeze the vision tower"
 )
+
+
+@dataclass
+class MicroBatch:
+    """One collated micro-batch and where it leaves the data order."""
+
+    epoch: int
+    position: int  # micro-batches of ``epoch`` done after this one
+    batch: dict[str, torch.Tensor]
+    tokens: int  # the samples' tokens (the dummy image and padding are not counted)
 
 
 @dataclass
@@ -99,22 +109,42 @@ def build(cfg: Config, spec: ModelSpec) -> tuple[VLModel, Any]:
     return model, tokenizer
 
 
-def _micro_batches(
-    dataset: VLDataset, cfg: Config, epoch: int, position: int
-) -> Iterator[tuple[int, int, dict]]:
-    """(epoch, position after this batch, batch) forever, starting at ``position`` of ``epoch``."""
+def _steps(dataset: VLDataset, cfg: Config, epoch: int, position: int) -> Iterator[list[MicroBatch]]:
+    """The micro-batches of each optimizer step, forever, starting at ``position`` of ``epoch``.
+
+    A step takes ``grad_accum`` micro-batches, fewer at the end of an epoch: steps never span
+    two epochs, so ``train.epochs`` epochs are exactly the steps :func:`steps_per_epoch` counts.
+    """
+    t = cfg.train
     while True:
-        plan = dataset.batches(cfg.train.micro_batch_size, cfg.train.seed, epoch)
+        plan = dataset.batches(t.micro_batch_size, t.seed, epoch)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=plan[position:],
             collate_fn=dataset.collate,
             num_workers=cfg.data.num_workers,
         )
-        for batch in loader:
+        group: list[MicroBatch] = []
+        for indices, batch in zip(plan[position:], loader, strict=True):
             position += 1
-            yield epoch, position, batch
+            # Tokens of the samples themselves: not the collator's dummy image, not padding.
+            group.append(MicroBatch(epoch, position, batch, sum(dataset.lengths[i] for i in indices)))
+            if len(group) == t.grad_accum or position == len(plan):
+                yield group
+                group = []
         epoch, position = epoch + 1, 0
+
+
+def steps_per_epoch(dataset: VLDataset, t: TrainConfig) -> list[int]:
+    """Optimizer steps of each epoch the run covers: ``t.epochs`` epochs, or as many as ``t.steps``
+    reaches into. Packing after the shuffle changes the rows per epoch, so each is counted."""
+    if t.steps <= 0 and t.epochs < 1:
+        raise MmzooError(f"train.epochs={t.epochs} with train.steps={t.steps}: set one of them to at least 1")
+    counts: list[int] = []
+    while (sum(counts) < t.steps) if t.steps > 0 else (len(counts) < t.epochs):
+        micro_batches = len(dataset.batches(t.micro_batch_size, t.seed, len(counts)))
+        counts.append(math.ceil(micro_batches / t.grad_accum))
+    return counts
 
 
 def _forward_backward(
@@ -124,13 +154,10 @@ def _forward_backward(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None,
-) -> tuple[torch.Tensor, int]:
-    """Accumulate gradients over one optimizer step's micro-batches: (summed loss, real tokens)."""
+) -> torch.Tensor:
+    """Accumulate gradients over one optimizer step's micro-batches; returns the summed loss."""
     step_loss = torch.zeros((), device=device)
-    tokens = 0
     for batch in micro_batches:
-        mask = batch.get("attention_mask")
-        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(
             device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
@@ -138,7 +165,7 @@ def _forward_backward(
             loss = model(**batch, loss_reduction=reduction, return_logits=False).loss
         (scaler.scale(loss) if scaler else loss).backward()
         step_loss += loss.detach()
-    return step_loss, tokens
+    return step_loss
 
 
 def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = print) -> TrainResult:
@@ -152,6 +179,8 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
     model, tokenizer = build(cfg, spec)
+    # A loaded model is the variant its config equals, if any; model.variant names only random inits.
+    variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
     dataset = build_dataset(spec, model.config, tokenizer, cfg.data)
 
     freeze(model, cfg.model.freeze, spec.freeze_groups)
@@ -159,8 +188,8 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
     set_recompute(model.text_decoder, cfg.model.recompute_text)
     model.to(device).train()
     optimizer = make_optimizer(model, t, device)
-    per_epoch = math.ceil(len(dataset.batches(t.micro_batch_size, t.seed, 0)) / t.grad_accum)
-    total = t.steps if t.steps > 0 else t.epochs * per_epoch
+    per_epoch = steps_per_epoch(dataset, t)
+    total = t.steps if t.steps > 0 else sum(per_epoch)
     scheduler = make_scheduler(optimizer, t, total)
     output = Path(t.output_dir).absolute()
 
@@ -174,17 +203,20 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
         )
         out(f"resumed from {checkpoint} at step {state['step']}")
 
-    out(f"model {spec.name} ({cfg.model.load or cfg.model.variant}) on {device}, {len(dataset)} samples")
+    origin = f"{variant or 'no registered variant'}" + (f", from {cfg.model.load}" if cfg.model.load else "")
+    out(f"model {spec.name} ({origin}) on {device}, {len(dataset)} samples")
     out("\n".join(trainable_summary(model, spec.freeze_groups)))
     kernels = mmzoo_kernels.configure(device=device.type, **vars(cfg.kernels))
     out("kernels: " + ", ".join(f"{op}={backend}" for op, backend in kernels.items()))
-    out(f"training {total - state['step']} steps ({per_epoch} per epoch), output in {output}")
+    fewest, most = min(per_epoch), max(per_epoch)
+    each = f"{fewest}" if fewest == most else f"{fewest}-{most}"
+    out(f"training {total - state['step']} steps ({each} per epoch), output in {output}")
 
     metrics = MetricsLog(output, t.tensorboard, start_step=state["step"])
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = _micro_batches(dataset, cfg, state["epoch"], state["position"])
+    steps = _steps(dataset, cfg, state["epoch"], state["position"])
     losses: list[float] = []
     last_saved: Path | None = latest_checkpoint(output) if resume else None
     started = time.monotonic()
@@ -209,26 +241,28 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
             optimizer,
             scheduler,
             dict(state),
-            variant=cfg.model.variant,
+            variant=variant,
             save_optimizer=t.save_optimizer,
             save_rng=t.save_rng,
             keep_last=t.keep_last,
+            media=cfg.data.media,
         )
 
     interrupted = False
     try:
         while state["step"] < total:
             step_start = time.monotonic()
-            group = [next(batches) for _ in range(t.grad_accum)]
-            counts = [batch_target_counts(b) for _, _, b in group]
+            group = next(steps)
+            counts = [batch_target_counts(m.batch) for m in group]
             reduction = LossReduction(
                 t.loss_reduction, len(group), sum(c[0] for c in counts), sum(c[1] for c in counts)
             )
             # Samples with targets: the collator's dummy media sample (no labels) is not one.
             samples = sum(c[1] for c in counts)
-            step_loss, tokens = _forward_backward(
-                model, [b for _, _, b in group], reduction, device, autocast_dtype, scaler
+            step_loss = _forward_backward(
+                model, [m.batch for m in group], reduction, device, autocast_dtype, scaler
             )
+            tokens = sum(m.tokens for m in group)
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -238,7 +272,7 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
             step = state["step"] + 1
             # ``state`` moves to this step only once its update is done: a Ctrl-C before that
             # saves the previous step, whose weights, optimizer and data position agree.
-            finished = {"step": step, "epoch": group[-1][0], "position": group[-1][1]}
+            finished = {"step": step, "epoch": group[-1].epoch, "position": group[-1].position}
             if not (math.isfinite(value) and math.isfinite(norm)) and scaler is None:
                 if t.on_nonfinite == "stop":
                     where = (

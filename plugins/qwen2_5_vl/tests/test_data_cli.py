@@ -41,6 +41,36 @@ def test_inspect_errors_are_one_line(capsys):
     assert "did you mean 'qwen2_5_vl'" in capsys.readouterr().err
 
 
+def test_inspect_counts_and_numbers_only_records_it_can_show(tmp_path, capsys):
+    (tmp_path / "bad.png").write_bytes(b"not a png")  # exists, so the record reads; it cannot be prepared
+    cat = str(DEMO.parent / "chelsea.jpg")
+    records = [
+        {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]},
+        {
+            "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "?"}],
+            "images": ["bad.png"],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "<image>Cat?"},
+                {"role": "assistant", "content": "Yes."},
+            ],
+            "images": [cat],
+        },
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    inspect = ["data", "inspect", "--model", "qwen2_5_vl", "--data", str(data), "--max-pixels", "12544"]
+    assert main([*inspect, "--index", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"sample 1 of 2 ({data}:3)"
+    assert f"skipped 1 record (corrupt_image), first at {data}:2" in captured.err
+    assert main([*inspect, "--index", "2"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"mmzoo: error: --index 2 is out of range: {data} has 2 usable records (1 skipped, reasons above)\n"
+    )
+
+
 def test_convert_llava_skips_missing_images(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()

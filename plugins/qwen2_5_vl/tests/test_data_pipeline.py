@@ -356,7 +356,7 @@ def test_every_batch_runs_the_vision_encoder_and_the_dummy_has_no_loss(spec, tok
         assets / "text.jsonl", [chat(f"Question {i}?", f"Answer number {i}.") for i in range(5)]
     )
     dataset = build(spec, tok, path, seq_length=64, packing=packing)
-    batches = dataset.batches(micro_batch_size=2, seed=3)
+    batches = dataset.batches(micro_batch_size=1 if packing else 2, seed=3)  # packed: 2 samples a row
     assert len(batches) == 3 and sorted(sum(batches, [])) == list(range(5))
     calls = []
     hook = model.vision_encoder.register_forward_hook(lambda m, args, out: calls.append(args[1].tolist()))
@@ -377,6 +377,22 @@ def test_every_batch_runs_the_vision_encoder_and_the_dummy_has_no_loss(spec, tok
     finally:
         hook.remove()
     assert calls == [[[1, 2, 2]]] * len(batches)
+
+
+def test_packed_micro_batches_hold_micro_batch_size_rows(spec, tok, assets):
+    path = write_jsonl(
+        assets / "text7.jsonl", [chat(f"Question {i}?", f"Answer number {i}.") for i in range(7)]
+    )
+    dataset = build(spec, tok, path, seq_length=64)
+    rows = dataset.batches(micro_batch_size=1, seed=5)
+    assert len(rows) == 4  # two samples (about 25 tokens each) per 64-token row, one left over
+    pairs = dataset.batches(micro_batch_size=2, seed=5)
+    assert pairs == [rows[0] + rows[1], rows[2] + rows[3]]
+    batch = dataset.collate([dataset[i] for i in pairs[0]])
+    lengths = [dataset.lengths[i] for i in pairs[0]]
+    assert batch["input_ids"].shape == (1, sum(lengths) + len(dataset.dummy))  # one sequence, no padding
+    ends = torch.tensor(lengths + [len(dataset.dummy)]).cumsum(0).tolist()
+    assert len(lengths) == 4 and batch["cu_seqlens"].tolist() == [0, *ends]  # each sample on its own
 
 
 def test_the_dummy_joins_only_batches_without_media(mixed):
@@ -470,6 +486,62 @@ def test_cache_hit_decodes_nothing_and_gives_the_same_samples(spec, tok, assets,
     assert not [name for name in entries(cache) if name.startswith(".")]
 
 
+def test_cache_misses_when_plugin_template_tokenizer_or_media_change(spec, tmp_path, monkeypatch):
+    """Each ingredient of preprocessing, changed alone, gives a new entry: never a stale sample."""
+    import shutil
+
+    from mmzoo import registry
+    from mmzoo.data.tokenizer import load_tokenizer, qwen_tokenizer_dir
+
+    path = write_jsonl(tmp_path / "data.jsonl", [chat("Is it in the box?", "It is in the box.")])
+    tok_dir = tmp_path / "tokenizer"
+    shutil.copytree(qwen_tokenizer_dir(), tok_dir)
+    tok = load_tokenizer(tok_dir)
+    cache = tmp_path / "cache"
+
+    def ids(spec=spec, tok=tok, **data) -> list[int]:
+        return build(spec, tok, path, cache_dir=str(cache), **data).prepared(0).input_ids.tolist()
+
+    first = ids()
+    assert ids() == first and len(entries(cache)) == 1  # a hit
+
+    # A newer plugin release (its media processor or position ids may have changed).
+    registered = registry._collect()[spec.name]
+    newer = replace(
+        registered, plugin=replace(registered.plugin, version=registered.plugin.version + ".post1")
+    )
+    with monkeypatch.context() as patched:
+        patched.setitem(registry._collect(), spec.name, newer)
+        assert ids() == first and len(entries(cache)) == 2
+
+    # The same template name with other content: the default system prompt is in every sample.
+    brief = replace(spec, template=replace(spec.template, default_system="Be brief."))
+    assert ids(spec=brief) != first and len(entries(cache)) == 3
+
+    # The tokenizer directory edited in place (same path, same size): one merge fewer.
+    tokenizer_json = tok_dir / "tokenizer.json"
+    content = json.loads(tokenizer_json.read_text())
+    content["model"]["merges"].remove(["i", "n"])
+    tokenizer_json.write_text(json.dumps(content))
+    edited = load_tokenizer(tok_dir)
+    assert len(edited) == len(tok) and edited.name_or_path == tok.name_or_path
+    assert ids(tok=edited) != first and len(entries(cache)) == 4
+
+    # Another special-token map (eos) in tokenizer_config.json.
+    config_json = tok_dir / "tokenizer_config.json"
+    config_json.write_text(
+        config_json.read_text().replace('"eos_token": "<|im_end|>"', '"eos_token": "<|endoftext|>"')
+    )
+    eos = load_tokenizer(tok_dir)
+    assert eos.eos_token == "<|endoftext|>"
+    ids(tok=eos)
+    assert len(entries(cache)) == 5
+
+    # Media settings (sizes and frame rate).
+    ids(tok=eos, media={**MEDIA, "fps": 1.0})
+    assert len(entries(cache)) == 6
+
+
 def test_same_file_content_elsewhere_gets_its_own_entry(spec, tok, tmp_path):
     # Relative media paths resolve per directory: equal JSONL text can mean different images.
     cache = str(tmp_path / "cache")
@@ -493,6 +565,39 @@ def test_a_failed_build_leaves_no_temporary_entry(spec, tok, assets, tmp_path):
     with pytest.raises(MmzooError, match=f"{path}:2"):
         build(spec, tok, path, cache_dir=str(cache), strict=True)
     assert entries(cache) == []
+
+
+def test_cache_shards_are_on_disk_before_the_index_names_them(tmp_path, monkeypatch):
+    from mmzoo.data import cache as cache_module
+    from mmzoo.data.pipeline import Prepared
+
+    synced: list[tuple[str, bool]] = []  # (fsynced path, whether an index.json existed beside it)
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append((path.name, (path.parent / cache_module.INDEX).exists()))
+        real_fsync(fd)
+
+    samples = [
+        Prepared(
+            torch.arange(6) + i,
+            torch.arange(6),
+            torch.zeros(3, 6, dtype=torch.long),
+            [np.zeros((1, 28, 28, 3), np.uint8)],
+        )
+        for i in range(3)
+    ]
+    monkeypatch.setattr(cache_module, "SHARD_BYTES", 1)  # one shard per sample
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    entry = cache_module.write_entry(tmp_path, "key", samples, {"counts": {}, "first": {}})
+    shards = CacheEntry(entry).shards
+    assert len(shards) == 3
+    names = [name for name, _ in synced]
+    for shard in shards:
+        assert (shard, False) in synced, f"{shard} was not fsynced before the index was written"
+    assert names.index(cache_module.INDEX) > max(names.index(shard) for shard in shards)
+    assert names[-1] == tmp_path.name  # the cache root, after the rename
 
 
 def _build_in_child(data: DataConfig, tokenizer, barrier, results) -> None:

@@ -185,6 +185,75 @@ def test_fresh_run_starts_a_fresh_metrics_file(tmp_path):
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
 
 
+def plan_of(cfg, epochs: int) -> tuple[list[list[list[int]]], list[int]]:
+    """The micro-batches (sample indices) of each epoch a run of ``cfg`` makes, and sample lengths."""
+    spec = mmzoo.get_model("qwen2_5_vl")
+    data = dataclasses.replace(cfg.data, data=str(DEMO_DATA) if cfg.data.data == "demo" else cfg.data.data)
+    dataset = build_dataset(spec, spec.variant("tiny"), spec.default_tokenizer(), data, log=quiet)
+    t = cfg.train
+    return [dataset.batches(t.micro_batch_size, t.seed, e) for e in range(epochs)], dataset.lengths
+
+
+# Six demo samples in rows of 210 tokens make 2, 2, then 3 rows per epoch; in rows of 110 tokens
+# 6, 5, 5 (packing follows each epoch's shuffle).
+@pytest.mark.parametrize(("seq_length", "grad_accum"), [(210, 1), (110, 2)])
+def test_epochs_run_every_epoch_once_and_the_schedule_ends_with_the_run(tmp_path, seq_length, grad_accum):
+    cfg = config(
+        tmp_path,
+        *("--data.max_samples", "6", "--data.seq_length", str(seq_length)),
+        *("--train.steps", "0", "--train.epochs", "3", "--train.grad_accum", str(grad_accum)),
+        *("--train.schedule", "linear", "--train.warmup", "0", "--train.lr", "1e-3", "--train.min_lr", "0"),
+    )
+    plans, _ = plan_of(cfg, 3)
+    per_epoch = [-(-len(plan) // grad_accum) for plan in plans]  # a step never spans two epochs
+    assert len({len(plan) for plan in plans}) > 1  # else the rows do not vary and nothing is tested
+    logged: list[str] = []
+    result = train(cfg, out=logged.append)
+    total = sum(per_epoch)
+    each = "2-3" if grad_accum == 1 else "3"  # rows 2, 2, 3; or 6, 5, 5 rows in pairs
+    assert f"training {total} steps ({each} per epoch)" in "\n".join(logged)
+    rows = metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [e for e, n in enumerate(per_epoch) for _ in range(n)]
+    # Linear decay to 0 over the whole run: step k (from 0) trains at lr * (1 - k / total).
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * (1 - k / total) for k in range(total)])
+    state = json.loads((result.checkpoint / "trainer_state.json").read_text())
+    assert state["samples"] == 3 * 6 and (state["epoch"], state["position"]) == (2, len(plans[2]))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_tokens_metric_counts_the_samples_not_the_dummy_image(tmp_path, packing):
+    data = tmp_path / "text.jsonl"
+    record = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    data.write_text("".join(json.dumps(record) + "\n" for _ in range(4)))
+    cfg = config(
+        tmp_path / "run",
+        *("--data.data", str(data), "--data.packing", str(packing).lower(), "--data.seq_length", "64"),
+        *("--train.steps", "2", "--train.micro_batch_size", "1" if packing else "2"),  # 2 samples each
+    )
+    (plan,), lengths = plan_of(cfg, 1)
+    expected = [sum(lengths[i] for i in indices) for indices in plan]
+    assert len(expected) == 2 and expected[0] > 0  # text-only: every batch gets the dummy image
+    train(cfg, out=quiet)
+    assert [r["tokens"] for r in metrics(tmp_path / "run")] == expected
+
+
+@pytest.mark.parametrize(("overrides", "variant"), [({}, "tiny"), ({"text": {"num_layers": 1}}, None)])
+def test_a_loaded_hf_model_records_its_real_variant(tmp_path, overrides, variant):
+    from mmzoo.convert.hf_export import save_hf
+    from mmzoo.convert.mm_checkpoint import read_mm_meta
+
+    hf = tmp_path / "hf"
+    save_hf(mmzoo.build_model("qwen2_5_vl", "tiny", **overrides), hf)
+    # model.variant names random inits only: 7b here must not end up in the checkpoint.
+    cfg = config(tmp_path / "run", "--model.load", str(hf), "--model.variant", "7b", "--train.steps", "1")
+    logged: list[str] = []
+    result = train(cfg, out=logged.append)
+    assert read_mm_meta(result.checkpoint)["variant"] == variant
+    origin = f"{variant or 'no registered variant'}, from {hf}"
+    assert logged[0].startswith(f"model qwen2_5_vl ({origin}) on ") and logged[0].endswith(", 8 samples")
+    assert mmzoo.load_model(result.checkpoint).config == mmzoo.load_model(hf).config
+
+
 # --- 3. loss reductions --------------------------------------------------------------------------
 
 
@@ -391,6 +460,21 @@ def test_print_config_shows_every_key(capsys):
     assert keys(printed) == fields(mmzoo.config.Config())
     assert "recompute_text.num_layers" in " ".join(keys(printed["model"]))
     assert printed["train"]["lr"] == 2e-5 and printed["train"]["steps"] == 120  # the demo's steps
+
+
+def test_print_config_describes_every_key(capsys):
+    assert main(["train", "--print-config"]) == 0
+    keyed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    config = mmzoo.config.Config()
+    assert len(keyed) == sum(
+        len(dataclasses.fields(getattr(config, f.name))) for f in dataclasses.fields(config)
+    )
+    described = dict(line.strip().split("  # ", 1) for line in keyed)
+    assert all(text.strip() for text in described.values())
+    assert described["micro_batch_size: 1"].startswith(
+        "samples per micro-batch; with `data.packing` on, packed rows of `data.seq_length` tokens"
+    )
+    assert described["lr: 0.01"] == "peak learning rate (after warmup)."
 
 
 def test_config_file_then_overrides(tmp_path, capsys):

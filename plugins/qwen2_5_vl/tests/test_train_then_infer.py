@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import json
 
-from mmzoo.cli import main
-from mmzoo.train.loop import DEMO_DATA
+import torch
 
-MEDIA = ["--min-pixels", "3136", "--max-pixels", "12544"]
+import mmzoo
+from mmzoo.cli import build_parser, main
+from mmzoo.commands.infer import load_chat
+from mmzoo.config import DEMO_OVERRIDES
+from mmzoo.train.checkpoint import save_training_checkpoint
+from mmzoo.train.loop import DEMO_DATA
 
 
 def test_trained_answers_come_back_from_infer(tmp_path, capsys):
@@ -35,8 +39,32 @@ def test_trained_answers_come_back_from_infer(tmp_path, capsys):
 
     for record in records:
         question, answer = (m["content"] for m in record["messages"])
-        args = ["infer", "--model-dir", str(out), *MEDIA, "--prompt", question.replace("<image>", "")]
+        # No media options: infer sizes the images as training did (the checkpoint's media.json).
+        args = ["infer", "--model-dir", str(out), "--prompt", question.replace("<image>", "")]
         for image in record["images"]:
             args += ["--image", image]
         assert main(args) == 0
         assert capsys.readouterr().out == answer + "\n"
+
+
+def test_infer_sizes_media_as_training_did_unless_told_otherwise(tmp_path, capsys):
+    trained = DEMO_OVERRIDES["data"]["media"]  # what `mmzoo train` on the demo saves
+    model = mmzoo.build_model("qwen2_5_vl", "tiny")
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_training_checkpoint(tmp_path, 1, model, optimizer, None, {}, variant="tiny", media=trained)
+    video = DEMO_DATA.parent / "pan.mp4"
+    in_training = mmzoo.get_model("qwen2_5_vl").media_processor(model.config, **trained)
+
+    def processor(*flags: str):
+        args = build_parser().parse_args(["infer", "--model-dir", str(tmp_path), *flags, "--prompt", "?"])
+        return load_chat(args).processor
+
+    default = processor()
+    assert default.prepare_video(video)[0].shape == in_training.prepare_video(video)[0].shape
+    assert (default.max_pixels, default.video_max_pixels) == (
+        trained["max_pixels"],
+        trained["video_max_pixels"],
+    )
+    assert "media as in training: max_pixels=100352, video_min_pixels=25088" in capsys.readouterr().err
+    told = processor("--max-pixels", "50000", "--fps", "1")  # explicit options win, video included
+    assert (told.max_pixels, told.video_max_pixels, told.fps) == (50000, 50000, 1.0)
