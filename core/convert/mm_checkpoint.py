@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mmzoo.api import apply_overrides, compose
 from mmzoo.errors import MmzooError
-from mmzoo.files import save_safetensors
+from mmzoo.files import SafetensorsFile, save_safetensors
 from mmzoo.model import VLModel
 from mmzoo.registry import get_model
 
@@ -287,7 +286,7 @@ def load_mm_weights(model: torch.nn.Module, shard: Path) -> None:
     if not file.is_file():
         raise MmzooError(f"{shard}: no {WEIGHTS}; the checkpoint is incomplete")
     params = dict(model.named_parameters())
-    with safe_open(file, framework="pt") as f:
+    with SafetensorsFile(file) as f:
         keys = set(f.keys())
         missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
         if missing:
@@ -318,7 +317,7 @@ def _dtype(dtype: torch.dtype | str | None, shard: Path) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if dtype == "auto":
-        with safe_open(shard / WEIGHTS, framework="pt") as f:
+        with SafetensorsFile(shard / WEIGHTS) as f:
             first = next(iter(f.keys()), None)
             return f.get_tensor(first).dtype if first is not None else torch.float32
     resolved = getattr(torch, dtype, None)

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from mmzoo.convert.mm_checkpoint import (
     iteration_dirs,
@@ -40,6 +39,7 @@ from mmzoo.convert.mm_checkpoint import (
     write_tensors,
 )
 from mmzoo.errors import MmzooError
+from mmzoo.files import SafetensorsFile
 
 OPTIMIZER = "optimizer"
 RNG = "rng"
@@ -102,7 +102,7 @@ def _read_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, sh
             )
     index = {n: i for i, n in enumerate(n for g in groups for n in g)}
     state: dict[int, dict[str, Any]] = {}
-    with safe_open(shard / f"{OPTIMIZER}.safetensors", framework="pt") as f:
+    with SafetensorsFile(shard / f"{OPTIMIZER}.safetensors") as f:
         for key in f.keys():
             name, _, field = key.rpartition("/")
             state.setdefault(index[name], {})[field] = f.get_tensor(key)
@@ -143,7 +143,7 @@ def _write_rng(shard: Path) -> None:
 
 def _read_rng(shard: Path) -> None:
     info = json.loads((shard / f"{RNG}.json").read_text())
-    with safe_open(shard / f"{RNG}.safetensors", framework="pt") as f:
+    with SafetensorsFile(shard / f"{RNG}.safetensors") as f:
         torch.set_rng_state(f.get_tensor("torch_cpu"))
         if info["cuda_devices"] and torch.cuda.is_available():
             for i in range(min(info["cuda_devices"], torch.cuda.device_count())):
