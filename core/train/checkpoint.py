@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mmzoo.convert.mm_checkpoint import (
+    TRACKER,
     iteration_dirs,
     iteration_name,
     load_mm_weights,
@@ -155,13 +156,25 @@ def _read_rng(shard: Path) -> None:
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
 
 
+def _remove(iteration: Path) -> None:
+    # Hide it first so a crash mid-delete leaves no half-deleted iter_* in view.
+    hidden = iteration.parent / f".{iteration.name}.tmp-del-{uuid.uuid4().hex[:8]}"
+    iteration.rename(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def _prune(root: Path, keep_last: int, current: Path) -> None:
     others = [p for _, p in iteration_dirs(root) if p != current]
     for old in others[: max(0, len(others) - (keep_last - 1))]:
-        # Hide it first so a crash mid-delete leaves no half-deleted iter_* in view.
-        hidden = root / f".{old.name}.tmp-del-{uuid.uuid4().hex[:8]}"
-        old.rename(hidden)
-        shutil.rmtree(hidden, ignore_errors=True)
+        _remove(old)
+
+
+def remove_checkpoints(output_dir: str | Path) -> None:
+    """Delete a run directory's tracker (first, so it never names a deleted directory) and iterations."""
+    root = Path(output_dir)
+    (root / TRACKER).unlink(missing_ok=True)
+    for _, iteration in iteration_dirs(root):
+        _remove(iteration)
 
 
 def save_training_checkpoint(
@@ -276,4 +289,4 @@ def load_training_checkpoint(
     return json.loads((directory / TRAINER_STATE).read_text())
 
 
-__all__ = ["latest_checkpoint", "load_training_checkpoint", "save_training_checkpoint"]
+__all__ = ["latest_checkpoint", "load_training_checkpoint", "remove_checkpoints", "save_training_checkpoint"]
