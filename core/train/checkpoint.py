@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from mmzoo.convert.mm_checkpoint import (
     read_tracker,
     resolve_shard,
     staged_iteration,
+    temporary_path,
     write_json,
     write_model_shard,
     write_tensors,
@@ -158,7 +158,7 @@ def _read_rng(shard: Path) -> None:
 
 def _remove(iteration: Path) -> None:
     # Hide it first so a crash mid-delete leaves no half-deleted iter_* in view.
-    hidden = iteration.parent / f".{iteration.name}.tmp-del-{uuid.uuid4().hex[:8]}"
+    hidden = temporary_path(iteration.parent, iteration.name, "del")
     iteration.rename(hidden)
     shutil.rmtree(hidden, ignore_errors=True)
 
