@@ -95,6 +95,14 @@ def write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; a truncated or corrupt file is an MmzooError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MmzooError(f"{path}: not valid JSON ({exc}); it is truncated or corrupt") from exc
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` to a safetensors file and fsync it."""
     save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
@@ -323,10 +331,7 @@ def resolve_shard(path: str | Path) -> Path:
 def read_mm_meta(path: str | Path) -> dict[str, Any]:
     """The ``mm_meta.json`` of a checkpoint root, iteration or shard directory, checked."""
     file = resolve_shard(path) / META
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise MmzooError(f"{file}: not valid JSON ({exc})") from exc
+    meta = read_json(file)
     required = ("model", "variant", "config", "tp", "pp", "layout", "format_version")
     missing = [k for k in required if k not in meta]
     if missing:

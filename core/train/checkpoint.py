@@ -15,7 +15,6 @@ model is split; the scheduler and trainer state are global. Nothing is pickled.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import warnings
@@ -30,6 +29,7 @@ from mmzoo.convert.mm_checkpoint import (
     iteration_dirs,
     iteration_name,
     load_mm_weights,
+    read_json,
     read_mm_meta,
     read_tracker,
     resolve_shard,
@@ -84,7 +84,7 @@ def _write_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, s
 
 
 def _read_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, shard: Path) -> None:
-    saved = json.loads((shard / f"{OPTIMIZER}.json").read_text())
+    saved = read_json(shard / f"{OPTIMIZER}.json")
     where = shard / f"{OPTIMIZER}.json"
     if saved["type"] != type(optimizer).__name__:
         raise MmzooError(f"{where}: saved by {saved['type']}, cannot load into {type(optimizer).__name__}")
@@ -143,7 +143,7 @@ def _write_rng(shard: Path) -> None:
 
 
 def _read_rng(shard: Path) -> None:
-    info = json.loads((shard / f"{RNG}.json").read_text())
+    info = read_json(shard / f"{RNG}.json")
     with SafetensorsFile(shard / f"{RNG}.safetensors") as f:
         torch.set_rng_state(f.get_tensor("torch_cpu"))
         if info["cuda_devices"] and torch.cuda.is_available():
@@ -274,19 +274,21 @@ def load_training_checkpoint(
         raise MmzooError(f"{directory}: has no {SCHEDULER}; it was saved without a scheduler")
     if not (directory / TRAINER_STATE).is_file():
         raise MmzooError(f"{directory}: no {TRAINER_STATE}; is this a training checkpoint?")
+    trainer_state = read_json(directory / TRAINER_STATE)
+    schedule = read_json(directory / SCHEDULER) if scheduler is not None else None
 
     load_mm_weights(model, shard)
     if load_optimizer:
         assert optimizer is not None
         _read_optimizer(optimizer, model, shard)
     if scheduler is not None:
-        scheduler.load_state_dict(json.loads((directory / SCHEDULER).read_text()))
+        scheduler.load_state_dict(schedule)
     if load_rng:
         if (shard / f"{RNG}.json").is_file():
             _read_rng(shard)
         else:
             warnings.warn(f"{directory}: no RNG state saved; random streams start afresh", stacklevel=2)
-    return json.loads((directory / TRAINER_STATE).read_text())
+    return trainer_state
 
 
 __all__ = ["latest_checkpoint", "load_training_checkpoint", "remove_checkpoints", "save_training_checkpoint"]

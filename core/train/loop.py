@@ -292,6 +292,7 @@ def train(
     state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "samples": 0}
     if resume:
         checkpoint = latest_checkpoint(output)
+        assert checkpoint is not None  # _prepare_output checked it
         state = load_training_checkpoint(
             checkpoint, model, optimizer, scheduler, load_optimizer=t.load_optimizer, load_rng=t.load_rng
         )

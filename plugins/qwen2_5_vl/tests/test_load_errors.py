@@ -184,3 +184,17 @@ def test_train_resume_cli(name, run_dir, cut, tmp_path, capsys):
     file = cut(run / "iter_0000001" / "mp_rank_00" / f"{name}.safetensors")
     args = ["train", *SMALL_RUN, "--train.steps", "2", "--train.output_dir", str(run), "--resume"]
     expect_cli_error(capsys, args, file)
+
+
+@pytest.mark.parametrize(
+    "name", ["trainer_state.json", "scheduler.json", "mp_rank_00/optimizer.json", "mp_rank_00/rng.json"]
+)
+def test_train_resume_cli_truncated_json(name, run_dir, tmp_path, capsys):
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    file = run / "iter_0000001" / name
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    args = ["train", *SMALL_RUN, "--train.steps", "2", "--train.output_dir", str(run), "--resume"]
+    assert main(args) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"mmzoo: error: {file}: not valid JSON (")
+    assert last.endswith("it is truncated or corrupt")
