@@ -1,9 +1,15 @@
-"""The mm checkpoint format: save_mm / load_mm_model round trips, load_model dispatch, errors."""
+"""The mm checkpoint format: save_mm / load_mm_model round trips, load_model dispatch, errors, and
+saves that fail or are killed midway, or run beside other writers."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +17,9 @@ from safetensors.torch import load_file, save_file
 
 import mmzoo
 from mmzoo.convert.mm_checkpoint import (
+    STALE_AFTER_S,
     TRACKER,
+    clean_stale_temporaries,
     load_mm_model,
     read_mm_meta,
     save_mm,
@@ -179,3 +187,104 @@ def test_outputs_are_readable_as_the_umask_allows(model, tmp_path):
         for path in [root, *root.rglob("*")]:
             mode = path.stat().st_mode & 0o777
             assert mode == (0o755 if path.is_dir() else 0o644), f"{path}: {oct(mode)}"
+
+
+# --- re-saving an iteration, and temporaries of other writers -------------------------------------
+
+
+def other_model():
+    torch.manual_seed(1)
+    return mmzoo.build_model("qwen2_5_vl", "tiny", **TINY)
+
+
+def run_python(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    """A Python process running ``code`` with ``TINY`` and ``sys.argv[1:] = args`` (stdin/stdout pipes)."""
+    prelude = f"import json, os, sys\nTINY = json.loads({json.dumps(json.dumps(TINY))})\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", prelude + code, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_a_failed_swap_puts_the_old_copy_back(model, tmp_path, monkeypatch):
+    save_mm(model, tmp_path, 1, variant="tiny")
+    rename = Path.rename
+
+    def fail_into_place(self, target):  # the new copy's rename, after the old one moved aside
+        if Path(target).name == "iter_0000001" and "-old-" not in self.name:
+            raise OSError("injected")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", fail_into_place)
+    with pytest.raises(OSError, match="injected"):
+        save_mm(other_model(), tmp_path, 1, variant="tiny")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", TRACKER]
+    assert_same(model, load_mm_model(tmp_path))
+
+
+DIE_MID_SWAP = """
+from pathlib import Path
+import torch, mmzoo
+from mmzoo.convert.mm_checkpoint import save_mm
+rename = Path.rename
+def die_after_moving_aside(self, target):
+    rename(self, target)
+    if "-old-" in Path(target).name:
+        os._exit(3)  # killed between moving the old copy aside and renaming the new one in
+Path.rename = die_after_moving_aside
+torch.manual_seed(1)
+save_mm(mmzoo.build_model("qwen2_5_vl", "tiny", **TINY), sys.argv[1], 1, variant="tiny")
+"""
+
+
+def test_a_save_killed_mid_swap_leaves_the_tracker_naming_a_complete_copy(model, tmp_path):
+    save_mm(model, tmp_path, 1, variant="tiny")
+    assert run_python(DIE_MID_SWAP, str(tmp_path)).wait(timeout=120) == 3
+    assert not (tmp_path / "iter_0000001").exists()  # killed between the two renames
+    assert_same(model, load_mm_model(tmp_path))  # the old copy is back under its name
+    assert not [p for p in tmp_path.iterdir() if ".tmp-old-" in p.name]
+    save_mm(model, tmp_path, 2, variant="tiny")  # and the next save drops the dead writer's new copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000002", TRACKER]
+
+
+SLOW_WRITER = """
+from mmzoo.convert.mm_checkpoint import staged_iteration, write_model_shard
+import mmzoo
+with staged_iteration(sys.argv[1], 2) as tmp:
+    write_model_shard(mmzoo.build_model("qwen2_5_vl", "tiny", **TINY), tmp, variant="tiny")
+    print(tmp.name, flush=True)
+    sys.stdin.readline()  # hold the temporary until told to finish
+"""
+
+
+def test_a_save_leaves_a_live_writers_temporary_alone(model, tmp_path):
+    writer = run_python(SLOW_WRITER, str(tmp_path))
+    try:
+        temporary = tmp_path / writer.stdout.readline().strip()
+        assert temporary.is_dir()
+        save_mm(model, tmp_path, 1, variant="tiny")  # another writer into the same root meanwhile
+        assert temporary.is_dir()
+    finally:
+        writer.communicate("go\n", timeout=120)
+    assert writer.returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000002", TRACKER]
+
+
+def test_temporaries_whose_writer_cannot_be_asked_expire(tmp_path):
+    fresh = tmp_path / ".iter_0000001.tmp-123-0123abcd@another-host"  # a live save on another host
+    old = tmp_path / ".iter_0000002.tmp-456-0123abcd@another-host"
+    unnamed = tmp_path / ".iter_0000003.tmp-0123abcd"  # no writer in the name
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert ended.wait() == 0
+    gone = tmp_path / f".iter_0000004.tmp-{ended.pid}-0123abcd@{socket.gethostname()}"  # this host
+    for path in (fresh, old, unnamed, gone):
+        path.mkdir()
+    long_ago = time.time() - STALE_AFTER_S - 60
+    for path in (old, unnamed):
+        os.utime(path, (long_ago, long_ago))
+    clean_stale_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [fresh.name]

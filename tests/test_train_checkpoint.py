@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,8 +120,10 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     fresh, optimizer2, scheduler2 = make(5)
     assert load_training_checkpoint(tmp_path, fresh, optimizer2, scheduler2) == {"step": 1}
 
-    # A process killed mid-save leaves a dot-named temporary; the next save removes it.
-    stale = tmp_path / ".iter_0000002.tmp-deadbeef" / "mp_rank_00"
+    # A process killed mid-save leaves a dot-named temporary naming it; the next save removes it.
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert killed.wait() == 0
+    stale = tmp_path / f".iter_0000002.tmp-{killed.pid}-deadbeef@{socket.gethostname()}" / "mp_rank_00"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"partial")
     save_training_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"step": 2}, variant="tiny")

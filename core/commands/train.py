@@ -23,6 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML config file (see examples/configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run output_dir holds (checkpoints, metrics) and start over",
+    )
     p.add_argument("--save-hf", metavar="DIR", help="also export the final model as a HF checkpoint")
     p.set_defaults(func=run, accepts_overrides=True)
 
@@ -40,5 +45,5 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump(config), end="")
         return 0
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, overwrite=args.overwrite)
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,11 +24,14 @@ from mmzoo.convert.mapping import REPLICATE, WeightMapping
 from mmzoo.convert.mm_checkpoint import (
     FORMAT_VERSION,
     _fsync_dir,
+    clean_stale_temporaries,
     fsync_file,
     iteration_name,
+    move_into_place,
     read_mm_meta,
     resolve_shard,
     spec_and_config,
+    temporary_path,
     write_json,
     write_tracker,
 )
@@ -52,9 +54,8 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     if out.exists() and not force:
         raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed conversion
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    clean_stale_temporaries(out.parent, out.name)  # left by a killed conversion
+    tmp = temporary_path(out.parent, out.name)
     tmp.mkdir()
     try:
         yield tmp
@@ -63,13 +64,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
                 if file.is_file():
                     fsync_file(file)
             _fsync_dir(folder)
-        if out.exists():
-            old = out.parent / f".{out.name}.tmp-old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)
         _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mmzoo.errors import MmzooError
+from mmzoo.files import SafetensorsFile
 
 
 class HFCheckpoint:
-    """A Hugging Face checkpoint directory; tensors are read one at a time with ``safe_open``.
+    """A Hugging Face checkpoint directory; tensors are read one at a time (``safe_open``).
 
     Args:
         path: directory holding ``config.json`` and ``*.safetensors`` (one file, or shards with a
@@ -56,7 +56,7 @@ class HFCheckpoint:
             )
         files: dict[str, str] = {}
         for shard in shards:
-            with safe_open(shard, framework="pt") as f:
+            with SafetensorsFile(shard) as f:
                 for key in f.keys():
                     files[key] = shard.name
         return files
@@ -77,7 +77,7 @@ class HFCheckpoint:
         file = self.files[name]
         handle = self._handles.get(file)
         if handle is None:
-            handle = self._handles[file] = safe_open(self.path / file, framework="pt")
+            handle = self._handles[file] = SafetensorsFile(self.path / file)
         return handle
 
     def get(self, name: str) -> torch.Tensor:

@@ -11,6 +11,8 @@ or ``mp_rank_TT_PPP`` directory per rank; :func:`load_mm_model` merges any of th
 
 Writes are atomic: an iteration directory is written under a dot-named temporary sibling,
 its files are fsynced, it is renamed into place, and only then is the tracker replaced.
+Temporaries name their writer (``.NAME.tmp[-KIND]-PID-RANDOM@HOST``), so a clean-up removes
+only those of writers that are gone, never a live save's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mmzoo.api import apply_overrides, compose
 from mmzoo.errors import MmzooError
-from mmzoo.files import save_safetensors
+from mmzoo.files import SafetensorsFile, save_safetensors
 from mmzoo.model import VLModel
 from mmzoo.registry import get_model
 
@@ -42,6 +45,10 @@ WEIGHTS = "model.safetensors"
 META = "mm_meta.json"
 FORMAT_VERSION = 1
 _ITER = re.compile(r"iter_(\d+)")
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)\.tmp(?:-(?P<kind>[a-z]+))?-(?P<pid>\d+)-[0-9a-f]{8}@(?P<host>.+)")
+_HOST = socket.gethostname()
+# A temporary whose writer cannot be asked (another host, or a name without one) is stale after this.
+STALE_AFTER_S = 24 * 3600
 # Layer-index patterns of the mm names: they give the per-stage layer counts without
 # knowing the family.
 _VIT_LAYER = re.compile(r"vision_encoder\.blocks\.layers\.(\d+)\.")
@@ -88,6 +95,14 @@ def write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; a truncated or corrupt file is an MmzooError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MmzooError(f"{path}: not valid JSON ({exc}); it is truncated or corrupt") from exc
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` to a safetensors file and fsync it."""
     save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
@@ -103,18 +118,76 @@ def iteration_dirs(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def clean_stale_temporaries(root: Path) -> None:
-    """Remove temporary directories left by saves that did not finish (e.g. a killed process)."""
-    for stale in root.glob(".*.tmp-*"):
-        if stale.is_dir():
+def temporary_path(root: Path, name: str, kind: str = "") -> Path:
+    """A hidden sibling for ``root / name`` that names this process as its writer.
+
+    Args:
+        root: the directory it goes in.
+        name: what it becomes (or was: ``kind="old"`` for a copy moved aside).
+        kind: an optional lower-case tag, e.g. ``"old"`` or ``"del"``.
+    """
+    tag = f"-{kind}" if kind else ""
+    return root / f".{name}.tmp{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}@{_HOST}"
+
+
+def _writer_gone(path: Path) -> bool:
+    """Whether the process that made temporary ``path`` has ended.
+
+    Only a process on this host can be asked; otherwise the temporary counts as abandoned once
+    it is untouched for :data:`STALE_AFTER_S`.
+    """
+    m = _TEMPORARY.fullmatch(path.name)
+    if m and m["host"] == _HOST and os.name == "posix":
+        try:
+            os.kill(int(m["pid"]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # it exists, under another user
+            return False
+        return False
+    return time.time() - path.lstat().st_mtime > STALE_AFTER_S
+
+
+def clean_stale_temporaries(root: Path, name: str = "*") -> None:
+    """Remove the temporaries of ``root / name`` whose writers are gone (e.g. a killed save).
+
+    A directory a killed save had moved aside (``kind="old"``) while its replacement was not yet
+    in place is renamed back, so the tracker names a complete directory again.
+    """
+    for stale in root.glob(f".{name}.tmp-*"):
+        if not _writer_gone(stale):
+            continue
+        m = _TEMPORARY.fullmatch(stale.name)
+        if m and m["kind"] == "old" and not (root / m["name"]).exists():
+            stale.rename(root / m["name"])
+        elif stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
 
 
+def move_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and dropped after.
+
+    If the second rename fails, the old copy is put back; if the process dies between the two,
+    :func:`clean_stale_temporaries` (run by the next save, or by :func:`read_tracker`) does.
+    """
+    if not final.exists():
+        tmp.rename(final)
+        return
+    old = temporary_path(final.parent, final.name, "old")
+    final.rename(old)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_tracker(root: Path, iteration: int | None) -> None:
     """Point ``root``'s tracker at ``iteration`` with an atomic replace."""
-    tmp = root / f".{TRACKER}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_path(root, TRACKER)
     with open(tmp, "w") as f:
         f.write("release" if iteration is None else str(iteration))
         f.flush()
@@ -132,19 +205,13 @@ def staged_iteration(root: str | Path, iteration: int | None) -> Iterator[Path]:
     root.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(root)
     final = root / iteration_name(iteration)
-    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_path(root, final.name)
     tmp.mkdir()
     try:
         yield tmp
         for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             _fsync_dir(sub)
-        if final.exists():  # re-saving an iteration: move the old copy aside, then drop it
-            old = root / f".{final.name}.tmp-old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        move_into_place(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,6 +276,11 @@ def read_tracker(root: str | Path) -> Path | None:
         raise MmzooError(f"{tracker}: expected an iteration number or 'release', found '{text[:40]}'")
     directory = root / iteration_name(None if text == "release" else int(text))
     if not directory.is_dir():
+        try:  # a save killed while re-saving this iteration left its old copy aside
+            clean_stale_temporaries(root, directory.name)
+        except OSError:  # e.g. a read-only checkpoint: report it as it is
+            pass
+    if not directory.is_dir():
         raise MmzooError(f"{tracker} names '{text}' but {directory} is missing; the checkpoint is incomplete")
     return directory
 
@@ -259,10 +331,7 @@ def resolve_shard(path: str | Path) -> Path:
 def read_mm_meta(path: str | Path) -> dict[str, Any]:
     """The ``mm_meta.json`` of a checkpoint root, iteration or shard directory, checked."""
     file = resolve_shard(path) / META
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise MmzooError(f"{file}: not valid JSON ({exc})") from exc
+    meta = read_json(file)
     required = ("model", "variant", "config", "tp", "pp", "layout", "format_version")
     missing = [k for k in required if k not in meta]
     if missing:
@@ -287,7 +356,7 @@ def load_mm_weights(model: torch.nn.Module, shard: Path) -> None:
     if not file.is_file():
         raise MmzooError(f"{shard}: no {WEIGHTS}; the checkpoint is incomplete")
     params = dict(model.named_parameters())
-    with safe_open(file, framework="pt") as f:
+    with SafetensorsFile(file) as f:
         keys = set(f.keys())
         missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
         if missing:
@@ -318,7 +387,7 @@ def _dtype(dtype: torch.dtype | str | None, shard: Path) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if dtype == "auto":
-        with safe_open(shard / WEIGHTS, framework="pt") as f:
+        with SafetensorsFile(shard / WEIGHTS) as f:
             first = next(iter(f.keys()), None)
             return f.get_tensor(first).dtype if first is not None else torch.float32
     resolved = getattr(torch, dtype, None)

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
 
 from mmzoo.convert.hf_checkpoint import HFCheckpoint
 from mmzoo.convert.mapping import Rule, WeightMapping
 from mmzoo.convert.parallel import Entry, ParallelLayout, merge_tp
 from mmzoo.convert.safetensors_stream import DTYPE_NAMES
 from mmzoo.errors import MmzooError
+from mmzoo.files import SafetensorsFile
 
 META = "mm_meta.json"
 WEIGHTS = "model.safetensors"
@@ -178,7 +178,7 @@ class MMSource:
             self._read_since_reopen = 0
         handle = self._handles.get(shard)
         if handle is None:
-            handle = self._handles[shard] = safe_open(shard / WEIGHTS, framework="pt")
+            handle = self._handles[shard] = SafetensorsFile(shard / WEIGHTS)
         return handle
 
     def check(self) -> None:
@@ -191,7 +191,7 @@ class MMSource:
                     f"{shard}: missing; a tp={self.layout.tp} pp={self.layout.pp} checkpoint needs it"
                 )
             want = {e.name for e in self.layout.stage_entries(self.mapping, pp_rank)}
-            with safe_open(file, framework="pt") as f:
+            with SafetensorsFile(file) as f:
                 have = set(f.keys())
             missing, unexpected = sorted(want - have), sorted(have - want)
             if missing:

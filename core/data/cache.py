@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mmzoo.data.pipeline import Prepared
-from mmzoo.files import fsync_dir, fsync_file, save_safetensors, share_dir
+from mmzoo.files import SafetensorsFile, fsync_dir, fsync_file, save_safetensors, share_dir
 
 INDEX = "index.json"
 SHARD_BYTES = 256 << 20
@@ -139,7 +138,7 @@ class CacheEntry(Sequence[Prepared]):
         entry = self.entries[i]
         handle = self._handles.get(entry["shard"])
         if handle is None:
-            handle = safe_open(self.path / self.shards[entry["shard"]], framework="pt")
+            handle = SafetensorsFile(self.path / self.shards[entry["shard"]])
             self._handles[entry["shard"]] = handle
         return Prepared(
             input_ids=handle.get_tensor(f"{i}.input_ids"),

@@ -16,33 +16,34 @@ model is split; the scheduler and trainer state are global. Nothing is pickled.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from mmzoo.convert.mm_checkpoint import (
+    TRACKER,
     is_mm_checkpoint,
     iteration_dirs,
     iteration_name,
     load_mm_weights,
+    read_json,
     read_mm_meta,
     read_tracker,
     resolve_iteration,
     resolve_shard,
     staged_iteration,
+    temporary_path,
     write_json,
     write_model_shard,
     write_tensors,
 )
 from mmzoo.errors import MmzooError
+from mmzoo.files import SafetensorsFile
 
 OPTIMIZER = "optimizer"
 RNG = "rng"
@@ -87,7 +88,7 @@ def _write_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, s
 
 
 def _read_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, shard: Path) -> None:
-    saved = json.loads((shard / f"{OPTIMIZER}.json").read_text())
+    saved = read_json(shard / f"{OPTIMIZER}.json")
     where = shard / f"{OPTIMIZER}.json"
     if saved["type"] != type(optimizer).__name__:
         raise MmzooError(f"{where}: saved by {saved['type']}, cannot load into {type(optimizer).__name__}")
@@ -106,7 +107,7 @@ def _read_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, sh
             )
     index = {n: i for i, n in enumerate(n for g in groups for n in g)}
     state: dict[int, dict[str, Any]] = {}
-    with safe_open(shard / f"{OPTIMIZER}.safetensors", framework="pt") as f:
+    with SafetensorsFile(shard / f"{OPTIMIZER}.safetensors") as f:
         for key in f.keys():
             name, _, field = key.rpartition("/")
             state.setdefault(index[name], {})[field] = f.get_tensor(key)
@@ -146,8 +147,8 @@ def _write_rng(shard: Path) -> None:
 
 
 def _read_rng(shard: Path) -> None:
-    info = json.loads((shard / f"{RNG}.json").read_text())
-    with safe_open(shard / f"{RNG}.safetensors", framework="pt") as f:
+    info = read_json(shard / f"{RNG}.json")
+    with SafetensorsFile(shard / f"{RNG}.safetensors") as f:
         torch.set_rng_state(f.get_tensor("torch_cpu"))
         if info["cuda_devices"] and torch.cuda.is_available():
             for i in range(min(info["cuda_devices"], torch.cuda.device_count())):
@@ -159,13 +160,25 @@ def _read_rng(shard: Path) -> None:
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
 
 
+def _remove(iteration: Path) -> None:
+    # Hide it first so a crash mid-delete leaves no half-deleted iter_* in view.
+    hidden = temporary_path(iteration.parent, iteration.name, "del")
+    iteration.rename(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def _prune(root: Path, keep_last: int, current: Path) -> None:
     others = [p for _, p in iteration_dirs(root) if p != current]
     for old in others[: max(0, len(others) - (keep_last - 1))]:
-        # Hide it first so a crash mid-delete leaves no half-deleted iter_* in view.
-        hidden = root / f".{old.name}.tmp-del-{uuid.uuid4().hex[:8]}"
-        old.rename(hidden)
-        shutil.rmtree(hidden, ignore_errors=True)
+        _remove(old)
+
+
+def remove_checkpoints(output_dir: str | Path) -> None:
+    """Delete a run directory's tracker (first, so it never names a deleted directory) and iterations."""
+    root = Path(output_dir)
+    (root / TRACKER).unlink(missing_ok=True)
+    for _, iteration in iteration_dirs(root):
+        _remove(iteration)
 
 
 def save_training_checkpoint(
@@ -232,10 +245,7 @@ def trained_media(path: str | Path) -> dict[str, Any]:
     file = resolve_iteration(path) / MEDIA
     if not file.is_file():
         return {}
-    try:
-        media = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise MmzooError(f"{file}: not valid JSON ({exc})") from exc
+    media = read_json(file)
     if not isinstance(media, dict):
         raise MmzooError(f"{file}: expected a mapping of media options, found {type(media).__name__}")
     return media
@@ -290,19 +300,27 @@ def load_training_checkpoint(
         raise MmzooError(f"{directory}: has no {SCHEDULER}; it was saved without a scheduler")
     if not (directory / TRAINER_STATE).is_file():
         raise MmzooError(f"{directory}: no {TRAINER_STATE}; is this a training checkpoint?")
+    trainer_state = read_json(directory / TRAINER_STATE)
+    schedule = read_json(directory / SCHEDULER) if scheduler is not None else None
 
     load_mm_weights(model, shard)
     if load_optimizer:
         assert optimizer is not None
         _read_optimizer(optimizer, model, shard)
     if scheduler is not None:
-        scheduler.load_state_dict(json.loads((directory / SCHEDULER).read_text()))
+        scheduler.load_state_dict(schedule)
     if load_rng:
         if (shard / f"{RNG}.json").is_file():
             _read_rng(shard)
         else:
             warnings.warn(f"{directory}: no RNG state saved; random streams start afresh", stacklevel=2)
-    return json.loads((directory / TRAINER_STATE).read_text())
+    return trainer_state
 
 
-__all__ = ["latest_checkpoint", "load_training_checkpoint", "save_training_checkpoint", "trained_media"]
+__all__ = [
+    "latest_checkpoint",
+    "load_training_checkpoint",
+    "remove_checkpoints",
+    "save_training_checkpoint",
+    "trained_media",
+]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,14 +23,20 @@ from tqdm import tqdm
 import mmzoo
 import mmzoo_kernels
 from mmzoo.config import Config, TrainConfig
+from mmzoo.convert.mm_checkpoint import TRACKER, iteration_name
 from mmzoo.data.dataset import VLDataset, build_dataset
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
 from mmzoo.nn.recompute import set_recompute
 from mmzoo.registry import ModelSpec
-from mmzoo.train.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
-from mmzoo.train.metrics import MetricsLog
+from mmzoo.train.checkpoint import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    remove_checkpoints,
+    save_training_checkpoint,
+)
+from mmzoo.train.metrics import METRICS, TENSORBOARD, MetricsLog
 from mmzoo.train.optim import freeze, make_optimizer, make_scheduler, trainable_summary
 
 DEMO_DATA = Path(mmzoo.__file__).parent / "demo" / "demo.jsonl"
@@ -33,6 +44,8 @@ OOM_HELP = (
     "out of memory; lower data.seq_length or train.micro_batch_size, turn on activation recompute "
     "(model.recompute_text.granularity=full), lower data.media.max_pixels, or freeze the vision tower"
 )
+# fp16 autocast and loss scaling also run on the CPU, slowly; bf16 is the CPU choice.
+FP16_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -109,6 +122,107 @@ def build(cfg: Config, spec: ModelSpec) -> tuple[VLModel, Any]:
     return model, tokenizer
 
 
+def _check_lr(lr: float) -> None:
+    """``train.lr`` must be a usable AdamW peak learning rate: finite and in [0, 1]."""
+    if not (math.isfinite(lr) and 0 <= lr <= 1):
+        raise MmzooError(
+            f"train.lr: {lr:g} is not a usable learning rate; AdamW moves each weight by about lr "
+            "per step, so give a finite value in [0, 1], e.g. 1e-5 for fine-tuning"
+        )
+
+
+def _check_save_hf(hf: Path, output: Path) -> None:
+    """``train.save_hf`` is replaced at the end of the run: it must be new or an HF checkpoint."""
+    existing = next(p for p in (hf, *hf.parents) if p.exists())
+    if not existing.is_dir():
+        raise MmzooError(f"train.save_hf: {existing} is a file; give a directory path")
+    if existing == hf and any(hf.iterdir()) and not (hf / "config.json").is_file():
+        raise MmzooError(
+            f"train.save_hf: {hf} is a directory but not a Hugging Face checkpoint, and the export "
+            "replaces it; give a new directory"
+        )
+    if hf == output or hf in output.parents:
+        raise MmzooError(f"train.save_hf: {hf} holds train.output_dir {output}; give a directory outside it")
+
+
+def _prepare_output(t: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
+    """Check the paths the run writes before any work; returns the output directory (created).
+
+    An output directory that holds an earlier run needs ``resume`` or ``overwrite``.
+    """
+    if resume and overwrite:
+        raise MmzooError("give either --resume (continue the run) or --overwrite (start over), not both")
+    output = Path(t.output_dir).absolute()
+    if output.exists() and not output.is_dir():
+        raise MmzooError(f"train.output_dir: {output} is a file; give a directory path")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MmzooError(f"train.output_dir: cannot create {output} ({exc.strerror})") from exc
+    if not os.access(output, os.W_OK):
+        raise MmzooError(f"train.output_dir: {output} is not writable")
+    if t.save_hf:
+        _check_save_hf(Path(t.save_hf).absolute(), output)
+    checkpoint = latest_checkpoint(output)
+    if resume and checkpoint is None:
+        raise MmzooError(f"--resume: no checkpoint in {output} (no {TRACKER})")
+    if not (resume or overwrite) and checkpoint is not None:
+        raise MmzooError(
+            f"train.output_dir {output} already holds a run (checkpoint {checkpoint.name}); "
+            "pass --resume to continue it or --overwrite to delete it and start over"
+        )
+    if not (resume or overwrite) and (output / METRICS).is_file():
+        raise MmzooError(
+            f"train.output_dir {output} already holds the {METRICS} of a run that saved no checkpoint; "
+            "pass --overwrite to delete it and start over"
+        )
+    return output
+
+
+def _start_over(output: Path) -> None:
+    """Delete an earlier run's checkpoints, metrics and TensorBoard events (``--overwrite``)."""
+    remove_checkpoints(output)
+    (output / METRICS).unlink(missing_ok=True)
+    shutil.rmtree(output / TENSORBOARD, ignore_errors=True)
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
+
+    An optimizer step and its bookkeeping (scheduler, step counter, metrics row) then happen
+    together or not at all, so an interrupted run never saves step N's weights as step N-1.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # only the main thread receives signals; None: a handler Python cannot restore
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        signal.raise_signal(signal.SIGINT)  # to the handler that was there: KeyboardInterrupt
+
+
+def _check_resumed_length(state: dict[str, Any], total: int) -> None:
+    """A resumed run of another length splices two learning-rate schedules: warn (or fail if done)."""
+    if state["step"] > total:
+        raise MmzooError(
+            f"--resume: the checkpoint is at step {state['step']}, past this run's {total} steps; "
+            "raise train.steps (or train.epochs)"
+        )
+    saved = state.get("total_steps")
+    if saved is not None and saved != total:
+        print(
+            f"mmzoo: warning: the resumed run was {saved} steps long and this one is {total}: the learning "
+            f"rate followed the {saved}-step schedule up to step {state['step']} and follows the "
+            f"{total}-step one from there",
+            file=sys.stderr,
+        )
+
+
 def _steps(dataset: VLDataset, cfg: Config, epoch: int, position: int) -> Iterator[list[MicroBatch]]:
     """The micro-batches of each optimizer step, forever, starting at ``position`` of ``epoch``.
 
@@ -168,12 +282,24 @@ def _forward_backward(
     return step_loss
 
 
-def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = print) -> TrainResult:
-    """Run training as configured; returns what was written. Errors are :class:`MmzooError`."""
+def train(
+    cfg: Config, *, resume: bool = False, overwrite: bool = False, out: Callable[[str], None] = print
+) -> TrainResult:
+    """Run training as configured; returns what was written. Errors are :class:`MmzooError`.
+
+    Args:
+        cfg: the configuration.
+        resume: continue the run in ``train.output_dir`` from its latest checkpoint.
+        overwrite: delete the run ``train.output_dir`` holds (checkpoints, metrics) and start over;
+            without it (or ``resume``) a directory holding a run is an error.
+        out: receives the progress lines.
+    """
     t = cfg.train
+    _check_lr(t.lr)
+    output = _prepare_output(t, resume=resume, overwrite=overwrite)
     seed_everything(t.seed)
     device = resolve_device(t.device)
-    if t.precision == "fp16" and device.type != "cuda":
+    if t.precision == "fp16" and device.type not in FP16_DEVICES:
         raise MmzooError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 here")
     spec = mmzoo.get_model(cfg.model.name)
     if cfg.data.data == "demo":
@@ -191,17 +317,19 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
     per_epoch = steps_per_epoch(dataset, t)
     total = t.steps if t.steps > 0 else sum(per_epoch)
     scheduler = make_scheduler(optimizer, t, total)
-    output = Path(t.output_dir).absolute()
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "samples": 0}
     if resume:
         checkpoint = latest_checkpoint(output)
-        if checkpoint is None:
-            raise MmzooError(f"--resume: no checkpoint in {output} (no latest_checkpointed_iteration.txt)")
+        assert checkpoint is not None  # _prepare_output checked it
         state = load_training_checkpoint(
             checkpoint, model, optimizer, scheduler, load_optimizer=t.load_optimizer, load_rng=t.load_rng
         )
         out(f"resumed from {checkpoint} at step {state['step']}")
+        _check_resumed_length(state, total)
+    elif overwrite:
+        _start_over(output)
+    state["total_steps"] = total
 
     origin = f"{variant or 'no registered variant'}" + (f", from {cfg.model.load}" if cfg.model.load else "")
     out(f"model {spec.name} ({origin}) on {device}, {len(dataset)} samples")
@@ -213,7 +341,7 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
     out(f"training {total - state['step']} steps ({each} per epoch), output in {output}")
 
     metrics = MetricsLog(output, t.tensorboard, start_step=state["step"])
-    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
     params = [p for p in model.parameters() if p.requires_grad]
     steps = _steps(dataset, cfg, state["epoch"], state["position"])
@@ -234,6 +362,8 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
     first_step = state["step"]
 
     def save() -> Path:
+        if last_saved is not None and last_saved.name == iteration_name(state["step"]):
+            return last_saved  # e.g. resuming a finished run: nothing new to save
         return save_training_checkpoint(
             output,
             state["step"],
@@ -273,7 +403,9 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
             # ``state`` moves to this step only once its update is done: a Ctrl-C before that
             # saves the previous step, whose weights, optimizer and data position agree.
             finished = {"step": step, "epoch": group[-1].epoch, "position": group[-1].position}
-            if not (math.isfinite(value) and math.isfinite(norm)) and scaler is None:
+            # With fp16 loss scaling an infinite gradient norm is an overflow the scaler handles
+            # (it skips the update and lowers the scale); a non-finite loss is not.
+            if not math.isfinite(value) or (scaler is None and not math.isfinite(norm)):
                 if t.on_nonfinite == "stop":
                     where = (
                         f"the last good checkpoint is {last_saved}"
@@ -285,39 +417,43 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
                         f"{where}. "
                         "Lower train.lr, check the data, or set train.on_nonfinite=skip"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state.update(finished)
+                with _interrupts_held():
+                    if scaler:
+                        scaler.update()  # clears the unscale_ record (and lowers the scale)
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    state.update(finished)
                 bar.update(1)
                 tqdm.write(f"step {state['step']}/{total}: non-finite loss {value}, update skipped")
                 continue
             lr = scheduler.get_last_lr()[0]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.update(finished)
+            with _interrupts_held():
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.update(finished)
 
-            seconds = time.monotonic() - step_start
-            state["tokens"] += tokens
-            state["samples"] += samples
-            run_tokens += tokens
-            losses.append(value)
-            row = {
-                "step": state["step"],
-                "loss": value,
-                "lr": lr,
-                "grad_norm": norm,
-                "tokens": tokens,
-                "tokens_per_s": tokens / seconds,
-                "samples_per_s": samples / seconds,
-                "seconds": seconds,
-                "epoch": state["epoch"],
-            }
-            metrics.log(row)
+                seconds = time.monotonic() - step_start
+                state["tokens"] += tokens
+                state["samples"] += samples
+                run_tokens += tokens
+                losses.append(value)
+                row = {
+                    "step": state["step"],
+                    "loss": value,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "tokens": tokens,
+                    "tokens_per_s": tokens / seconds,
+                    "samples_per_s": samples / seconds,
+                    "seconds": seconds,
+                    "epoch": state["epoch"],
+                }
+                metrics.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if state["step"] % t.log_every == 0 or state["step"] == total:
@@ -335,7 +471,7 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
         interrupted = True
         bar.close()
         out(f"interrupted at step {state['step']}: saving a checkpoint")
-        if state["step"] and (last_saved is None or not last_saved.name.endswith(f"{state['step']:07d}")):
+        if state["step"]:
             last_saved = save()
     except torch.OutOfMemoryError as exc:
         raise MmzooError(OOM_HELP) from exc

@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+
 
 class MetricsLog:
     """Appends one JSON line per step and mirrors scalars to TensorBoard.
@@ -21,7 +24,7 @@ class MetricsLog:
 
     def __init__(self, output_dir: Path, tensorboard: bool = True, start_step: int = 0) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / METRICS
         kept = []
         if start_step > 0 and self.path.is_file():
             for line in self.path.read_text().splitlines():
@@ -39,7 +42,7 @@ class MetricsLog:
             except ImportError:  # tensorboard is optional
                 pass
             else:
-                self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(output_dir / TENSORBOARD))
 
     @property
     def tensorboard_dir(self) -> Path | None:

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import mmzoo
 import mmzoo.data.tokenizer as tokenizer_module
+import mmzoo.train.loop as loop
 from mmzoo.cli import main
 from mmzoo.config import DataConfig, RecomputeConfig, load_config, to_dict
 from mmzoo.data.collate import collate_packed, collate_padded
@@ -178,11 +183,58 @@ def test_resume_is_exact(reference, tmp_path, monkeypatch):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_fresh_run_starts_a_fresh_metrics_file(tmp_path):
-    train(config(tmp_path, "--train.steps", "2", "--data.max_samples", "2"), out=quiet)
-    train(config(tmp_path, "--train.steps", "1", "--data.max_samples", "2"), out=quiet)
+def test_a_second_run_into_a_run_needs_resume_or_overwrite(tmp_path, capsys):
+    args = ["train", *SMALL, "--data.max_samples", "2", "--train.output_dir", str(tmp_path), "--train.steps"]
+    assert main([*args, "2"]) == 0
+    before = (tmp_path / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*args, "1"]) == 2
+    assert capsys.readouterr().err == (  # one line, before any preprocessing
+        f"mmzoo: error: train.output_dir {tmp_path} already holds a run (checkpoint iter_0000002); "
+        "pass --resume to continue it or --overwrite to delete it and start over\n"
+    )
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert main([*args, "1", "--resume", "--overwrite"]) == 2
+    assert "give either --resume (continue the run) or --overwrite" in capsys.readouterr().err
+
+    assert main([*args, "1", "--overwrite"]) == 0  # starts clean
     assert [r["step"] for r in metrics(tmp_path)] == [1]
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000001"]
+
+
+def test_metrics_without_a_checkpoint_need_overwrite(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 11.9}\n')  # killed before its first save
+    assert main(["train", *SMALL, "--train.output_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"mmzoo: error: train.output_dir {tmp_path} already holds the metrics.jsonl of a run that saved "
+        "no checkpoint; pass --overwrite to delete it and start over\n"
+    )
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 11.9}\n'
+
+
+def test_resume_with_another_length_warns(reference, tmp_path, capsys):
+    run = shutil.copytree(reference[1], tmp_path / "run")
+    tracker = run / "iter_0000006" / "mp_rank_00" / "model.safetensors"
+    saved = tracker.stat()
+    # The same length: a finished run has nothing to do, and its checkpoint is not rewritten.
+    result = train(config(run, *REFERENCE), resume=True, out=quiet)
+    assert result.losses == [] and result.checkpoint == run / "iter_0000006"
+    assert tracker.stat().st_ino == saved.st_ino and tracker.stat().st_mtime_ns == saved.st_mtime_ns
+    assert "warning" not in capsys.readouterr().err
+
+    with pytest.raises(mmzoo.MmzooError, match="checkpoint is at step 6, past this run's 4 steps"):
+        train(config(run, *REFERENCE, "--train.steps", "4"), resume=True, out=quiet)
+    result = train(config(run, *REFERENCE, "--train.steps", "7"), resume=True, out=quiet)
+    assert len(result.losses) == 1 and result.checkpoint == run / "iter_0000007"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "mmzoo: warning: the resumed run was 6 steps long and this one is 7: the learning rate followed "
+        "the 6-step schedule up to step 6 and follows the 7-step one from there"
+    ]
+    state = json.loads((run / "iter_0000007" / "trainer_state.json").read_text())
+    assert state["step"] == 7 and state["total_steps"] == 7
 
 
 def plan_of(cfg, epochs: int) -> tuple[list[list[list[int]]], list[int]]:
@@ -572,6 +624,94 @@ def test_ctrl_c_between_the_step_and_its_update(reference, tmp_path, monkeypatch
     assert cut.losses == reference[0].losses[:3]
     name = "iter_0000003/trainer_state.json"
     assert json.loads((tmp_path / name).read_text()) == json.loads((reference[1] / name).read_text())
+
+
+def test_ctrl_c_right_after_the_optimizer_step(reference, tmp_path):
+    """A Ctrl-C just after step 3's optimizer.step(): the step's bookkeeping completes, then the run
+    saves step 3 (the weights after 3 steps, under iteration 3) with step 3's metrics row."""
+    steps = 0
+
+    def ctrl_c(optimizer, args, kwargs):
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = register_optimizer_step_post_hook(ctrl_c)
+    try:
+        cut = train(config(tmp_path, *REFERENCE), out=quiet)
+    finally:
+        handle.remove()
+    assert cut.interrupted and cut.checkpoint == tmp_path / "iter_0000003"
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000003"]
+    assert [r["loss"] for r in metrics(tmp_path)] == reference[0].losses[:3]
+    expected, got = weights(reference[1] / "iter_0000003"), weights(cut.checkpoint)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    name = "iter_0000003/trainer_state.json"
+    assert json.loads((tmp_path / name).read_text()) == json.loads((reference[1] / name).read_text())
+
+
+def fp16_on_cpu(monkeypatch):
+    """fp16 autocast and loss scaling run on the CPU too (slowly, so users are steered to bf16)."""
+    monkeypatch.setattr(loop, "FP16_DEVICES", ("cuda", "cpu"))
+    return ["--train.precision", "fp16", "--train.device", "cpu", "--data.max_samples", "1"]
+
+
+def test_fp16_nonfinite_loss_stops(tmp_path, monkeypatch, capsys):
+    args = ["train", *SMALL, *fp16_on_cpu(monkeypatch), "--train.output_dir", str(tmp_path)]
+    Faults(monkeypatch, {2: "nan"})
+    assert main([*args, "--train.steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan) or gradient norm (nan) at step 2; no checkpoint was saved yet" in err
+    assert [r["step"] for r in metrics(tmp_path)] == [1]
+
+
+def test_fp16_nonfinite_loss_skip_continues(tmp_path, monkeypatch):
+    extra = [*fp16_on_cpu(monkeypatch), "--train.steps", "3", "--train.on_nonfinite", "skip"]
+    Faults(monkeypatch, {2: "nan"})
+    result = train(config(tmp_path, *extra), out=quiet)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 3]  # step 3 ran after the skipped one
+    assert all(torch.isfinite(torch.tensor(result.losses))) and len(result.losses) == 2
+    assert all(torch.isfinite(t).all() for t in weights(result.checkpoint).values())
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("keep")
+    base = ["train", *SMALL, "--train.steps", "1"]
+    assert main([*base, "--train.output_dir", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mmzoo: error: train.output_dir: {file} is a file; give a directory path\n"
+    assert main([*base, "--train.output_dir", str(file / "run")]) == 2
+    assert capsys.readouterr().err == (
+        f"mmzoo: error: train.output_dir: cannot create {file / 'run'} (Not a directory)\n"
+    )
+    run = tmp_path / "run"
+    assert main([*base, "--train.output_dir", str(run), "--save-hf", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mmzoo: error: train.save_hf: {file} is a file; give a directory path\n"
+    # The export replaces its directory: never one that is not a checkpoint, nor the run's own.
+    assert main([*base, "--train.output_dir", str(run), "--save-hf", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        f"mmzoo: error: train.save_hf: {tmp_path} is a directory but not a Hugging Face checkpoint, and "
+        "the export replaces it; give a new directory\n"
+    )
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    inside = tmp_path / "hf" / "run"
+    assert main([*base, "--train.output_dir", str(inside), "--save-hf", str(tmp_path / "hf")]) == 2
+    assert f"train.save_hf: {tmp_path / 'hf'} holds train.output_dir {inside}" in capsys.readouterr().err
+    assert file.read_text() == "keep" and not (tmp_path / "hf" / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("lr", ["1e38", "inf", "nan", "-1e-4", "1.5"])
+def test_unusable_learning_rate(lr, tmp_path, capsys):
+    assert main(["train", "--train.lr", lr, "--train.output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmzoo: error: train.lr: {float(lr):g} is not a usable learning rate;")
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()  # nothing done
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
