@@ -50,7 +50,7 @@ def test_release_round_trip_is_bitwise_and_gives_the_same_logits(model, tmp_path
 
     meta = read_mm_meta(tmp_path)
     assert meta["model"] == "qwen2_5_vl" and meta["variant"] == "tiny"
-    assert (meta["tp"], meta["pp"], meta["layout"], meta["format_version"]) == (1, 1, "fused", 1)
+    assert (meta["tp"], meta["pp"], meta["layout"], meta["format_version"]) == (1, 1, "fused", 2)
     assert meta["vit_pp_layers"] == [4] and meta["llm_pp_layers"] == [3]
     assert meta["config"]["text"]["num_layers"] == 3
     assert set(load_file(out / "mp_rank_00" / "model.safetensors")) == set(model.state_dict())
@@ -128,10 +128,10 @@ def test_errors(model, tmp_path):
     _edit_meta(tmp_path, model="qwen2_5_vl", variant="huge")
     with pytest.raises(mmzoo.MmzooError, match=r"has no variant 'huge'"):
         load_mm_model(tmp_path)
-    _edit_meta(tmp_path, variant="tiny", format_version=2)
-    with pytest.raises(mmzoo.MmzooError, match=r"format_version 2 is newer"):
+    _edit_meta(tmp_path, variant="tiny", format_version=3)
+    with pytest.raises(mmzoo.MmzooError, match=r"format_version 3 is newer"):
         load_mm_model(tmp_path)
-    _edit_meta(tmp_path, format_version=1, tp=2)
+    _edit_meta(tmp_path, format_version=2, tp=2)
     with pytest.raises(mmzoo.MmzooError, match=r"mp_rank_01: missing; a tp=2 pp=1 checkpoint needs it"):
         load_mm_model(tmp_path)
     _edit_meta(tmp_path, tp=1)

@@ -155,7 +155,7 @@ def train(cfg: Config, *, resume: bool = False, out: Callable[[str], None] = pri
     dataset = build_dataset(spec, model.config, tokenizer, cfg.data)
 
     freeze(model, cfg.model.freeze, spec.freeze_groups)
-    set_recompute(model.vision_encoder, cfg.model.recompute_vision)
+    set_recompute(model.image_encoder.encoder, cfg.model.recompute_vision)
     set_recompute(model.text_decoder, cfg.model.recompute_text)
     model.to(device).train()
     optimizer = make_optimizer(model, t, device)
