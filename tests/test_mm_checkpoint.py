@@ -13,6 +13,7 @@ import mmzoo
 from mmzoo.convert.mm_checkpoint import (
     TRACKER,
     load_mm_model,
+    load_mm_weights,
     read_mm_meta,
     save_mm,
 )
@@ -149,6 +150,30 @@ def test_errors(model, tmp_path):
         load_mm_model(tmp_path)
     with pytest.raises(mmzoo.MmzooError, match="no such checkpoint directory"):
         load_mm_model(tmp_path / "nowhere")
+
+
+def test_format_1_names_load_but_do_not_resume(model, tmp_path):
+    """mmzoo's format 1 named the vision tower and projector vision_encoder.* and projector.*."""
+    save_mm(model, tmp_path, variant="tiny")
+    state = load_file(_weights(tmp_path))
+    old = {
+        "image_encoder.encoder.": "vision_encoder.",
+        "image_encoder.projector.layernorm.": "projector.layernorm.",
+        "image_encoder.projector.encoder.": "projector.",
+    }
+    renamed = {}
+    for name, tensor in state.items():
+        prefix = next((p for p in old if name.startswith(p)), "")
+        renamed[old.get(prefix, "") + name[len(prefix) :]] = tensor
+    assert (
+        "projector.linear_fc2.bias" in renamed
+        and "vision_encoder.blocks.layers.3.mlp.linear_fc1.bias" in renamed
+    )
+    save_file(renamed, _weights(tmp_path))
+    _edit_meta(tmp_path, format_version=1)
+    assert_same(model, load_mm_model(tmp_path))
+    with pytest.raises(mmzoo.MmzooError, match=r"format_version 1: other parameter names.*start a new run"):
+        load_mm_weights(model, tmp_path / "release" / "mp_rank_00")
 
 
 def test_failed_save_changes_nothing(model, tmp_path, monkeypatch):

@@ -30,8 +30,8 @@ def read_model_state(file: Path) -> dict[str, torch.Tensor]:
     """
     if not zipfile.is_zipfile(file):
         raise MmzooError(
-            f"{file}: not a torch.save zip archive (empty, corrupt, or saved in torch's legacy "
-            "format); convert or copy the checkpoint again"
+            f"{file}: not a torch.save zip archive (empty, truncated, corrupt, or saved in torch's "
+            "legacy format); convert or copy the checkpoint again"
         )
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

@@ -295,8 +295,13 @@ def load_mm_weights(model: torch.nn.Module, shard: Path) -> None:
     """Copy ``shard/model.safetensors`` into ``model``'s parameters in place, one tensor at a time.
 
     Names are compared before any tensor is read; missing, unexpected and mis-shaped names
-    are MmzooErrors.
+    are MmzooErrors, and so is a shard of format 1 (its names are not the model's).
     """
+    if read_mm_meta(shard)["format_version"] < FORMAT_VERSION:
+        raise MmzooError(
+            f"{shard}: written by an earlier mmzoo (format_version 1: other parameter names); its "
+            "training state cannot be resumed: start a new run from its weights (model.load)"
+        )
     file = shard / WEIGHTS
     if not file.is_file():
         raise MmzooError(f"{shard}: no {WEIGHTS}; the checkpoint is incomplete")

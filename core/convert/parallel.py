@@ -240,7 +240,7 @@ class ParallelLayout:
         assert rule.mm is not None
         kind = COLUMN if rule.tp == GLU else rule.tp  # a GLU split of [gate; up] is a row split of each
         module, _, param = name.rpartition(".")
-        if self.legacy:
+        if self.legacy:  # format 1: "<module>.<q|k|v|gate|up>.<param>"
             op = _legacy_op(rule.op)
             names = [f"{module}.{p.removesuffix('_proj')}.{param}" for p in op.part_names]
         else:

@@ -1,7 +1,8 @@
-"""Streaming mm shards and HF safetensors files out of a :class:`~mmzoo.convert.sources.TensorSource`.
+"""Writing mm shards and HF safetensors files out of a :class:`~mmzoo.convert.sources.TensorSource`.
 
-Every output file's header is computed from the source's headers first; tensors are then
-produced one at a time, split, and appended. Memory holds one full tensor and its slices.
+Every safetensors file's header is computed from the source's headers first; tensors are then
+produced one at a time, split, and appended: memory holds one full tensor and its slices.
+MindSpeed-MM's ``model_optim_rng.pt`` shards cannot be streamed: each is built in memory.
 """
 
 from __future__ import annotations
