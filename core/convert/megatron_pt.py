@@ -13,6 +13,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,39 +23,54 @@ MEGATRON_WEIGHTS = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0  # what MindSpeed-MM writes; Megatron checks it on load
 
 
-def read_model_state(file: Path) -> dict[str, torch.Tensor]:
-    """The ``'model'`` state dict of a ``model_optim_rng.pt`` file, its tensors memory-mapped.
+def _more_than_a_model(file: Path, extra: str = "") -> MmzooError:
+    return MmzooError(
+        f"{file}: holds more than a model state dict{extra} (a training checkpoint with args or "
+        "optimizer state?), which mmzoo does not read; save {'model': state_dict, "
+        "'checkpoint_version': 3.0} from a copy you trust and read that"
+    )
 
-    ``None`` values (Megatron's empty ``_extra_state``) are left out. Anything else than one
-    state dict of tensors is a one-line MmzooError naming the file.
-    """
+
+def _load(file: Path) -> Any:
+    """``torch.load`` weights-only and memory-mapped, its failures as one-line MmzooErrors."""
     if not zipfile.is_zipfile(file):
         raise MmzooError(
             f"{file}: not a torch.save zip archive (empty, truncated, corrupt, or saved in torch's "
             "legacy format); convert or copy the checkpoint again"
         )
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
-        raise MmzooError(
-            f"{file}: holds objects other than tensors (a training checkpoint with args or optimizer "
-            "state?), which mmzoo does not unpickle; save {'model': state_dict, 'checkpoint_version': "
-            "3.0} from a copy you trust and read that"
-        ) from None
+        raise _more_than_a_model(file) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MmzooError(f"{file}: cannot be read ({reason}); it is truncated or corrupt") from None
-    if isinstance(obj, dict) and "model" not in obj and any(str(k).startswith("model") for k in obj):
-        chunks = ", ".join(sorted(str(k) for k in obj if str(k).startswith("model")))
+
+
+def read_model_state(file: Path) -> dict[str, torch.Tensor]:
+    """The ``'model'`` state dict of a ``model_optim_rng.pt`` file, its tensors memory-mapped.
+
+    ``None`` values (Megatron's empty ``_extra_state``) are left out. Anything else than one
+    state dict of tensors is a one-line MmzooError naming the file.
+    """
+    obj = _load(file)
+    keys = [str(k) for k in obj] if isinstance(obj, dict) else []
+    if "model" not in keys and any(k.startswith("model") for k in keys):
+        chunks = ", ".join(sorted(k for k in keys if k.startswith("model")))
         raise MmzooError(
             f"{file}: holds virtual-pipeline chunks ({chunks}); mmzoo reads one model per pipeline "
             "stage: resplit it without virtual pipeline stages first"
         )
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-        found = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        found = ", ".join(keys) if isinstance(obj, dict) else type(obj).__name__
         raise MmzooError(
             f"{file}: expected {{'model': state_dict, 'checkpoint_version': ...}}, found {found}"
         )
+    # Whether unpickling args failed in _load depends on the safe globals other code registered
+    # (megatron-core adds argparse.Namespace): the keys decide.
+    extra = sorted(k for k in keys if k not in ("model", "checkpoint_version"))
+    if extra:
+        raise _more_than_a_model(file, f" ({', '.join(extra)})")
     state = {k: v for k, v in obj["model"].items() if v is not None}
     bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     if bad:

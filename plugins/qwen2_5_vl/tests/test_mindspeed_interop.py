@@ -373,7 +373,11 @@ def test_unreadable_pt_files_are_one_line_errors(hf_untied, tmp_path):
         (lambda: file.write_bytes(b"not a checkpoint"), "not a torch.save zip archive"),
         (
             lambda: torch.save({"model": state, "args": argparse.Namespace(tp=1), "iteration": 5}, file),
-            "holds objects other than tensors (a training checkpoint with args or optimizer state?)",
+            "holds more than a model state dict",
+        ),
+        (
+            lambda: torch.save({"model": state, "checkpoint_version": 3.0, "iteration": 5}, file),
+            "holds more than a model state dict (iteration) (a training checkpoint with args",
         ),
         (
             lambda: torch.save({"model0": state, "model1": state, "checkpoint_version": 3.0}, file),
