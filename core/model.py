@@ -1,4 +1,4 @@
-"""VLModel: vision encoder -> projector -> scatter into text embeddings -> text decoder."""
+"""VLModel: image encoder (vision encoder -> projector) -> scatter into text embeddings -> text decoder."""
 
 from __future__ import annotations
 
@@ -24,8 +24,25 @@ class VLOutput:
     loss: torch.Tensor | None = None
 
 
+class ImageEncoder(nn.Module):
+    """The vision encoder and the projector, held as ``encoder`` and ``projector`` so that their
+    parameter names are MindSpeed-MM's (``image_encoder.encoder.*``, ``image_encoder.projector.*``)."""
+
+    def __init__(self, *, encoder: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.encoder.parameters()).dtype
+        return self.projector(self.encoder(pixel_values.to(dtype), grid_thw))
+
+
 class VLModel(nn.Module):
     """A vision-language model composed of ready-built parts (keyword-only).
+
+    The vision encoder and projector are held together as ``image_encoder`` (an
+    :class:`ImageEncoder`), so ``state_dict()`` names are the mm checkpoint names.
 
     Args:
         vision_encoder: ``(pixel_values, grid_thw) -> (patches, C)`` in input patch order.
@@ -52,8 +69,7 @@ class VLModel(nn.Module):
         name: str,
     ) -> None:
         super().__init__()
-        self.vision_encoder = vision_encoder
-        self.projector = projector
+        self.image_encoder = ImageEncoder(encoder=vision_encoder, projector=projector)
         self.text_decoder = text_decoder
         self.position_ids_fn = position_ids
         self.loss_fn = loss
@@ -64,8 +80,7 @@ class VLModel(nn.Module):
 
     def encode_media(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Vision encoder + projector: patches ``(N, patch_dim)`` -> LLM tokens ``(N / merge, hidden)``."""
-        dtype = next(self.vision_encoder.parameters()).dtype
-        return self.projector(self.vision_encoder(pixel_values.to(dtype), grid_thw))
+        return self.image_encoder(pixel_values, grid_thw)
 
     def _scatter(self, embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, features, kind: str):
         mask = input_ids == token_id

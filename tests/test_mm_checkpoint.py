@@ -21,6 +21,7 @@ from mmzoo.convert.mm_checkpoint import (
     TRACKER,
     clean_stale_temporaries,
     load_mm_model,
+    load_mm_weights,
     read_mm_meta,
     save_mm,
 )
@@ -58,7 +59,7 @@ def test_release_round_trip_is_bitwise_and_gives_the_same_logits(model, tmp_path
 
     meta = read_mm_meta(tmp_path)
     assert meta["model"] == "qwen2_5_vl" and meta["variant"] == "tiny"
-    assert (meta["tp"], meta["pp"], meta["layout"], meta["format_version"]) == (1, 1, "fused", 1)
+    assert (meta["tp"], meta["pp"], meta["layout"], meta["format_version"]) == (1, 1, "fused", 2)
     assert meta["vit_pp_layers"] == [4] and meta["llm_pp_layers"] == [3]
     assert meta["config"]["text"]["num_layers"] == 3
     assert set(load_file(out / "mp_rank_00" / "model.safetensors")) == set(model.state_dict())
@@ -136,10 +137,10 @@ def test_errors(model, tmp_path):
     _edit_meta(tmp_path, model="qwen2_5_vl", variant="huge")
     with pytest.raises(mmzoo.MmzooError, match=r"has no variant 'huge'"):
         load_mm_model(tmp_path)
-    _edit_meta(tmp_path, variant="tiny", format_version=2)
-    with pytest.raises(mmzoo.MmzooError, match=r"format_version 2 is newer"):
+    _edit_meta(tmp_path, variant="tiny", format_version=3)
+    with pytest.raises(mmzoo.MmzooError, match=r"format_version 3 is newer"):
         load_mm_model(tmp_path)
-    _edit_meta(tmp_path, format_version=1, tp=2)
+    _edit_meta(tmp_path, format_version=2, tp=2)
     with pytest.raises(mmzoo.MmzooError, match=r"mp_rank_01: missing; a tp=2 pp=1 checkpoint needs it"):
         load_mm_model(tmp_path)
     _edit_meta(tmp_path, tp=1)
@@ -157,6 +158,30 @@ def test_errors(model, tmp_path):
         load_mm_model(tmp_path)
     with pytest.raises(mmzoo.MmzooError, match="no such checkpoint directory"):
         load_mm_model(tmp_path / "nowhere")
+
+
+def test_format_1_names_load_but_do_not_resume(model, tmp_path):
+    """mmzoo's format 1 named the vision tower and projector vision_encoder.* and projector.*."""
+    save_mm(model, tmp_path, variant="tiny")
+    state = load_file(_weights(tmp_path))
+    old = {
+        "image_encoder.encoder.": "vision_encoder.",
+        "image_encoder.projector.layernorm.": "projector.layernorm.",
+        "image_encoder.projector.encoder.": "projector.",
+    }
+    renamed = {}
+    for name, tensor in state.items():
+        prefix = next((p for p in old if name.startswith(p)), "")
+        renamed[old.get(prefix, "") + name[len(prefix) :]] = tensor
+    assert (
+        "projector.linear_fc2.bias" in renamed
+        and "vision_encoder.blocks.layers.3.mlp.linear_fc1.bias" in renamed
+    )
+    save_file(renamed, _weights(tmp_path))
+    _edit_meta(tmp_path, format_version=1)
+    assert_same(model, load_mm_model(tmp_path))
+    with pytest.raises(mmzoo.MmzooError, match=r"format_version 1: other parameter names.*start a new run"):
+        load_mm_weights(model, tmp_path / "release" / "mp_rank_00")
 
 
 def test_failed_save_changes_nothing(model, tmp_path, monkeypatch):

@@ -175,7 +175,7 @@ def test_optimizer_mismatch_is_named(tmp_path):
     save_training_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, variant="tiny")
     # Same model, but the vision tower is frozen (left out of the optimizer).
     fresh, optimizer2, scheduler2 = make(
-        0, params=lambda m: [p for n, p in m.named_parameters() if not n.startswith("vision_encoder.")]
+        0, params=lambda m: [p for n, p in m.named_parameters() if not n.startswith("image_encoder.encoder.")]
     )
-    with pytest.raises(mmzoo.MmzooError, match=r"group 0 differs.*saved but not optimized: vision_encoder"):
+    with pytest.raises(mmzoo.MmzooError, match=r"group 0 differs.*saved but not optimized: image_encoder"):
         load_training_checkpoint(tmp_path, fresh, optimizer2, scheduler2)

@@ -22,7 +22,9 @@ def parse_layers(text: str | None) -> list[int] | None:
         raise MmzooError(f"cannot read layer counts '{text}'; write them like 12,16") from None
 
 
-def _parallel_args(p: argparse.ArgumentParser, layout_default: str | None) -> None:
+def _parallel_args(
+    p: argparse.ArgumentParser, layout_default: str | None, format_default: str | None
+) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     p.add_argument("--llm-pp-layers", help="LLM layers per pipeline stage, e.g. 12,16 (default: one stage)")
     p.add_argument(
@@ -32,8 +34,17 @@ def _parallel_args(p: argparse.ArgumentParser, layout_default: str | None) -> No
         "--layout",
         choices=("fused", "canonical"),
         default=layout_default,
-        help="fused: Megatron's fused qkv and [gate; up]; canonical: q/k/v and gate/up kept apart "
+        help="fused: Megatron's fused qkv and [gate; up]; canonical: q/k/v and gate/up kept apart, "
+        "as MindSpeed-MM's enable_canonical_hf_struct "
         f"(default: {layout_default or 'the source layout'})",
+    )
+    p.add_argument(
+        "--format",
+        dest="weights_format",
+        choices=("safetensors", "megatron"),
+        default=format_default,
+        help="shard weights: model.safetensors, or megatron: MindSpeed-MM's model_optim_rng.pt "
+        f"(default: {format_default or 'the source format'})",
     )
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
 
@@ -47,14 +58,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
     p.add_argument("--mm-dir", required=True, help="mm checkpoint root to create")
     p.add_argument("--model", help="expected model family, e.g. qwen2_5_vl (default: from config.json)")
-    _parallel_args(p, "fused")
+    _parallel_args(p, "fused", "safetensors")
     p.set_defaults(func=hf_to_mm)
 
     p = convert_sub.add_parser("mm-to-hf", help="mm checkpoint (any tp/pp) -> HF checkpoint")
     p.add_argument("--mm-dir", required=True, help="mm checkpoint root, iteration or shard directory")
     p.add_argument("--hf-dir", required=True, help="HF checkpoint directory to create")
     p.add_argument(
-        "--hf-template", help="HF checkpoint whose config, tokenizer, processor files and sharding to reuse"
+        "--hf-template",
+        help="HF checkpoint whose config, tokenizer, processor files and sharding to reuse (its "
+        "config.json also describes an mm checkpoint without mm_meta.json, e.g. MindSpeed-MM's)",
     )
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.set_defaults(func=mm_to_hf)
@@ -62,7 +75,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = convert_sub.add_parser("resplit", help="mm checkpoint -> mm checkpoint with another tp/pp split")
     p.add_argument("--src", required=True, help="mm checkpoint root, iteration or shard directory")
     p.add_argument("--dst", required=True, help="mm checkpoint root to create")
-    _parallel_args(p, None)
+    _parallel_args(p, None, None)
+    p.add_argument(
+        "--hf-template", help="HF checkpoint whose config.json describes a source without mm_meta.json"
+    )
     p.set_defaults(func=resplit)
 
 
@@ -87,6 +103,7 @@ def _split(args: argparse.Namespace) -> dict:
         "vit_pp_layers": parse_layers(args.vit_pp_layers),
         "llm_pp_layers": parse_layers(args.llm_pp_layers),
         "layout": args.layout,
+        "weights_format": args.weights_format,
         "force": args.force,
     }
 
@@ -111,5 +128,5 @@ def resplit(args: argparse.Namespace) -> int:
     from mmzoo.convert.convert import resplit as convert
 
     with _terminate_cleanly():
-        convert(args.src, args.dst, **_split(args))
+        convert(args.src, args.dst, template=args.hf_template, **_split(args))
     return 0

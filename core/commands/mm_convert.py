@@ -1,6 +1,8 @@
 """The ``mm-convert`` console script: the ``mm-convert <Family>Converter <op> --cfg.*`` form.
 
-Scripts written for that form keep working; each call runs the same code as ``mmzoo convert``::
+Scripts written for that form keep working; each call runs the same code as ``mmzoo convert``.
+As MindSpeed-MM does, hf_to_mm writes ``model_optim_rng.pt`` shards (mmzoo reads them as they
+are); ``--cfg.common_model_config.enable_canonical_hf_struct true`` gives the canonical layout::
 
     mm-convert Qwen2_5_VLConverter hf_to_mm --cfg.mm_dir OUT --cfg.hf_config.hf_dir HF \\
         --cfg.parallel_config.llm_pp_layers [[12,16]] --cfg.parallel_config.vit_pp_layers [[32,0]] \\
@@ -23,8 +25,10 @@ from mmzoo.errors import MmzooError
 
 OPS = ("hf_to_mm", "mm_to_hf", "resplit")
 USAGE = "usage: mm-convert <Family>Converter {hf_to_mm,mm_to_hf,resplit} --cfg.KEY VALUE ..."
-# Keys other tools' scripts pass that mean nothing here.
+# Keys other tools' scripts pass that mean nothing here (the model config is read from the
+# checkpoints themselves).
 IGNORED = ("trust_remote_code", "save_lora_to_hf", "common_model_config", "pp_vpp_layers", "vpp_size")
+CANONICAL_KEY = "common_model_config.enable_canonical_hf_struct"
 
 
 def parse_cfg(args: Sequence[str]) -> dict[str, str]:
@@ -76,6 +80,36 @@ def _required(cfg: dict[str, str], *keys: str) -> str:
     return value
 
 
+def _flag(cfg: dict[str, str], key: str) -> bool | None:
+    value = _take(cfg, key)
+    if value is None:
+        return None
+    if value.lower() not in ("true", "false"):
+        raise MmzooError(f"--cfg.{key}: expected true or false, got '{value}'")
+    return value.lower() == "true"
+
+
+def _layout(cfg: dict[str, str]) -> str | None:
+    """``--cfg.layout``, or the layout ``enable_canonical_hf_struct`` means; both must agree."""
+    layout = _take(cfg, "layout")
+    canonical = _flag(cfg, CANONICAL_KEY)
+    implied = None if canonical is None else "canonical" if canonical else "fused"
+    if layout and implied and layout != implied:
+        raise MmzooError(f"--cfg.layout {layout} contradicts --cfg.{CANONICAL_KEY} {str(canonical).lower()}")
+    return layout or implied
+
+
+def _check_source_layout(mm_dir: str, template: str | None, layout: str) -> None:
+    from mmzoo.convert.mm_checkpoint import read_mm_meta
+
+    held = read_mm_meta(mm_dir, template)["layout"]
+    if held != layout:
+        raise MmzooError(
+            f"{mm_dir} holds the {held} layout, but --cfg.{CANONICAL_KEY} says {layout}; "
+            "drop the option (the layout is read from the checkpoint) or correct it"
+        )
+
+
 def _parallel(cfg: dict[str, str], prefix: str) -> dict[str, Any]:
     return {
         "tp": int(_take(cfg, f"{prefix}.tp_size") or 1),
@@ -95,7 +129,8 @@ def run(argv: Sequence[str]) -> int:
     get_model(family)  # an unknown family is an error listing the installed ones
     cfg = parse_cfg(argv[2:])
     force = (_take(cfg, "force") or "false").lower() == "true"
-    layout = _take(cfg, "layout")
+    layout = _layout(cfg)
+    weights_format = _take(cfg, "format")
     op = argv[1]
     if op == "hf_to_mm":
         call = partial(
@@ -104,23 +139,25 @@ def run(argv: Sequence[str]) -> int:
             _required(cfg, "mm_dir"),
             model=family,
             layout=layout or "fused",
+            weights_format=weights_format or "megatron",
             **_parallel(cfg, "parallel_config"),
         )
     elif op == "mm_to_hf":
-        _parallel(cfg, "parallel_config")  # read from the checkpoint's mm_meta.json instead
-        call = partial(
-            convert.mm_to_hf,
-            _required(cfg, "mm_dir"),
-            _required(cfg, "save_hf_dir"),
-            template=_take(cfg, "hf_config.hf_dir", "hf_dir"),
-        )
+        _parallel(cfg, "parallel_config")  # read from the checkpoint's shards instead
+        mm_dir, template = _required(cfg, "mm_dir"), _take(cfg, "hf_config.hf_dir", "hf_dir")
+        if weights_format is not None:
+            raise MmzooError("--cfg.format applies to hf_to_mm and resplit, not mm_to_hf")
+        if layout is not None:
+            _check_source_layout(mm_dir, template, layout)
+        call = partial(convert.mm_to_hf, mm_dir, _required(cfg, "save_hf_dir"), template=template)
     else:
-        _parallel(cfg, "source_parallel_config")  # read from the checkpoint's mm_meta.json instead
+        _parallel(cfg, "source_parallel_config")  # read from the checkpoint's shards instead
         call = partial(
             convert.resplit,
             _required(cfg, "source_path", "source_dir"),
             _required(cfg, "target_path", "target_dir"),
             layout=layout,
+            weights_format=weights_format,
             **_parallel(cfg, "target_parallel_config"),
         )
     unknown = [f"--cfg.{key}" for key in cfg if not key.startswith(IGNORED)]
@@ -136,7 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or "-h" in args or "--help" in args:
         examples = __doc__.split("\n\n", 1)[1].rstrip().replace("``", "").replace("::", ":")
         print(f"{USAGE}\n\n{examples}")
-        print("Extra keys: --cfg.force true (replace an existing output), --cfg.layout fused|canonical.")
+        print(
+            "Extra keys: --cfg.force true (replace an existing output), --cfg.layout fused|canonical, "
+            "--cfg.format megatron|safetensors (hf_to_mm default megatron, resplit default: the source's)."
+        )
         return 0
     try:
         return run(args)

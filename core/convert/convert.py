@@ -13,37 +13,39 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mmzoo.api import compose
 from mmzoo.convert.hf_checkpoint import HFCheckpoint
 from mmzoo.convert.hf_export import INDEX_NAME, TEMPLATE_FILES
+from mmzoo.convert.infer_meta import meta_state
 from mmzoo.convert.mapping import REPLICATE, WeightMapping
+from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS
 from mmzoo.convert.mm_checkpoint import (
-    FORMAT_VERSION,
     _fsync_dir,
     clean_stale_temporaries,
     fsync_file,
     iteration_name,
     move_into_place,
-    read_mm_meta,
-    resolve_shard,
-    spec_and_config,
+    open_mm,
     temporary_path,
     write_json,
     write_tracker,
 )
-from mmzoo.convert.parallel import FUSED, ParallelLayout, tp_problem
-from mmzoo.convert.sources import HFSource, MMSource
-from mmzoo.convert.writers import Report, Totals, stderr_report, write_hf_files, write_mm_shards
+from mmzoo.convert.parallel import FUSED, ParallelLayout, depths, tp_problem
+from mmzoo.convert.sources import FORMAT_VERSION, HF_ASSETS, HFSource, MMSource, weights_file
+from mmzoo.convert.writers import (
+    MEGATRON,
+    SAFETENSORS,
+    Report,
+    Totals,
+    stderr_report,
+    write_hf_files,
+    write_mm_shards,
+)
 from mmzoo.errors import MmzooError
-from mmzoo.registry import ModelSpec, model_for_architecture
+from mmzoo.registry import model_for_architecture
 
-# HF side files an mm checkpoint keeps (config, tokenizer, processor, the original weight map),
-# so mm -> HF needs no template.
-HF_ASSETS = "hf_assets"
 WEIGHT_MAP = "weight_map.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
@@ -86,14 +88,6 @@ def make_layout(
     return result
 
 
-def _depths(mapping: WeightMapping) -> dict[str, int]:
-    depths = {"vision": 0, "text": 0}
-    for rule in mapping.rules:
-        if rule.layers in depths and rule.layer is not None:
-            depths[rule.layers] = max(depths[rule.layers], rule.layer + 1)
-    return depths
-
-
 def _check_tp(mapping: WeightMapping, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], tp: int) -> None:
     for rule in mapping.rules:
         if rule.mm is None or rule.tp == REPLICATE or rule.mm not in specs:
@@ -101,11 +95,6 @@ def _check_tp(mapping: WeightMapping, specs: dict[str, tuple[torch.dtype, tuple[
         problem = rule.op.tp_problem(tp) or tp_problem(rule.mm, specs[rule.mm][1], rule.tp, tp)
         if problem:
             raise MmzooError(f"cannot split {rule.mm} for tp={tp}: {problem}")
-
-
-def _expected(spec: ModelSpec, config: Any) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        return dict(compose(spec, config).state_dict())
 
 
 def _copy_hf_assets(src: Path, dst: Path, files: Sequence[str]) -> None:
@@ -124,6 +113,7 @@ def hf_to_mm(
     vit_pp_layers: Sequence[int] | None = None,
     llm_pp_layers: Sequence[int] | None = None,
     layout: str = FUSED,
+    weights_format: str = SAFETENSORS,
     force: bool = False,
     report: Report = stderr_report,
 ) -> Path:
@@ -137,6 +127,8 @@ def hf_to_mm(
         vit_pp_layers: vision layers per pipeline stage (default: all on one stage).
         llm_pp_layers: LLM layers per pipeline stage (default: all on one stage).
         layout: ``"fused"`` or ``"canonical"``.
+        weights_format: ``"safetensors"`` (``model.safetensors``) or ``"megatron"``
+            (MindSpeed-MM's ``model_optim_rng.pt``); ``mm_meta.json`` is written beside either.
         force: replace an existing ``mm_dir``.
         report: receives progress lines.
 
@@ -157,10 +149,10 @@ def hf_to_mm(
     except (KeyError, TypeError, ValueError) as exc:
         raise MmzooError(f"{checkpoint.path / 'config.json'}: cannot read it as {spec.name}: {exc}") from exc
     mapping = spec.weight_mapping(config)
-    parallel = make_layout(_depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout)
+    parallel = make_layout(depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout)
     source = HFSource(checkpoint, mapping)
     source.check_names()
-    expected = _expected(spec, config)
+    expected = meta_state(spec, config)
     source.check_shapes(expected)
     specs = {name: source.spec(name) for name in source.names}
     _check_tp(mapping, specs, tp)
@@ -174,23 +166,13 @@ def hf_to_mm(
     with staged_output(out, force) as tmp:
         iteration = tmp / iteration_name(None)
         iteration.mkdir()
-        write_mm_shards(iteration, source, mapping, parallel, meta, totals, report)
+        write_mm_shards(iteration, source, mapping, parallel, meta, totals, report, weights_format)
         assets = iteration / HF_ASSETS
         _copy_hf_assets(checkpoint.path, assets, ("config.json", *TEMPLATE_FILES))
         write_json(assets / WEIGHT_MAP, dict(sorted(checkpoint.files.items())))
         write_tracker(tmp, None)
     report(totals.summary(out))
     return out
-
-
-def _open_mm(path: str | Path) -> tuple[Path, dict[str, Any], ModelSpec, Any, WeightMapping, MMSource]:
-    shard = resolve_shard(path)
-    meta = read_mm_meta(shard)
-    spec, config = spec_and_config(meta, shard)
-    mapping = spec.weight_mapping(config)
-    source = MMSource(shard.parent, meta, mapping)
-    source.check()
-    return shard.parent, meta, spec, config, mapping, source
 
 
 def resplit(
@@ -201,26 +183,35 @@ def resplit(
     vit_pp_layers: Sequence[int] | None = None,
     llm_pp_layers: Sequence[int] | None = None,
     layout: str | None = None,
+    weights_format: str | None = None,
+    template: str | Path | None = None,
     force: bool = False,
     report: Report = stderr_report,
 ) -> Path:
-    """Rewrite an mm checkpoint with another tp/pp split (and optionally layout) under ``dst``.
+    """Rewrite an mm checkpoint with another tp/pp split (and optionally layout and weights
+    format: ``None`` keeps the source's) under ``dst``.
 
     The result equals :func:`hf_to_mm` straight to the new split, bit for bit. The source's
-    iteration name and HF assets are kept.
+    iteration name and HF assets are kept. ``template``: an HF checkpoint directory whose
+    config.json describes a source without mm_meta.json (see :func:`open_mm`).
     """
     out = Path(dst)
     if out.exists() and not force:
         raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
-    iteration, meta, spec, config, mapping, source = _open_mm(src)
-    parallel = make_layout(_depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout or meta["layout"])
+    meta, spec, config, source = open_mm(src, template)
+    iteration, mapping = source.iteration, source.mapping
+    parallel = make_layout(depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout or meta["layout"])
     _check_tp(mapping, {name: source.spec(name) for name in source.names}, tp)
-    base = {k: meta[k] for k in ("model", "variant", "config", "format_version")}
+    if weights_format is None:
+        weights_format = (
+            MEGATRON if weights_file(source.shard(0, 0)).name == MEGATRON_WEIGHTS else SAFETENSORS
+        )
+    base = {**{k: meta[k] for k in ("model", "variant", "config")}, "format_version": FORMAT_VERSION}
     totals = Totals()
     with staged_output(out, force) as tmp:
         target = tmp / iteration.name
         target.mkdir()
-        write_mm_shards(target, source, mapping, parallel, base, totals, report)
+        write_mm_shards(target, source, mapping, parallel, base, totals, report, weights_format)
         if (iteration / HF_ASSETS).is_dir():
             shutil.copytree(iteration / HF_ASSETS, target / HF_ASSETS)
         number = None if iteration.name == "release" else int(iteration.name.removeprefix("iter_"))
@@ -277,17 +268,20 @@ def mm_to_hf(
     force: bool = False,
     report: Report = stderr_report,
 ) -> Path:
-    """Convert an mm checkpoint (any tp/pp/layout) into an HF checkpoint directory.
+    """Convert an mm checkpoint (any tp/pp/layout/weights format) into an HF checkpoint directory.
 
     config.json, tokenizer and processor files come from ``template`` (an HF checkpoint
     directory, e.g. the original) or else from the mm checkpoint's ``hf_assets``; config.json
     falls back to the family's ``config_to_hf``. Weights are sharded as the original was
     (its weight map, key layout included) when known, else in shards of ``max_shard_bytes``.
+    A checkpoint without mm_meta.json (MindSpeed-MM's) takes its model config from
+    ``template`` or ``hf_assets`` when there, else from the registered variant it matches.
     """
     out = Path(hf_dir)
     if out.exists() and not force:
         raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
-    iteration, meta, spec, config, mapping, source = _open_mm(mm_dir)
+    meta, spec, config, source = open_mm(mm_dir, template)
+    iteration, mapping = source.iteration, source.mapping
     assets = iteration / HF_ASSETS
     weight_map: dict[str, str] | None = None
     side: Path | None = assets if assets.is_dir() else None

@@ -19,24 +19,19 @@ import torch
 
 
 class Op(Protocol):
-    """A reversible transform between HF tensors and one mm tensor."""
+    """A reversible transform between HF tensors and one mm tensor.
+
+    ``split`` gives the HF tensors, which is also what the canonical layout stores; an op
+    fusing several HF tensors names them in ``part_names`` (the leaf module names they are
+    stored under in that layout, e.g. ``q_proj``).
+    """
+
+    @property
+    def part_names(self) -> tuple[str, ...]: ...
 
     def merge(self, tensors: list[torch.Tensor]) -> torch.Tensor: ...
 
     def split(self, tensor: torch.Tensor) -> list[torch.Tensor]: ...
-
-    @property
-    def part_names(self) -> tuple[str, ...]:
-        """Names of the un-fused parts of the canonical layout (empty: stored as is)."""
-        ...
-
-    def parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """The un-fused parts (canonical layout) of a fused mm tensor."""
-        ...
-
-    def from_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """The fused mm tensor from its parts (the inverse of :meth:`parts`)."""
-        ...
 
     def tp_problem(self, tp: int) -> str | None:
         """Why a ``tp``-way split is impossible for this op, or ``None``."""
@@ -54,19 +49,13 @@ class Identity:
     def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         return [tensor]
 
-    def parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return [tensor]
-
-    def from_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return parts[0]
-
     def tp_problem(self, tp: int) -> str | None:
         return None
 
 
 @dataclass(frozen=True)
 class Concat:
-    """``parts`` HF tensors stacked along ``dim`` (e.g. ``[gate; up]`` into ``linear_fc1``)."""
+    """``count`` HF tensors stacked along ``dim`` (e.g. ``[gate; up]`` into ``linear_fc1``)."""
 
     dim: int = 0
     count: int = 2
@@ -81,12 +70,6 @@ class Concat:
 
     def split(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         return [t.contiguous() for t in tensor.chunk(self.count, dim=self.dim)]
-
-    def parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return list(tensor.chunk(self.count, dim=self.dim))
-
-    def from_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(parts, dim=self.dim)
 
     def tp_problem(self, tp: int) -> str | None:
         return None
@@ -136,13 +119,8 @@ class QKV:
             return [torch.cat(parts, dim=0)]
         return [p.contiguous() for p in parts]
 
-    part_names: ClassVar[tuple[str, ...]] = ("q", "k", "v")
-
-    def parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        return QKV(self.num_heads, self.num_kv_heads, self.head_dim).split(tensor)
-
-    def from_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return QKV(self.num_heads, self.num_kv_heads, self.head_dim).merge(parts)
+    # The parts' names when Q, K and V are separate HF tensors (a fused source is one part).
+    part_names: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj")
 
     def tp_problem(self, tp: int) -> str | None:
         if self.num_kv_heads % tp:
@@ -151,7 +129,7 @@ class QKV:
 
 
 IDENTITY = Identity()
-GATE_UP = Concat(dim=0, count=2, names=("gate", "up"))
+GATE_UP = Concat(dim=0, count=2, names=("gate_proj", "up_proj"))
 
 # Tensor-parallel kinds: what each of ``tp`` ranks holds at run time in Megatron-core.
 COLUMN = "column"  # column-parallel linear / vocab-parallel embedding: rows split in tp blocks
@@ -212,11 +190,14 @@ class WeightMapping:
         hf_aliases: prefix rewrites from other HF key layouts into the one the rules use,
             e.g. ``{"model.language_model.": "model."}``.
         tied_copies: copies pipeline stages hold of tied tensors.
+        legacy_mm_prefixes: mm name prefixes of checkpoints written by mmzoo's format 1 ->
+            today's, e.g. ``{"vision_encoder.": "image_encoder.encoder."}``.
     """
 
     rules: list[Rule]
     hf_aliases: Mapping[str, str] = field(default_factory=dict)
     tied_copies: tuple[TiedCopy, ...] = ()
+    legacy_mm_prefixes: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def expand(
@@ -225,6 +206,7 @@ class WeightMapping:
         layer_counts: Mapping[str, int],
         hf_aliases: Mapping[str, str] | None = None,
         tied_copies: tuple[TiedCopy, ...] = (),
+        legacy_mm_prefixes: Mapping[str, str] | None = None,
     ) -> WeightMapping:
         """Expand ``{i}`` templates with ``layer_counts[rule.layers]`` layers each."""
         rules: list[Rule] = []
@@ -242,7 +224,7 @@ class WeightMapping:
                         template=rule.mm,
                     )
                 )
-        return cls(rules, dict(hf_aliases or {}), tuple(tied_copies))
+        return cls(rules, dict(hf_aliases or {}), tuple(tied_copies), dict(legacy_mm_prefixes or {}))
 
     def canonical_hf_name(self, name: str) -> str:
         """Rewrite an HF key from any supported layout into the layout of the rules."""
@@ -250,6 +232,18 @@ class WeightMapping:
             if name.startswith(prefix):
                 return target + name[len(prefix) :]
         return name
+
+    def legacy_mm_name(self, name: str) -> str:
+        """The name format-1 checkpoints stored today's mm ``name`` under."""
+        for old, new in self.legacy_mm_prefixes.items():
+            if name.startswith(new):
+                return old + name[len(new) :]
+        return name
+
+    def layer_prefixes(self) -> dict[str, str]:
+        """Each layer group's mm name prefix before the layer index, e.g.
+        ``{"text": "text_decoder.decoder.layers."}``."""
+        return {r.layers: r.template.split("{i}")[0] for r in self.rules if r.layers and r.template}
 
     def mm_names(self) -> list[str]:
         return [r.mm for r in self.rules if r.mm is not None]

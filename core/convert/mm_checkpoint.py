@@ -1,4 +1,4 @@
-"""The mm checkpoint format: Megatron-style directories of safetensors plus a small JSON.
+"""The mm checkpoint format: MindSpeed-MM's directories and names, safetensors plus a small JSON.
 
 Layout (unsharded: tp=1, pp=1)::
 
@@ -7,7 +7,10 @@ Layout (unsharded: tp=1, pp=1)::
     ROOT/{release|iter_0000010}/mp_rank_00/mm_meta.json        what the shard is
 
 Sharded checkpoints (written by :mod:`mmzoo.convert.convert`) have one ``mp_rank_TT`` (pp=1)
-or ``mp_rank_TT_PPP`` directory per rank; :func:`load_mm_model` merges any of them.
+or ``mp_rank_TT_PPP`` directory per rank; :func:`load_mm_model` merges any of them. A shard may
+hold MindSpeed-MM's ``model_optim_rng.pt`` instead of ``model.safetensors``, and may lack
+``mm_meta.json`` (then the meta is inferred: :mod:`mmzoo.convert.infer_meta`). Checkpoints of
+format 1 (mmzoo's earlier names, ``vision_encoder.*``/``projector.*``) are read too.
 
 Writes are atomic: an iteration directory is written under a dot-named temporary sibling,
 its files are fsynced, it is renamed into place, and only then is the tracker replaced.
@@ -33,6 +36,10 @@ from typing import Any
 import torch
 
 from mmzoo.api import apply_overrides, compose
+from mmzoo.convert.infer_meta import infer_meta
+from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS
+from mmzoo.convert.parallel import LAYOUTS, depths
+from mmzoo.convert.sources import FORMAT_VERSION, META, WEIGHTS, MMSource
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile, save_safetensors
 from mmzoo.model import VLModel
@@ -41,18 +48,12 @@ from mmzoo.registry import get_model
 TRACKER = "latest_checkpointed_iteration.txt"
 SHARD = "mp_rank_00"
 FIRST_PP_SHARD = "mp_rank_00_000"
-WEIGHTS = "model.safetensors"
-META = "mm_meta.json"
-FORMAT_VERSION = 1
 _ITER = re.compile(r"iter_(\d+)")
 _TEMPORARY = re.compile(r"\.(?P<name>.+?)\.tmp(?:-(?P<kind>[a-z]+))?-(?P<pid>\d+)-[0-9a-f]{8}@(?P<host>.+)")
 _HOST = socket.gethostname()
 # A temporary whose writer cannot be asked (another host, or a name without one) is stale after this.
 STALE_AFTER_S = 24 * 3600
-# Layer-index patterns of the mm names: they give the per-stage layer counts without
-# knowing the family.
-_VIT_LAYER = re.compile(r"vision_encoder\.blocks\.layers\.(\d+)\.")
-_LLM_LAYER = re.compile(r"text_decoder\.decoder\.layers\.(\d+)\.")
+_SHARD_NAME = re.compile(r"mp_rank_\d{2}(?:_\d{3})?")
 
 
 def iteration_name(iteration: int | None) -> str:
@@ -219,21 +220,17 @@ def staged_iteration(root: str | Path, iteration: int | None) -> Iterator[Path]:
     write_tracker(root, iteration)  # last: readers only ever see a complete directory
 
 
-def _layer_counts(names: list[str], pattern: re.Pattern[str]) -> int:
-    return len({m.group(1) for n in names if (m := pattern.match(n))})
-
-
 def mm_meta(model: VLModel, *, variant: str | None) -> dict[str, Any]:
     """The ``mm_meta.json`` contents describing ``model``'s (single) shard."""
-    names = list(model.state_dict())
+    layers = depths(get_model(model.name).weight_mapping(model.config))
     return {
         "model": model.name,
         "variant": variant,
         "config": dataclasses.asdict(model.config),
         "tp": 1,
         "pp": 1,
-        "vit_pp_layers": [_layer_counts(names, _VIT_LAYER)],
-        "llm_pp_layers": [_layer_counts(names, _LLM_LAYER)],
+        "vit_pp_layers": [layers["vision"]],
+        "llm_pp_layers": [layers["text"]],
         "layout": "fused",
         "format_version": FORMAT_VERSION,
     }
@@ -285,14 +282,22 @@ def read_tracker(root: str | Path) -> Path | None:
     return directory
 
 
+def _is_shard(path: Path) -> bool:
+    """Whether ``path`` is a shard directory (mm_meta.json, or an ``mp_rank_*`` with weights)."""
+    if (path / META).is_file():
+        return True
+    named = bool(_SHARD_NAME.fullmatch(path.name))
+    return named and any((path / name).is_file() for name in (WEIGHTS, MEGATRON_WEIGHTS))
+
+
 def is_mm_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` looks like an mm checkpoint root, iteration or shard directory."""
     path = Path(path)
     return (
         (path / TRACKER).is_file()
-        or (path / SHARD / META).is_file()
-        or (path / FIRST_PP_SHARD / META).is_file()
-        or (path / META).is_file()
+        or _is_shard(path / SHARD)
+        or _is_shard(path / FIRST_PP_SHARD)
+        or _is_shard(path)
         or (path.is_dir() and (path.name == "release" or bool(_ITER.fullmatch(path.name))))
     )
 
@@ -302,7 +307,7 @@ def resolve_iteration(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise MmzooError(f"{path}: no such checkpoint directory")
-    if (path / META).is_file():
+    if _is_shard(path):
         return path.parent
     if (path / SHARD).is_dir() or (path / FIRST_PP_SHARD).is_dir():
         return path
@@ -319,18 +324,27 @@ def resolve_shard(path: str | Path) -> Path:
     """The first shard (``mp_rank_00`` or ``mp_rank_00_000``) of a checkpoint root, iteration or
     shard directory; a shard directory is returned as is."""
     path = Path(path)
-    if path.is_dir() and (path / META).is_file():
+    if path.is_dir() and _is_shard(path):
         return path
     iteration = resolve_iteration(path)
     for name in (SHARD, FIRST_PP_SHARD):
-        if (iteration / name / META).is_file():
+        if (iteration / name).is_dir():
             return iteration / name
-    raise MmzooError(f"{iteration}: no {SHARD}/{META}; the checkpoint is incomplete or not in mm format")
+    raise MmzooError(
+        f"{iteration}: no {SHARD}/ or {FIRST_PP_SHARD}/; the checkpoint is incomplete or not in mm format"
+    )
 
 
-def read_mm_meta(path: str | Path) -> dict[str, Any]:
-    """The ``mm_meta.json`` of a checkpoint root, iteration or shard directory, checked."""
-    file = resolve_shard(path) / META
+def read_mm_meta(path: str | Path, hf_dir: str | Path | None = None) -> dict[str, Any]:
+    """The ``mm_meta.json`` of a checkpoint root, iteration or shard directory, checked.
+
+    Without one (a MindSpeed-MM checkpoint) the meta is inferred from the shards, the config
+    from ``hf_dir``'s config.json when given (see :func:`mmzoo.convert.infer_meta.infer_meta`).
+    """
+    shard = resolve_shard(path)
+    file = shard / META
+    if not file.is_file():
+        return infer_meta(shard.parent, hf_dir)
     meta = read_json(file)
     required = ("model", "variant", "config", "tp", "pp", "layout", "format_version")
     missing = [k for k in required if k not in meta]
@@ -341,7 +355,7 @@ def read_mm_meta(path: str | Path) -> dict[str, Any]:
             f"{file}: format_version {meta['format_version']} is newer than this mmzoo reads "
             f"({FORMAT_VERSION}); upgrade mmzoo"
         )
-    if meta["layout"] not in ("fused", "canonical"):
+    if meta["layout"] not in LAYOUTS:
         raise MmzooError(f"{file}: unknown layout {meta['layout']!r}; expected 'fused' or 'canonical'")
     return meta
 
@@ -350,8 +364,13 @@ def load_mm_weights(model: torch.nn.Module, shard: Path) -> None:
     """Copy ``shard/model.safetensors`` into ``model``'s parameters in place, one tensor at a time.
 
     Names are compared before any tensor is read; missing, unexpected and mis-shaped names
-    are MmzooErrors.
+    are MmzooErrors, and so is a shard of format 1 (its names are not the model's).
     """
+    if read_mm_meta(shard)["format_version"] < FORMAT_VERSION:
+        raise MmzooError(
+            f"{shard}: written by an earlier mmzoo (format_version 1: other parameter names); its "
+            "training state cannot be resumed: start a new run from its weights (model.load)"
+        )
     file = shard / WEIGHTS
     if not file.is_file():
         raise MmzooError(f"{shard}: no {WEIGHTS}; the checkpoint is incomplete")
@@ -381,15 +400,13 @@ def load_mm_weights(model: torch.nn.Module, shard: Path) -> None:
                 param.copy_(f.get_tensor(name))
 
 
-def _dtype(dtype: torch.dtype | str | None, shard: Path) -> torch.dtype:
+def _dtype(dtype: torch.dtype | str | None, source: MMSource) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
         return torch.float32
     if dtype == "auto":
-        with SafetensorsFile(shard / WEIGHTS) as f:
-            first = next(iter(f.keys()), None)
-            return f.get_tensor(first).dtype if first is not None else torch.float32
+        return source.spec(source.names[0])[0] if source.names else torch.float32
     resolved = getattr(torch, dtype, None)
     if not isinstance(resolved, torch.dtype):
         raise MmzooError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16, float16 or 'auto'")
@@ -410,47 +427,50 @@ def spec_and_config(meta: dict[str, Any], where: Path) -> tuple[Any, Any]:
         raise MmzooError(f"{where / META}: {exc}") from exc
 
 
+def open_mm(path: str | Path, hf_dir: str | Path | None = None) -> tuple[dict[str, Any], Any, Any, MMSource]:
+    """``(meta, spec, config, source)`` of an mm checkpoint, every shard's names and shapes checked.
+
+    Args:
+        path: checkpoint root, iteration or shard directory.
+        hf_dir: HF checkpoint directory whose config.json describes the model, for a
+            checkpoint without mm_meta.json (optional; see :func:`read_mm_meta`).
+    """
+    shard = resolve_shard(path)
+    meta = read_mm_meta(shard, hf_dir)
+    spec, config = spec_and_config(meta, shard)
+    source = MMSource(shard.parent, meta, spec.weight_mapping(config))
+    source.check()
+    return meta, spec, config, source
+
+
 def load_mm_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:
     """Build the model an mm checkpoint describes and stream its weights in.
 
-    Any tensor/pipeline-parallel split and either layout (fused, canonical) is merged back
-    into one model, one tensor at a time.
+    Any tensor/pipeline-parallel split, either layout (fused, canonical) and either weights
+    file (safetensors, MindSpeed-MM's ``model_optim_rng.pt``) is merged back into one model,
+    one tensor at a time.
 
     Args:
         path: checkpoint root (the tracker picks the iteration), an ``iter_*``/``release``
             directory, or one of its shard directories.
         dtype: parameter dtype; ``None`` means float32, ``"auto"`` the checkpoint's own dtype.
     """
-    shard = resolve_shard(path)
-    meta = read_mm_meta(shard)
-    spec, config = spec_and_config(meta, shard)
-    torch_dtype = _dtype(dtype, shard)
+    meta, spec, config, source = open_mm(path)
     with torch.device("meta"):
         model = compose(spec, config)
-    model = model.to(torch_dtype).to_empty(device="cpu")
-    if (meta["tp"], meta["pp"], meta["layout"]) == (1, 1, "fused"):
-        load_mm_weights(model, shard)
-    else:
-        _load_sharded(model, shard.parent, meta, spec.weight_mapping(config))
-    return model
-
-
-def _load_sharded(model: VLModel, iteration: Path, meta: dict[str, Any], mapping: Any) -> None:
-    from mmzoo.convert.sources import MMSource
-
-    source = MMSource(iteration, meta, mapping)
-    source.check()
+    model = model.to(_dtype(dtype, source)).to_empty(device="cpu")
     params = dict(model.named_parameters())
     if set(params) != set(source.names):
         raise MmzooError(
-            f"{iteration}: the {meta['model']} mapping does not match the model built from mm_meta.json"
+            f"{source.iteration}: the {meta['model']} mapping does not match the model built from its meta"
         )
     with torch.no_grad():
         for name, param in params.items():
             tensor = source.get(name)
             if tensor.shape != param.shape:
                 raise MmzooError(
-                    f"{iteration}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(param.shape)}"
+                    f"{source.iteration}: shape mismatch for {name}: checkpoint gives "
+                    f"{tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
                 )
             param.copy_(tensor)
+    return model

@@ -9,11 +9,22 @@ family's mapping says which tensor is split how and placed where.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from mmzoo.convert.mapping import COLUMN, GLU, REPLICATE, ROW, TP_KINDS, Rule, WeightMapping
+from mmzoo.convert.mapping import (
+    COLUMN,
+    GLU,
+    IDENTITY,
+    QKV,
+    REPLICATE,
+    ROW,
+    TP_KINDS,
+    Op,
+    Rule,
+    WeightMapping,
+)
 from mmzoo.errors import MmzooError
 
 FUSED, CANONICAL = "fused", "canonical"
@@ -21,6 +32,15 @@ LAYOUTS = (FUSED, CANONICAL)
 # The layer groups of a vision-language model, in pipeline order: the vision encoder is
 # complete before the first LLM layer.
 GROUPS = ("vision", "text")
+
+
+def depths(mapping: WeightMapping) -> dict[str, int]:
+    """Layers of each group (:data:`GROUPS`) in an expanded mapping."""
+    out = dict.fromkeys(GROUPS, 0)
+    for rule in mapping.rules:
+        if rule.layers in out and rule.layer is not None:
+            out[rule.layers] = max(out[rule.layers], rule.layer + 1)
+    return out
 
 
 def split_tp(tensor: torch.Tensor, kind: str, tp: int) -> list[torch.Tensor]:
@@ -66,14 +86,25 @@ def tp_problem(name: str, shape: tuple[int, ...], kind: str, tp: int) -> str | N
 
 @dataclass(frozen=True)
 class Entry:
-    """One tensor in a shard: stored ``name``, the full mm tensor it comes from, which canonical
-    ``part`` of it (``None``: all), and the tensor-parallel ``kind`` of the stored slice."""
+    """One tensor in a shard: stored ``name``, the full mm tensor it comes from, which ``part``
+    of ``op.split(tensor)`` it is (``None``: the tensor itself), and the tensor-parallel ``kind``
+    of the stored slice. ``copy``: a tied copy, written but never read back."""
 
     name: str
     source: str
     part: int | None
     kind: str
     copy: bool = False
+    op: Op = IDENTITY
+
+    def select(self, tensor: torch.Tensor) -> torch.Tensor:
+        """What this entry stores of the full mm ``tensor`` (before the tensor-parallel split)."""
+        return tensor if self.part is None else self.op.split(tensor)[self.part]
+
+
+def _legacy_op(op: Op) -> Op:
+    # Format 1 stored every fused QKV as separate q, k, v parts, the ViT's fused HF qkv too.
+    return replace(op, fused_source=False) if isinstance(op, QKV) else op
 
 
 @dataclass(frozen=True)
@@ -84,14 +115,17 @@ class ParallelLayout:
         tp: tensor-parallel size.
         vit_pp_layers: vision layers per pipeline stage, e.g. ``(32, 0)``.
         llm_pp_layers: LLM layers per pipeline stage, e.g. ``(12, 16)``.
-        layout: ``"fused"`` (Megatron's fused tensors) or ``"canonical"`` (q/k/v and gate/up
-            as separate tensors under the mm names).
+        layout: ``"fused"`` (Megatron's fused tensors) or ``"canonical"`` (the HF tensors,
+            q/k/v and gate/up apart, under MindSpeed-MM's ``enable_canonical_hf_struct`` names).
+        legacy: the names of mmzoo's format 1 (read only): the family's legacy prefixes, and
+            canonical parts ``<module>.{q,k,v,gate,up}.<param>``, the ViT's qkv split too.
     """
 
     tp: int
     vit_pp_layers: tuple[int, ...]
     llm_pp_layers: tuple[int, ...]
     layout: str = FUSED
+    legacy: bool = False
 
     @property
     def pp(self) -> int:
@@ -187,16 +221,30 @@ class ParallelLayout:
             if rule.mm is None or self.rule_stage(rule) != stage:
                 continue
             name = self.local_name(rule, stage)
-            parts = rule.op.part_names if self.layout == CANONICAL else ()
-            if not parts:
+            if self.legacy:
+                name = mapping.legacy_mm_name(name)
+            if self.layout == CANONICAL and rule.op.part_names:
+                entries.extend(self._canonical(rule, name))
+            else:
                 entries.append(Entry(name, rule.mm, None, rule.tp))
-                continue
-            module, _, param = name.rpartition(".")
-            # A GLU split of the fused tensor is a plain row split of gate and of up.
-            kind = COLUMN if rule.tp == GLU else rule.tp
-            entries.extend(Entry(f"{module}.{p}.{param}", rule.mm, j, kind) for j, p in enumerate(parts))
         by_mm = {r.mm: r for r in mapping.rules if r.mm is not None}
         for tied in mapping.tied_copies:
             if self.stage_of(tied.place) == stage != self.rule_stage(by_mm[tied.source]):
                 entries.append(Entry(tied.name, tied.source, None, tied.tp, copy=True))
         return entries
+
+    def _canonical(self, rule: Rule, name: str) -> list[Entry]:
+        """The canonical entries of a fused tensor: its HF tensors (``op.split``), one HF tensor
+        under the mm name, several under the op's part names in place of the mm leaf module
+        (``self_attention.linear_qkv.weight`` -> ``self_attention.q_proj.weight``, ...)."""
+        assert rule.mm is not None
+        kind = COLUMN if rule.tp == GLU else rule.tp  # a GLU split of [gate; up] is a row split of each
+        module, _, param = name.rpartition(".")
+        if self.legacy:  # format 1: "<module>.<q|k|v|gate|up>.<param>"
+            op = _legacy_op(rule.op)
+            names = [f"{module}.{p.removesuffix('_proj')}.{param}" for p in op.part_names]
+        else:
+            op = rule.op
+            parent = module.rpartition(".")[0]
+            names = [name] if len(rule.hf) == 1 else [f"{parent}.{p}.{param}" for p in op.part_names]
+        return [Entry(n, rule.mm, j, kind, op=op) for j, n in enumerate(names)]

@@ -7,7 +7,6 @@ pages their memory maps touched do not pile up: peak memory stays near the large
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,19 @@ import torch
 
 from mmzoo.convert.hf_checkpoint import HFCheckpoint
 from mmzoo.convert.mapping import Rule, WeightMapping
+from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS, read_model_state
 from mmzoo.convert.parallel import Entry, ParallelLayout, merge_tp
 from mmzoo.convert.safetensors_stream import DTYPE_NAMES
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile
 
 META = "mm_meta.json"
+# Of mm_meta.json and the names beside it: 1 = mmzoo's own names (read only), 2 = MindSpeed-MM's.
+FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
+# HF side files an mm checkpoint keeps (config, tokenizer, processor, the original weight map),
+# so mm -> HF needs no template.
+HF_ASSETS = "hf_assets"
 _SHARD = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?")
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
 
@@ -109,18 +114,36 @@ class HFSource:
             self.checkpoint.close()
 
 
-def read_shard_meta(shard: Path) -> dict[str, Any]:
-    """One shard's ``mm_meta.json`` (older single-shard files get ``tp_rank``/``pp_rank`` 0)."""
-    file = shard / META
-    if not file.is_file():
-        raise MmzooError(f"{shard}: no {META}; the checkpoint is incomplete or not in mm format")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise MmzooError(f"{file}: not valid JSON ({exc})") from exc
-    meta.setdefault("tp_rank", 0)
-    meta.setdefault("pp_rank", 0)
-    return meta
+def weights_file(shard: Path) -> Path:
+    """A shard's weights: ``model.safetensors`` (mmzoo's default) or MindSpeed-MM's
+    ``model_optim_rng.pt``; neither, or both, is a one-line MmzooError."""
+    found = [shard / name for name in (WEIGHTS, MEGATRON_WEIGHTS) if (shard / name).is_file()]
+    if len(found) == 2:
+        raise MmzooError(f"{shard}: holds both {WEIGHTS} and {MEGATRON_WEIGHTS}; remove the one not meant")
+    if not found:
+        raise MmzooError(f"{shard}: no {WEIGHTS} or {MEGATRON_WEIGHTS}; the checkpoint is incomplete")
+    return found[0]
+
+
+class ShardWeights:
+    """One shard's weights file, read one tensor at a time (safetensors or torch ``.pt``)."""
+
+    def __init__(self, shard: Path) -> None:
+        self.file = weights_file(shard)
+        self._safetensors = SafetensorsFile(self.file) if self.file.name == WEIGHTS else None
+        self._state = read_model_state(self.file) if self._safetensors is None else {}
+
+    def keys(self) -> set[str]:
+        return set(self._safetensors.keys() if self._safetensors is not None else self._state)
+
+    def spec(self, name: str) -> TensorSpec:
+        if self._safetensors is not None:
+            info = self._safetensors.get_slice(name)
+            return DTYPE_NAMES[info.get_dtype()], tuple(info.get_shape())
+        return self._state[name].dtype, tuple(self._state[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._safetensors.get_tensor(name) if self._safetensors is not None else self._state[name]
 
 
 def shard_dirs(iteration: Path) -> list[Path]:
@@ -128,10 +151,21 @@ def shard_dirs(iteration: Path) -> list[Path]:
     return sorted(p for p in iteration.iterdir() if p.is_dir() and _SHARD.fullmatch(p.name))
 
 
+def shard_ranks(shard: Path) -> tuple[int, int]:
+    """``(tp_rank, pp_rank)`` from a ``mp_rank_TT`` / ``mp_rank_TT_PPP`` directory name."""
+    match = _SHARD.fullmatch(shard.name)
+    assert match is not None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
 def layout_of(meta: dict[str, Any]) -> ParallelLayout:
-    """The :class:`ParallelLayout` an ``mm_meta.json`` describes."""
+    """The :class:`ParallelLayout` an ``mm_meta.json`` describes (format 1 names are legacy)."""
     return ParallelLayout(
-        int(meta["tp"]), tuple(meta["vit_pp_layers"]), tuple(meta["llm_pp_layers"]), meta["layout"]
+        int(meta["tp"]),
+        tuple(meta["vit_pp_layers"]),
+        tuple(meta["llm_pp_layers"]),
+        meta["layout"],
+        legacy=int(meta["format_version"]) < 2,
     )
 
 
@@ -145,11 +179,12 @@ class _Located:
 
 
 class MMSource:
-    """Full mm tensors merged from the shards of one mm iteration directory (any tp, pp, layout).
+    """Full mm tensors merged from the shards of one mm iteration directory (any tp, pp, layout,
+    safetensors or MindSpeed-MM's ``.pt``).
 
     Args:
         iteration: an ``iter_*``/``release`` directory.
-        meta: its first shard's ``mm_meta.json``.
+        meta: its first shard's ``mm_meta.json`` (or the meta inferred for it).
         mapping: the family's mapping for the config in ``meta``.
     """
 
@@ -162,7 +197,7 @@ class MMSource:
         self._located: dict[str, list[_Located]] = {}
         # Open files are reused (headers parsed once) but dropped after every 512 MiB read: their
         # memory maps would otherwise keep every page read resident.
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, ShardWeights] = {}
         self._read_since_reopen = 0
         for stage in range(self.layout.pp):
             for entry in self.layout.stage_entries(mapping, stage):
@@ -172,59 +207,56 @@ class MMSource:
     def shard(self, tp_rank: int, pp_rank: int) -> Path:
         return self.iteration / self.layout.shard_name(tp_rank, pp_rank)
 
-    def _open(self, shard: Path) -> Any:
+    def _open(self, shard: Path) -> ShardWeights:
         if self._read_since_reopen > REOPEN_BYTES:
             self._handles.clear()
             self._read_since_reopen = 0
         handle = self._handles.get(shard)
         if handle is None:
-            handle = self._handles[shard] = SafetensorsFile(shard / WEIGHTS)
+            handle = self._handles[shard] = ShardWeights(shard)
         return handle
 
     def check(self) -> None:
         """Every shard present, holding exactly the names and shapes its stage should."""
         for pp_rank, tp_rank in self.layout.shards():
             shard = self.shard(tp_rank, pp_rank)
-            file = shard / WEIGHTS
-            if not file.is_file():
+            if not shard.is_dir():
                 raise MmzooError(
                     f"{shard}: missing; a tp={self.layout.tp} pp={self.layout.pp} checkpoint needs it"
                 )
+            weights = self._open(shard)
             want = {e.name for e in self.layout.stage_entries(self.mapping, pp_rank)}
-            with SafetensorsFile(file) as f:
-                have = set(f.keys())
+            have = weights.keys()
             missing, unexpected = sorted(want - have), sorted(have - want)
             if missing:
-                raise MmzooError(f"{file}: {len(missing)} weights missing: {_listing(missing)}")
+                raise MmzooError(f"{weights.file}: {len(missing)} weights missing: {_listing(missing)}")
             if unexpected:
-                raise MmzooError(f"{file}: {len(unexpected)} unexpected weights: {_listing(unexpected)}")
+                raise MmzooError(
+                    f"{weights.file}: {len(unexpected)} unexpected weights: {_listing(unexpected)}"
+                )
         for name in self.names:  # the slices of every tensor fit together
             self.spec(name)
 
-    def _slice_spec(self, shard: Path, name: str) -> TensorSpec:
-        info = self._open(shard).get_slice(name)
-        return DTYPE_NAMES[info.get_dtype()], tuple(info.get_shape())
-
-    def spec(self, name: str) -> TensorSpec:
+    def _merged(self, name: str, slice_of: Any) -> torch.Tensor:
+        """The full mm tensor ``name`` from ``slice_of(shard, stored name)`` of every shard."""
         parts = []
         for loc in self._located[name]:
-            slices = [
-                _meta_tensor(self._slice_spec(self.shard(t, loc.stage), loc.entry.name))
-                for t in range(self.layout.tp)
-            ]
+            slices = [slice_of(self.shard(t, loc.stage), loc.entry.name) for t in range(self.layout.tp)]
             parts.append(merge_tp(slices, loc.entry.kind))
+        first = self._located[name][0].entry
+        return parts[0] if first.part is None else first.op.merge(parts)
+
+    def spec(self, name: str) -> TensorSpec:
         try:
-            full = self.rules[name].op.from_parts(parts) if len(parts) > 1 else parts[0]
+            full = self._merged(name, lambda shard, stored: _meta_tensor(self._open(shard).spec(stored)))
         except RuntimeError as exc:
             raise MmzooError(f"{self.iteration}: the slices of {name} do not fit together ({exc})") from exc
         return full.dtype, tuple(full.shape)
 
     def get(self, name: str) -> torch.Tensor:
-        parts = []
-        for loc in self._located[name]:
-            slices = [
-                self._open(self.shard(t, loc.stage)).get_tensor(loc.entry.name) for t in range(self.layout.tp)
-            ]
-            self._read_since_reopen += sum(s.numel() * s.element_size() for s in slices)
-            parts.append(merge_tp(slices, loc.entry.kind))
-        return self.rules[name].op.from_parts(parts) if len(parts) > 1 else parts[0]
+        def read(shard: Path, stored: str) -> torch.Tensor:
+            tensor = self._open(shard).get(stored)
+            self._read_since_reopen += tensor.numel() * tensor.element_size()
+            return tensor
+
+        return self._merged(name, read)

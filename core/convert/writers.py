@@ -1,7 +1,8 @@
-"""Streaming mm shards and HF safetensors files out of a :class:`~mmzoo.convert.sources.TensorSource`.
+"""Writing mm shards and HF safetensors files out of a :class:`~mmzoo.convert.sources.TensorSource`.
 
-Every output file's header is computed from the source's headers first; tensors are then
-produced one at a time, split, and appended. Memory holds one full tensor and its slices.
+Every safetensors file's header is computed from the source's headers first; tensors are then
+produced one at a time, split, and appended: memory holds one full tensor and its slices.
+MindSpeed-MM's ``model_optim_rng.pt`` shards cannot be streamed: each is built in memory.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from typing import Any
 import torch
 
 from mmzoo.convert.mapping import WeightMapping
+from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS, compact, write_model_state
 from mmzoo.convert.parallel import Entry, ParallelLayout, split_tp
 from mmzoo.convert.safetensors_stream import StreamingWriter
 from mmzoo.convert.sources import META, WEIGHTS, TensorSource
+from mmzoo.errors import MmzooError
+
+# Shard weight files: mmzoo's streamed safetensors, or MindSpeed-MM's model_optim_rng.pt.
+SAFETENSORS, MEGATRON = "safetensors", "megatron"
+WEIGHTS_FORMATS = (SAFETENSORS, MEGATRON)
 
 Report = Callable[[str], None]
 
@@ -46,11 +53,10 @@ class Totals:
 
 
 class _LastTensor:
-    """The most recent full tensor and its canonical parts (consecutive entries share them)."""
+    """The most recent full tensor and its split (consecutive entries share them)."""
 
-    def __init__(self, source: TensorSource, mapping: WeightMapping) -> None:
+    def __init__(self, source: TensorSource) -> None:
         self.source = source
-        self.ops = {r.mm: r.op for r in mapping.rules if r.mm is not None}
         self.name: str | None = None
         self.tensor: torch.Tensor | None = None
         self.parts: list[torch.Tensor] | None = None
@@ -62,16 +68,14 @@ class _LastTensor:
         if entry.part is None:
             return self.tensor
         if self.parts is None:
-            self.parts = self.ops[entry.source].parts(self.tensor)
+            self.parts = entry.op.split(self.tensor)
         return self.parts[entry.part]
 
 
-def _entry_spec(entry: Entry, source: TensorSource, mapping: WeightMapping, layout: ParallelLayout):
+def _entry_spec(entry: Entry, source: TensorSource, layout: ParallelLayout):
     dtype, shape = source.spec(entry.source)
-    full = torch.empty(shape, dtype=dtype, device="meta")
-    if entry.part is not None:
-        full = next(r.op for r in mapping.rules if r.mm == entry.source).parts(full)[entry.part]
-    return [(entry.name, s.dtype, tuple(s.shape)) for s in split_tp(full, entry.kind, layout.tp)]
+    stored = entry.select(torch.empty(shape, dtype=dtype, device="meta"))
+    return [(entry.name, s.dtype, tuple(s.shape)) for s in split_tp(stored, entry.kind, layout.tp)]
 
 
 def write_mm_shards(
@@ -82,45 +86,69 @@ def write_mm_shards(
     meta: dict[str, Any],
     totals: Totals,
     report: Report = stderr_report,
+    weights_format: str = SAFETENSORS,
 ) -> None:
     """Write every ``mp_rank_*`` shard of ``layout`` under ``iteration`` (which must exist).
 
-    A stage's tp shards are written together so each full tensor is read once.
+    ``weights_format`` ``"safetensors"``: a stage's tp shards are streamed together, so each full
+    tensor is read once. ``"megatron"``: MindSpeed-MM's ``model_optim_rng.pt``, built one shard
+    at a time in memory (``torch.save`` cannot stream), each full tensor read once per tp rank.
     """
     from mmzoo.convert.mm_checkpoint import write_json
 
+    if weights_format not in WEIGHTS_FORMATS:
+        raise MmzooError(
+            f"unknown weights format '{weights_format}'; use one of {', '.join(WEIGHTS_FORMATS)}"
+        )
     n_files = layout.tp * layout.pp
     for stage in range(layout.pp):
         started = time.perf_counter()
         entries = layout.stage_entries(mapping, stage)
-        specs = [_entry_spec(e, source, mapping, layout) for e in entries]
         shards = [iteration / layout.shard_name(t, stage) for t in range(layout.tp)]
-        writers = []
-        for t, shard in enumerate(shards):
+        for shard in shards:
             shard.mkdir()
-            writers.append(StreamingWriter(shard / WEIGHTS, [s[t] for s in specs]))
-        last = _LastTensor(source, mapping)
-        try:
-            for entry in entries:
-                for writer, piece in zip(
-                    writers, split_tp(last.get(entry), entry.kind, layout.tp), strict=True
-                ):
-                    writer.write(entry.name, piece)
-        except BaseException:
-            for writer in writers:
-                writer.abort()
-            raise
-        for writer in writers:
-            writer.close()
-        for t, (shard, writer) in enumerate(zip(shards, writers, strict=True)):
+        if weights_format == SAFETENSORS:
+            sizes = _stream_stage(shards, entries, source, layout)
+        else:
+            sizes = [_write_megatron_shard(s, t, entries, source, layout) for t, s in enumerate(shards)]
+        for t, (shard, size) in enumerate(zip(shards, sizes, strict=True)):
             write_json(shard / META, _shard_meta(meta, layout, t, stage))
             totals.tensors += len(entries)
-            totals.bytes += writer.total_bytes
+            totals.bytes += size
             totals.files += 1
             report(
                 f"[{totals.files}/{n_files}] {shard.name}: {len(entries)} tensors, "
-                f"{writer.total_bytes / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s"
+                f"{size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s"
             )
+
+
+def _stream_stage(
+    shards: list[Path], entries: list[Entry], source: TensorSource, layout: ParallelLayout
+) -> list[int]:
+    """Stream one stage's tp shards as safetensors files; returns their sizes in bytes."""
+    specs = [_entry_spec(e, source, layout) for e in entries]
+    writers = [StreamingWriter(shard / WEIGHTS, [s[t] for s in specs]) for t, shard in enumerate(shards)]
+    last = _LastTensor(source)
+    try:
+        for entry in entries:
+            for writer, piece in zip(writers, split_tp(last.get(entry), entry.kind, layout.tp), strict=True):
+                writer.write(entry.name, piece)
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    for writer in writers:
+        writer.close()
+    return [writer.total_bytes for writer in writers]
+
+
+def _write_megatron_shard(
+    shard: Path, tp_rank: int, entries: list[Entry], source: TensorSource, layout: ParallelLayout
+) -> int:
+    """Write tp rank ``tp_rank``'s ``model_optim_rng.pt``; returns the bytes of tensor data."""
+    last = _LastTensor(source)
+    state = {e.name: compact(split_tp(last.get(e), e.kind, layout.tp)[tp_rank]) for e in entries}
+    return write_model_state(shard / MEGATRON_WEIGHTS, state)
 
 
 def _shard_meta(meta: dict[str, Any], layout: ParallelLayout, tp_rank: int, pp_rank: int) -> dict[str, Any]:

@@ -310,7 +310,7 @@ def train(
     dataset = build_dataset(spec, model.config, tokenizer, cfg.data)
 
     freeze(model, cfg.model.freeze, spec.freeze_groups)
-    set_recompute(model.vision_encoder, cfg.model.recompute_vision)
+    set_recompute(model.image_encoder.encoder, cfg.model.recompute_vision)
     set_recompute(model.text_decoder, cfg.model.recompute_text)
     model.to(device).train()
     optimizer = make_optimizer(model, t, device)

@@ -1,7 +1,9 @@
 """HF <-> mm weight names for Qwen2.5-VL, as a table; the reverse direction is derived.
 
-Each rule also says how Megatron-core splits the tensor over tensor-parallel ranks (``tp``)
-and, outside the layers, on which pipeline stage it lives (``place``).
+The mm names are MindSpeed-MM's (``image_encoder.encoder.*``, ``image_encoder.projector.*``,
+``text_decoder.*``). Each rule also says how Megatron-core splits the tensor over
+tensor-parallel ranks (``tp``) and, outside the layers, on which pipeline stage it lives
+(``place``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,17 @@ from mmzoo_qwen2_5_vl.config import Qwen2_5_VLConfig
 # disk mostly use visual.* / model.*. The table is written in the latter.
 HF_ALIASES = {"model.visual.": "visual.", "model.language_model.": "model."}
 
+# mmzoo's checkpoint format 1 named the vision tower and the projector differently.
+LEGACY_MM_PREFIXES = {
+    "vision_encoder.": "image_encoder.encoder.",
+    "projector.layernorm.": "image_encoder.projector.layernorm.",
+    "projector.linear_fc": "image_encoder.projector.encoder.linear_fc",
+}
+
 V = "visual.blocks.{i}."
-VM = "vision_encoder.blocks.layers.{i}."
+VM = "image_encoder.encoder.blocks.layers.{i}."
+P = "image_encoder.projector."
+PM = P + "encoder."  # the merger's MLP
 T = "model.layers.{i}."
 TM = "text_decoder.decoder.layers.{i}."
 EMBEDDING = "text_decoder.embedding.word_embeddings.weight"
@@ -38,7 +49,7 @@ def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
     q_k_v = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     table = [
         Rule(
-            "vision_encoder.patch_embed.proj.weight",
+            "image_encoder.encoder.patch_embed.proj.weight",
             ("visual.patch_embed.proj.weight",),
             place="vision:first",
         ),
@@ -53,11 +64,11 @@ def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
         _vision("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), tp=ROW),
         _vision("mlp.linear_fc2.bias", ("mlp.down_proj.bias",)),
         # The PatchMerger runs right after the last vision layer; its MLP is plain GELU.
-        Rule("projector.layernorm.weight", ("visual.merger.ln_q.weight",), place="vision:last"),
-        Rule("projector.linear_fc1.weight", ("visual.merger.mlp.0.weight",), tp=COLUMN, place="vision:last"),
-        Rule("projector.linear_fc1.bias", ("visual.merger.mlp.0.bias",), tp=COLUMN, place="vision:last"),
-        Rule("projector.linear_fc2.weight", ("visual.merger.mlp.2.weight",), tp=ROW, place="vision:last"),
-        Rule("projector.linear_fc2.bias", ("visual.merger.mlp.2.bias",), place="vision:last"),
+        Rule(P + "layernorm.weight", ("visual.merger.ln_q.weight",), place="vision:last"),
+        Rule(PM + "linear_fc1.weight", ("visual.merger.mlp.0.weight",), tp=COLUMN, place="vision:last"),
+        Rule(PM + "linear_fc1.bias", ("visual.merger.mlp.0.bias",), tp=COLUMN, place="vision:last"),
+        Rule(PM + "linear_fc2.weight", ("visual.merger.mlp.2.weight",), tp=ROW, place="vision:last"),
+        Rule(PM + "linear_fc2.bias", ("visual.merger.mlp.2.bias",), place="vision:last"),
         Rule(EMBEDDING, ("model.embed_tokens.weight",), tp=COLUMN, place="first"),
         _text("input_layernorm.weight", ("input_layernorm.weight",)),
         _text("self_attention.linear_qkv.weight", tuple(n + ".weight" for n in q_k_v), op=llm_qkv, tp=COLUMN),
@@ -75,4 +86,6 @@ def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
     # With tied embeddings a last pipeline stage other than the first holds its own copy of the
     # embedding as output_layer (Megatron's shared embedding).
     tied = (TiedCopy(OUTPUT, EMBEDDING, tp=COLUMN, place="last"),) if t.tie_word_embeddings else ()
-    return WeightMapping.expand(table, {"vision": v.depth, "text": t.num_layers}, HF_ALIASES, tied)
+    return WeightMapping.expand(
+        table, {"vision": v.depth, "text": t.num_layers}, HF_ALIASES, tied, LEGACY_MM_PREFIXES
+    )

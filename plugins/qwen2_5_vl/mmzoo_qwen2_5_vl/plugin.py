@@ -92,8 +92,8 @@ SPEC = ModelSpec(
     hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
     special_tokens=SPECIAL_TOKENS,
     freeze_groups={
-        "vision": ("vision_encoder.",),
-        "projector": ("projector.",),
+        "vision": ("image_encoder.encoder.",),
+        "projector": ("image_encoder.projector.",),
         "language": ("text_decoder.",),
     },
 )

@@ -171,17 +171,28 @@ class VisionEncoder(nn.Module):
         return x.view(tokens // unit, unit, width)[restore].view(tokens, width)
 
 
+class MergerMLP(nn.Module):
+    """Linear -> GELU -> Linear (``linear_fc1``, ``linear_fc2``)."""
+
+    def __init__(self, width: int, out: int) -> None:
+        super().__init__()
+        self.linear_fc1 = nn.Linear(width, width)
+        self.linear_fc2 = nn.Linear(width, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
 class PatchMerger(nn.Module):
-    """RMSNorm, 2x2 neighbouring patches concatenated, Linear -> GELU -> Linear to LLM width."""
+    """RMSNorm, 2x2 neighbouring patches concatenated, then the MLP (``encoder``, as MindSpeed-MM
+    names it) to LLM width."""
 
     def __init__(self, c: VisionConfig) -> None:
         super().__init__()
         merged = c.hidden_size * c.spatial_merge_size**2
         self.merged = merged
         self.layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.linear_fc1 = nn.Linear(merged, merged)
-        self.linear_fc2 = nn.Linear(merged, c.out_hidden_size)
+        self.encoder = MergerMLP(merged, c.out_hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layernorm(x).view(-1, self.merged)  # (N / 4, 4 * C)
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+        return self.encoder(self.layernorm(x).view(-1, self.merged))  # (N / 4, 4 * C)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_hf import hf_config, make_sample, token_types
+from tiny_hf import make_hf, make_sample, token_types
 
 import mmzoo
 from mmzoo.cli import main as mmzoo_main
@@ -46,43 +46,6 @@ def assert_bitwise(got: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
 def no_leftovers(out: Path) -> bool:
     """Neither ``out`` nor a temporary sibling of it exists."""
     return not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
-
-
-def make_hf(tmp_path_factory, tied: bool, new_keys: bool = False) -> Path:
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    config = hf_config()
-    config.tie_word_embeddings = tied
-    config.text_config.tie_word_embeddings = tied
-    torch.manual_seed(1)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    path = tmp_path_factory.mktemp("hf_tied" if tied else "hf_untied")
-    model.save_pretrained(path)
-    if new_keys:  # the in-memory layout of transformers >= 4.52: model.visual.*, model.language_model.*
-        weights = load_file(path / "model.safetensors")
-        renamed = {
-            k.replace("visual.", "model.visual.", 1)
-            if k.startswith("visual.")
-            else k.replace("model.", "model.language_model.", 1)
-            if k.startswith("model.")
-            else k: v
-            for k, v in weights.items()
-        }
-        save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
-    return path
-
-
-@pytest.fixture(scope="module")
-def hf_untied(tmp_path_factory):
-    return make_hf(tmp_path_factory, tied=False)
-
-
-@pytest.fixture(scope="module")
-def hf_tied(tmp_path_factory):
-    return make_hf(tmp_path_factory, tied=True)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -133,8 +96,8 @@ def test_shards_hold_what_each_megatron_rank_holds(hf_untied, tmp_path):
     first = load_file(release / "mp_rank_00_000" / "model.safetensors")
     assert "text_decoder.decoder.final_layernorm.weight" not in first
     assert (
-        "projector.linear_fc2.bias" in first
-        and "vision_encoder.blocks.layers.3.input_layernorm.weight" in first
+        "image_encoder.projector.encoder.linear_fc2.bias" in first
+        and "image_encoder.encoder.blocks.layers.3.input_layernorm.weight" in first
     )
 
 
@@ -423,7 +386,8 @@ def test_mm_convert_compatibility_form(hf_untied, tmp_path):
         )
         == 0
     )
-    assert (re / "release" / "mp_rank_00" / "model.safetensors").is_file()
+    # MindSpeed-MM's shard file, as its own mm-convert writes; resplit keeps the source's format.
+    assert (re / "release" / "mp_rank_00" / "model_optim_rng.pt").is_file()
     assert (
         mm_convert_main(
             [

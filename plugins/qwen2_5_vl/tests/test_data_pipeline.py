@@ -339,8 +339,8 @@ def test_packed_and_padded_give_equal_gradients_with_media(model, mixed):
     model.zero_grad()
     packed, padded_grads = grads
     assert packed.keys() == padded_grads.keys()
-    assert any(n.startswith("vision_encoder.") for n in packed) and any(
-        n.startswith("projector.") for n in packed
+    assert any(n.startswith("image_encoder.encoder.") for n in packed) and any(
+        n.startswith("image_encoder.projector.") for n in packed
     )
     for name, grad in packed.items():
         assert grad.abs().sum() > 0, name
@@ -359,7 +359,8 @@ def test_every_batch_runs_the_vision_encoder_and_the_dummy_has_no_loss(spec, tok
     batches = dataset.batches(micro_batch_size=1 if packing else 2, seed=3)  # packed: 2 samples a row
     assert len(batches) == 3 and sorted(sum(batches, [])) == list(range(5))
     calls = []
-    hook = model.vision_encoder.register_forward_hook(lambda m, args, out: calls.append(args[1].tolist()))
+    vit = model.image_encoder.encoder
+    hook = vit.register_forward_hook(lambda m, args, out: calls.append(args[1].tolist()))
     try:
         with torch.no_grad():
             for indices in batches:
@@ -723,7 +724,7 @@ def test_mixed_packed_batch_trains(model, spec, packed_run):
     out = model(**batch)
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    grads = [p.grad for p in model.vision_encoder.parameters()]
+    grads = [p.grad for p in model.image_encoder.encoder.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
     model.zero_grad()

@@ -384,7 +384,7 @@ def test_freeze_vision_and_projector(tmp_path):
     before, after = initial_weights(), weights(result.checkpoint)
     assert before.keys() == after.keys()
     for name in before:
-        frozen = name.startswith(("vision_encoder.", "projector."))
+        frozen = name.startswith("image_encoder.")
         assert torch.equal(before[name], after[name]) == frozen, name
 
 
@@ -414,7 +414,7 @@ def test_recompute_keeps_gradients(tiny_and_samples, monkeypatch, policy, vision
     model, samples, _, dummy = tiny_and_samples
     batch = collate_packed(samples[:2], dummy)
     none = RecomputeConfig()
-    set_recompute(model.vision_encoder, none)
+    set_recompute(model.image_encoder.encoder, none)
     set_recompute(model.text_decoder, none)
     expected = grads(model, [batch], "per_token")
 
@@ -433,14 +433,14 @@ def test_recompute_keeps_gradients(tiny_and_samples, monkeypatch, policy, vision
     counting(recompute)
     counting(layers)
     try:
-        for tower, module in (("vision", model.vision_encoder), ("text", model.text_decoder)):
+        for tower, module in (("vision", model.image_encoder.encoder), ("text", model.text_decoder)):
             running[0] = tower
             set_recompute(module, policy)
             tower_grads = grads(model, [batch], "per_token")
             assert_grads_close(tower_grads, expected, rtol=1e-6, atol=1e-8)
             set_recompute(module, none)
     finally:
-        set_recompute(model.vision_encoder, none)
+        set_recompute(model.image_encoder.encoder, none)
         set_recompute(model.text_decoder, none)
     assert calls.count("vision") == vision_calls and calls.count("text") == text_calls, calls
 
@@ -743,9 +743,8 @@ def test_save_hf_matches_transformers(tmp_path):
     assert (hf_dir / "tokenizer.json").is_file() and (hf_dir / "tokenizer_config.json").is_file()
 
     ours = mmzoo.load_model(out_dir).eval()
-    assert not torch.equal(
-        ours.state_dict()["projector.linear_fc1.weight"], initial_weights()["projector.linear_fc1.weight"]
-    )
+    fc1 = "image_encoder.projector.encoder.linear_fc1.weight"
+    assert not torch.equal(ours.state_dict()[fc1], initial_weights()[fc1])
     spec = mmzoo.get_model("qwen2_5_vl")
     data = DataConfig(data=str(DEMO_DATA), max_samples=2, seq_length=512, packing=False, media=SMALL_MEDIA)
     dataset = build_dataset(spec, ours.config, tokenizer_module.load_tokenizer(hf_dir), data, log=quiet)

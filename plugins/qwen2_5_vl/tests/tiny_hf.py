@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mmzoo.testing import spread_weights_
 
@@ -63,6 +66,44 @@ def hf_dir(hf_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_tiny")
     hf_model.save_pretrained(path)
     return path
+
+
+def make_hf(tmp_path_factory, tied: bool, new_keys: bool = False) -> Path:
+    """A tiny random HF checkpoint with every weight spread (tied or untied embeddings)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = hf_config()
+    config.tie_word_embeddings = tied
+    config.text_config.tie_word_embeddings = tied
+    torch.manual_seed(1)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp("hf_tied" if tied else "hf_untied")
+    model.save_pretrained(path)
+    if new_keys:  # the in-memory layout of transformers >= 4.52: model.visual.*, model.language_model.*
+        weights = load_file(path / "model.safetensors")
+        renamed = {
+            k.replace("visual.", "model.visual.", 1)
+            if k.startswith("visual.")
+            else k.replace("model.", "model.language_model.", 1)
+            if k.startswith("model.")
+            else k: v
+            for k, v in weights.items()
+        }
+        save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_untied(tmp_path_factory):
+    return make_hf(tmp_path_factory, tied=False)
+
+
+@pytest.fixture(scope="session")
+def hf_tied(tmp_path_factory):
+    return make_hf(tmp_path_factory, tied=True)
 
 
 def media_run(token: int, grid: tuple[int, int, int]) -> list[int]:
