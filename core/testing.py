@@ -14,6 +14,7 @@ shows that a deliberately broken model fails the same comparison::
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 
 import torch
@@ -82,3 +83,13 @@ def assert_parity(
                 "the comparison cannot tell that part is wrong; spread the weights (spread_weights_) "
                 "or tighten the tolerance"
             )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a test's ``MASTER_PORT``.
+
+    Fixed or hashed ports collide with other runs on a shared machine (a gloo group then dies).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -7,8 +7,6 @@ mask is passed explicitly (FACTS).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,7 +21,7 @@ megatron = pytest.importorskip(
 
 
 @pytest.fixture
-def megatron_on_cpu(monkeypatch):
+def megatron_on_cpu(monkeypatch, tmp_path):
     """A one-process gloo group, model parallel state, and torch.cuda calls pointed at the CPU."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -34,9 +32,8 @@ def megatron_on_cpu(monkeypatch):
     mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)  # fork() is a no-op
     created = not dist.is_initialized()
     if created:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29531")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        store = tmp_path / "gloo_store"  # a file rendezvous: no port to collide with other runs
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     yield
     parallel_state.destroy_model_parallel()
