@@ -22,9 +22,7 @@ from mmzoo.convert.infer_meta import meta_state
 from mmzoo.convert.mapping import REPLICATE, WeightMapping
 from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS
 from mmzoo.convert.mm_checkpoint import (
-    _fsync_dir,
     clean_stale_temporaries,
-    fsync_file,
     iteration_name,
     move_into_place,
     open_mm,
@@ -44,6 +42,7 @@ from mmzoo.convert.writers import (
     write_mm_shards,
 )
 from mmzoo.errors import MmzooError
+from mmzoo.files import fsync_dir, fsync_file
 from mmzoo.registry import model_for_architecture
 
 WEIGHT_MAP = "weight_map.json"
@@ -65,9 +64,9 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
             for file in folder.iterdir():
                 if file.is_file():
                     fsync_file(file)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         move_into_place(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

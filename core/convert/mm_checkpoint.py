@@ -41,7 +41,7 @@ from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS
 from mmzoo.convert.parallel import LAYOUTS, depths
 from mmzoo.convert.sources import FORMAT_VERSION, META, WEIGHTS, MMSource
 from mmzoo.errors import MmzooError
-from mmzoo.files import SafetensorsFile, save_safetensors
+from mmzoo.files import SafetensorsFile, fsync_dir, fsync_file, save_safetensors
 from mmzoo.model import VLModel
 from mmzoo.registry import get_model
 
@@ -63,25 +63,6 @@ def iteration_name(iteration: int | None) -> str:
     if iteration < 0:
         raise MmzooError(f"checkpoint iteration must be >= 0, got {iteration}")
     return f"iter_{iteration:07d}"
-
-
-def fsync_file(path: Path) -> None:
-    """Flush ``path``'s data to disk (a rename is only as durable as the data behind it)."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -194,7 +175,7 @@ def write_tracker(root: Path, iteration: int | None) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / TRACKER)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 @contextmanager
@@ -211,9 +192,9 @@ def staged_iteration(root: str | Path, iteration: int | None) -> Iterator[Path]:
     try:
         yield tmp
         for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            _fsync_dir(sub)
+            fsync_dir(sub)
         move_into_place(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_hf import make_hf, make_sample, token_types
+from tiny_hf import assert_bitwise, make_hf, make_sample, tensors, token_types
 
 import mmzoo
 from mmzoo.cli import main as mmzoo_main
@@ -28,19 +28,6 @@ SPLITS = [
     (1, [4, 0, 0], [1, 1, 1], "canonical"),
     (2, [2, 2, 0], [0, 1, 2], "canonical"),
 ]
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def assert_bitwise(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
 
 
 def no_leftovers(out: Path) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_hf import make_sample, token_types
+from tiny_hf import assert_bitwise, make_sample, tensors, token_types
 
 import mmzoo
 from mmzoo.cli import main as mmzoo_main
@@ -125,19 +125,6 @@ def shard_tensors(shard: Path) -> dict[str, torch.Tensor]:
     return read_pt(shard / PT) if (shard / PT).is_file() else load_file(shard / "model.safetensors")
 
 
-def hf_tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def assert_bitwise(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
-
-
 def assert_same_model(a, b) -> None:
     assert_bitwise(a.state_dict(), b.state_dict())
 
@@ -166,7 +153,7 @@ def test_shards_match_the_golden_table(tied, layout, weights_format, hf_untied, 
 
 def test_shard_contents_are_mindspeed_splits(hf_untied, tmp_path):
     """Which rows each tp rank holds, fused and canonical, as MindSpeed-MM splits them."""
-    hf = hf_tensors(hf_untied)
+    hf = tensors(hf_untied)
     fused = convert.hf_to_mm(hf_untied, tmp_path / "f", weights_format="megatron", **TP2_PP2, **QUIET)
     canon = convert.hf_to_mm(hf_untied, tmp_path / "c", layout="canonical", **TP2_PP2, **QUIET)
     qkv = hf["visual.blocks.2.attn.qkv.weight"]  # [Q; K; V], 4 heads of 16 rows each
@@ -207,7 +194,7 @@ def test_tied_output_layer_is_a_copy_on_the_last_stage(hf_tied, tmp_path):
 def test_hf_pt_hf_is_bitwise(tied, split, layout, hf_untied, hf_tied, tmp_path):
     hf = hf_tied if tied else hf_untied
     mm = convert.hf_to_mm(hf, tmp_path / "mm", layout=layout, weights_format="megatron", **split, **QUIET)
-    assert_bitwise(hf_tensors(convert.mm_to_hf(mm, tmp_path / "hf", **QUIET)), hf_tensors(hf))
+    assert_bitwise(tensors(convert.mm_to_hf(mm, tmp_path / "hf", **QUIET)), tensors(hf))
 
 
 def strip_to_mindspeed(mm: Path, keep_assets: bool = False) -> Path:
@@ -243,7 +230,7 @@ def test_pt_without_meta_or_config_needs_the_hf_template(hf_untied, tmp_path):
     assert "has no mm_meta.json" in message and "match no registered variant (qwen2_5_vl 3b" in message
     assert "pass the HF checkpoint it came from (--hf-template)" in message and "\n" not in message
     back = convert.mm_to_hf(mm, tmp_path / "hf", template=hf_untied, **QUIET)
-    assert_bitwise(hf_tensors(back), hf_tensors(hf_untied))
+    assert_bitwise(tensors(back), tensors(hf_untied))
     re = convert.resplit(mm, tmp_path / "re", template=hf_untied, **QUIET)  # tp 1, still .pt
     assert (re / "release" / "mp_rank_00" / PT).is_file()
     assert json.loads((re / "release" / "mp_rank_00" / "mm_meta.json").read_text())["variant"] is None
@@ -349,7 +336,7 @@ def test_format_1_checkpoints_still_load(split, hf_untied, tmp_path):
     )
     assert "vision_encoder.patch_embed.proj.weight" in first and "projector.linear_fc1.weight" in first
     assert_same_model(mmzoo.load_model(legacy), mmzoo.load_model(hf_untied))
-    assert_bitwise(hf_tensors(convert.mm_to_hf(legacy, tmp_path / "hf", **QUIET)), hf_tensors(hf_untied))
+    assert_bitwise(tensors(convert.mm_to_hf(legacy, tmp_path / "hf", **QUIET)), tensors(hf_untied))
     # Rewriting it gives today's format.
     new = convert.resplit(legacy, tmp_path / "v2", **QUIET)
     shard = new / "release" / "mp_rank_00"
@@ -435,7 +422,7 @@ def test_mmzoo_convert_format_option(hf_untied, tmp_path):
     )
     assert (re / "release" / "mp_rank_00" / "model.safetensors").is_file()
     assert mmzoo_main(["convert", "mm-to-hf", "--mm-dir", str(re), "--hf-dir", str(hf)]) == 0
-    assert_bitwise(hf_tensors(hf), hf_tensors(hf_untied))
+    assert_bitwise(tensors(hf), tensors(hf_untied))
 
 
 def mm_convert(op: str, *cfg: str) -> int:
@@ -473,7 +460,7 @@ def test_mm_convert_enable_canonical_hf_struct(hf_untied, tmp_path, capsys):
         )
         == 0
     )
-    assert_bitwise(hf_tensors(tmp_path / "hf"), hf_tensors(hf_untied))
+    assert_bitwise(tensors(tmp_path / "hf"), tensors(hf_untied))
     assert (
         mm_convert(
             "mm_to_hf", "--cfg.mm_dir", str(canonical), "--cfg.save_hf_dir", str(tmp_path / "x"), key, "false"

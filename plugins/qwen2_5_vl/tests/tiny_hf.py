@@ -163,3 +163,18 @@ def left_pad(*samples: dict) -> tuple[dict, torch.Tensor]:
 
     batch = collate_left_padded([{**s, "input_ids": s["input_ids"][0]} for s in samples], 0)
     return batch, batch.pop("attention_mask")
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in ``path``."""
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def assert_bitwise(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Same names, dtypes and bits."""
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
