@@ -180,7 +180,7 @@ def infer_args(path, *extra):
 def test_infer_cli_answers_and_stops_at_end_of_turn(hello_dir, capsys, stream):
     from mmzoo.cli import main
 
-    args = infer_args(hello_dir, "--image", "core/demo/chelsea.jpg", "--prompt", "Who is there?")
+    args = infer_args(hello_dir, "--image", "core/mmzoo/demo/chelsea.jpg", "--prompt", "Who is there?")
     assert main(args + ([] if stream else ["--no-stream"])) == 0
     assert capsys.readouterr().out == "Hello\n"  # without the stop it would go on: "HelloHello..."
 
@@ -191,7 +191,7 @@ def test_infer_cli_jsonl_batches(hello_dir, tmp_path, capsys):
 
     from mmzoo.cli import main
 
-    shutil.copy("core/demo/chelsea.jpg", tmp_path / "cat.jpg")
+    shutil.copy("core/mmzoo/demo/chelsea.jpg", tmp_path / "cat.jpg")
     requests = [
         {"id": "a", "prompt": "What is it?", "images": ["cat.jpg"]},
         {"id": "b", "prompt": "Say hi."},
@@ -253,7 +253,7 @@ def test_eval_cli_end_to_end(hello_dir, tmp_path, capsys):
     from mmzoo.cli import main
 
     buffer = io.BytesIO()
-    Image.open("core/demo/chelsea.jpg").resize((56, 56)).save(buffer, format="PNG")
+    Image.open("core/mmzoo/demo/chelsea.jpg").resize((56, 56)).save(buffer, format="PNG")
     image = base64.b64encode(buffer.getvalue()).decode()
     rows = [
         {
