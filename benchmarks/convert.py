@@ -25,8 +25,8 @@ import torch
 
 import mmzoo
 from mmzoo.api import compose
-from mmzoo.convert.hf_export import INDEX_NAME
-from mmzoo.convert.safetensors_stream import StreamingWriter
+from mmzoo.checkpoint.hf_export import INDEX_NAME
+from mmzoo.checkpoint.safetensors_stream import StreamingWriter
 
 SHARD_BYTES = 5 * 2**30
 
@@ -93,7 +93,7 @@ def run_child(args: list[str]) -> tuple[float, float]:
 
 
 def child(argv: list[str]) -> None:
-    from mmzoo.convert import convert
+    from mmzoo.checkpoint import conversion as convert
 
     op, *rest = argv
     if op == "copy":

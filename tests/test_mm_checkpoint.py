@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mmzoo
-from mmzoo.convert.mm_checkpoint import (
+from mmzoo.checkpoint.mm import (
     STALE_AFTER_S,
     TRACKER,
     clean_stale_temporaries,
@@ -186,7 +186,7 @@ def test_format_1_names_load_but_do_not_resume(model, tmp_path):
 
 def test_failed_save_changes_nothing(model, tmp_path, monkeypatch):
     save_mm(model, tmp_path, 1, variant="tiny")
-    import mmzoo.convert.mm_checkpoint as mm
+    import mmzoo.checkpoint.mm as mm
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -200,7 +200,7 @@ def test_failed_save_changes_nothing(model, tmp_path, monkeypatch):
 
 def test_outputs_are_readable_as_the_umask_allows(model, tmp_path):
     """Checkpoints and exports get plain-file modes, not safetensors' / mkdtemp's owner-only ones."""
-    from mmzoo.convert.hf_export import save_hf
+    from mmzoo.checkpoint.hf_export import save_hf
 
     old = os.umask(0o022)
     try:
@@ -254,7 +254,7 @@ def test_a_failed_swap_puts_the_old_copy_back(model, tmp_path, monkeypatch):
 DIE_MID_SWAP = """
 from pathlib import Path
 import torch, mmzoo
-from mmzoo.convert.mm_checkpoint import save_mm
+from mmzoo.checkpoint.mm import save_mm
 rename = Path.rename
 def die_after_moving_aside(self, target):
     rename(self, target)
@@ -277,7 +277,7 @@ def test_a_save_killed_mid_swap_leaves_the_tracker_naming_a_complete_copy(model,
 
 
 SLOW_WRITER = """
-from mmzoo.convert.mm_checkpoint import staged_iteration, write_model_shard
+from mmzoo.checkpoint.mm import staged_iteration, write_model_shard
 import mmzoo
 with staged_iteration(sys.argv[1], 2) as tmp:
     write_model_shard(mmzoo.build_model("qwen2_5_vl", "tiny", **TINY), tmp, variant="tiny")

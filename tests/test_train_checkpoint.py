@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmzoo
-from mmzoo.convert.mm_checkpoint import TRACKER
+from mmzoo.checkpoint.mm import TRACKER
 from mmzoo.train import checkpoint as ckpt
 from mmzoo.train.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 

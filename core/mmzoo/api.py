@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mmzoo.convert.hf_checkpoint import HFCheckpoint
+from mmzoo.checkpoint.hf import HFCheckpoint
 from mmzoo.errors import MmzooError, nearest
 from mmzoo.model import VLModel
 from mmzoo.nn import RMSNorm
@@ -106,7 +106,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLMo
     A Hugging Face directory: the family is chosen from ``architectures`` in config.json and
     both key layouts transformers has written are read. An mm checkpoint (a root holding
     ``latest_checkpointed_iteration.txt``, an ``iter_*``/``release`` directory, or its
-    ``mp_rank_00`` shard) goes to :func:`mmzoo.convert.mm_checkpoint.load_mm_model`. Either
+    ``mp_rank_00`` shard) goes to :func:`mmzoo.checkpoint.mm.load_mm_model`. Either
     way tensors are streamed from the safetensors files straight into the model's parameters
     (never a second full copy).
 
@@ -115,7 +115,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLMo
         dtype: parameter dtype; ``None`` means float32, ``"auto"`` the checkpoint's own dtype.
     """
     # Imported here: mm_checkpoint builds models with this module's compose() (import cycle).
-    from mmzoo.convert.mm_checkpoint import is_mm_checkpoint, load_mm_model
+    from mmzoo.checkpoint.mm import is_mm_checkpoint, load_mm_model
 
     if is_mm_checkpoint(path):
         return load_mm_model(path, dtype)

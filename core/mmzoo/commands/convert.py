@@ -109,7 +109,7 @@ def _split(args: argparse.Namespace) -> dict:
 
 
 def hf_to_mm(args: argparse.Namespace) -> int:
-    from mmzoo.convert.convert import hf_to_mm as convert
+    from mmzoo.checkpoint.conversion import hf_to_mm as convert
 
     with _terminate_cleanly():
         convert(args.hf_dir, args.mm_dir, model=args.model, **_split(args))
@@ -117,7 +117,7 @@ def hf_to_mm(args: argparse.Namespace) -> int:
 
 
 def mm_to_hf(args: argparse.Namespace) -> int:
-    from mmzoo.convert.convert import mm_to_hf as convert
+    from mmzoo.checkpoint.conversion import mm_to_hf as convert
 
     with _terminate_cleanly():
         convert(args.mm_dir, args.hf_dir, template=args.hf_template, force=args.force)
@@ -125,7 +125,7 @@ def mm_to_hf(args: argparse.Namespace) -> int:
 
 
 def resplit(args: argparse.Namespace) -> int:
-    from mmzoo.convert.convert import resplit as convert
+    from mmzoo.checkpoint.conversion import resplit as convert
 
     with _terminate_cleanly():
         convert(args.src, args.dst, template=args.hf_template, **_split(args))

@@ -101,8 +101,8 @@ def media_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _hf_assets(path: Path) -> Path | None:
     """The ``hf_assets/`` folder (HF config and tokenizer files) of an mm checkpoint, if any."""
-    from mmzoo.convert.convert import HF_ASSETS
-    from mmzoo.convert.mm_checkpoint import is_mm_checkpoint, resolve_iteration
+    from mmzoo.checkpoint.conversion import HF_ASSETS
+    from mmzoo.checkpoint.mm import is_mm_checkpoint, resolve_iteration
 
     return resolve_iteration(path) / HF_ASSETS if is_mm_checkpoint(path) else None
 

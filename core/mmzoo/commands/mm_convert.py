@@ -100,7 +100,7 @@ def _layout(cfg: dict[str, str]) -> str | None:
 
 
 def _check_source_layout(mm_dir: str, template: str | None, layout: str) -> None:
-    from mmzoo.convert.mm_checkpoint import read_mm_meta
+    from mmzoo.checkpoint.mm import read_mm_meta
 
     held = read_mm_meta(mm_dir, template)["layout"]
     if held != layout:
@@ -120,7 +120,7 @@ def _parallel(cfg: dict[str, str], prefix: str) -> dict[str, Any]:
 
 def run(argv: Sequence[str]) -> int:
     """Run one conversion from ``mm-convert`` arguments."""
-    from mmzoo.convert import convert
+    from mmzoo.checkpoint import conversion as convert
     from mmzoo.registry import get_model
 
     if len(argv) < 2 or argv[1] not in OPS:

@@ -1,1 +1,1 @@
-"""Checkpoint I/O and declarative weight mappings (HF <-> mm)."""
+"""Weight conversion itself: declarative HF <-> mm mappings, and tensor/pipeline split and merge."""

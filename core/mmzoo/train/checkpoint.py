@@ -1,7 +1,7 @@
 """Training checkpoints: the mm layout plus optimizer, scheduler, RNG and trainer state.
 
 One ``OUTPUT/iter_0000010/`` directory per save, written atomically (see
-:mod:`mmzoo.convert.mm_checkpoint`)::
+:mod:`mmzoo.checkpoint.mm`)::
 
     mp_rank_00/model.safetensors, mm_meta.json    the weights, loadable with mmzoo.load_model
     mp_rank_00/optimizer.safetensors, .json       state tensors keyed "<parameter name>/<key>"
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmzoo.convert.mm_checkpoint import (
+from mmzoo.checkpoint.mm import (
     TRACKER,
     is_mm_checkpoint,
     iteration_dirs,

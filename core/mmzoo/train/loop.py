@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 import mmzoo
 import mmzoo_kernels
+from mmzoo.checkpoint.mm import TRACKER, iteration_name
 from mmzoo.config import Config, TrainConfig
-from mmzoo.convert.mm_checkpoint import TRACKER, iteration_name
 from mmzoo.data.dataset import VLDataset, build_dataset
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
@@ -482,7 +482,7 @@ def train(
     elapsed = time.monotonic() - started
     hf_dir = None
     if t.save_hf and not interrupted:
-        from mmzoo.convert.hf_export import save_hf
+        from mmzoo.checkpoint.hf_export import save_hf
 
         template = (
             cfg.model.load if cfg.model.load and (Path(cfg.model.load) / "config.json").is_file() else None

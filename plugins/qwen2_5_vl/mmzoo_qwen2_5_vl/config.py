@@ -190,7 +190,7 @@ def config_to_hf(config: Qwen2_5_VLConfig) -> dict[str, Any]:
     """The HF ``config.json`` dict (transformers 5.x nested form) for ``config``.
 
     ``config_from_hf(config_to_hf(c)) == c``. The ``dtype`` key is left to the writer
-    (:func:`mmzoo.convert.hf_export.save_hf`), which knows the dtype of the weights.
+    (:func:`mmzoo.checkpoint.hf_export.save_hf`), which knows the dtype of the weights.
 
     Raises:
         ValueError: a value transformers' Qwen2.5-VL cannot express (it fixes the vision

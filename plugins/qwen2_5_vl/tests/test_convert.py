@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from tiny_hf import assert_bitwise, make_hf, make_sample, tensors, token_types
 
 import mmzoo
+from mmzoo.checkpoint import conversion as convert
 from mmzoo.cli import main as mmzoo_main
 from mmzoo.commands.mm_convert import main as mm_convert_main
-from mmzoo.convert import convert
 from mmzoo.errors import MmzooError
 
 QUIET = dict(report=lambda line: None)
@@ -112,7 +112,7 @@ def test_both_hf_key_layouts(tmp_path_factory, tmp_path):
 
 def test_sharded_original_is_resharded_alike(hf_untied, tmp_path):
     model = mmzoo.load_model(hf_untied)
-    from mmzoo.convert.hf_export import save_hf
+    from mmzoo.checkpoint.hf_export import save_hf
 
     sharded = save_hf(model, tmp_path / "sharded", max_shard_bytes=600_000)
     mm = convert.hf_to_mm(sharded, tmp_path / "mm", tp=2, **QUIET)
@@ -247,7 +247,7 @@ def test_existing_output_needs_force(hf_untied, tmp_path):
 
 
 def test_a_failure_midway_leaves_nothing(hf_untied, tmp_path, monkeypatch):
-    from mmzoo.convert.sources import HFSource
+    from mmzoo.checkpoint.sources import HFSource
 
     calls = {"n": 0}
     real_get = HFSource.get
@@ -267,8 +267,8 @@ def test_a_failure_midway_leaves_nothing(hf_untied, tmp_path, monkeypatch):
 
 SLOW_CONVERT = """
 import sys, time
-from mmzoo.convert import convert
-from mmzoo.convert.sources import HFSource
+from mmzoo.checkpoint import conversion as convert
+from mmzoo.checkpoint.sources import HFSource
 real = HFSource.get
 def slow(self, name):
     time.sleep(0.02)

@@ -147,7 +147,7 @@ def hello_dir(tmp_path_factory):
     repetition penalty of 2, <|im_end|> (already in the prompt) scores 0.9 against 1 for
     "Hello"; once "Hello" is generated it scores 0.5 and <|im_end|> wins.
     """
-    from mmzoo.convert.hf_export import save_hf
+    from mmzoo.checkpoint.hf_export import save_hf
 
     spec = mmzoo.get_model("qwen2_5_vl")
     model = mmzoo.build_model("qwen2_5_vl", "tiny", text={"tie_word_embeddings": False})
@@ -207,8 +207,8 @@ def test_infer_cli_jsonl_batches(hello_dir, tmp_path, capsys):
 
 
 def test_infer_cli_on_a_converted_checkpoint_uses_its_tokenizer(hello_dir, tmp_path, capsys):
+    from mmzoo.checkpoint.conversion import hf_to_mm
     from mmzoo.cli import main
-    from mmzoo.convert.convert import hf_to_mm
 
     mm_dir = hf_to_mm(hello_dir, tmp_path / "mm", report=lambda line: None)
     assert main(infer_args(mm_dir, "--prompt", "Who is there?")) == 0

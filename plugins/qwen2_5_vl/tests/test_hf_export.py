@@ -10,7 +10,7 @@ from safetensors import safe_open
 from tiny_hf import IMAGE, V_END, V_START, VIDEO, make_sample, token_types
 
 import mmzoo
-from mmzoo.convert.hf_export import save_hf
+from mmzoo.checkpoint.hf_export import save_hf
 from mmzoo_qwen2_5_vl.config import VARIANTS, config_from_hf, config_to_hf
 
 SAMPLE = dict(images=[(1, 12, 10)], videos=[(2, 8, 4)], seconds=[0.5])

@@ -89,7 +89,7 @@ def cut(request):
 
 @pytest.fixture(scope="module")
 def mm_root(hf_dir, tmp_path_factory):
-    from mmzoo.convert.convert import hf_to_mm
+    from mmzoo.checkpoint.conversion import hf_to_mm
 
     return hf_to_mm(hf_dir, tmp_path_factory.mktemp("mm") / "ckpt", report=lambda line: None)
 

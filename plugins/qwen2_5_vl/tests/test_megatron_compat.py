@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tiny_hf import text
 
 import mmzoo
-from mmzoo.convert import convert
+from mmzoo.checkpoint import conversion as convert
 
 megatron = pytest.importorskip(
     "megatron.core", reason="megatron-core is not installed (pip install mmzoo[megatron])"

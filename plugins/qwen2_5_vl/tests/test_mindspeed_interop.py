@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from tiny_hf import assert_bitwise, make_sample, tensors, token_types
 
 import mmzoo
+from mmzoo.checkpoint import conversion as convert
 from mmzoo.cli import main as mmzoo_main
 from mmzoo.commands.mm_convert import main as mm_convert_main
-from mmzoo.convert import convert
 from mmzoo.errors import MmzooError
 
 QUIET = dict(report=lambda line: None)
@@ -237,7 +237,7 @@ def test_pt_without_meta_or_config_needs_the_hf_template(hf_untied, tmp_path):
 
 
 def test_pt_without_meta_takes_the_registered_variant_its_shapes_match(tmp_path):
-    from mmzoo.convert.hf_export import save_hf
+    from mmzoo.checkpoint.hf_export import save_hf
 
     torch.manual_seed(0)
     model = mmzoo.build_model("qwen2_5_vl", "tiny").eval()

@@ -291,8 +291,8 @@ def test_tokens_metric_counts_the_samples_not_the_dummy_image(tmp_path, packing)
 
 @pytest.mark.parametrize(("overrides", "variant"), [({}, "tiny"), ({"text": {"num_layers": 1}}, None)])
 def test_a_loaded_hf_model_records_its_real_variant(tmp_path, overrides, variant):
-    from mmzoo.convert.hf_export import save_hf
-    from mmzoo.convert.mm_checkpoint import read_mm_meta
+    from mmzoo.checkpoint.hf_export import save_hf
+    from mmzoo.checkpoint.mm import read_mm_meta
 
     hf = tmp_path / "hf"
     save_hf(mmzoo.build_model("qwen2_5_vl", "tiny", **overrides), hf)

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-from mmzoo.convert.hf_checkpoint import HFCheckpoint
-from mmzoo.convert.hf_export import INDEX_NAME, TEMPLATE_FILES
-from mmzoo.convert.infer_meta import meta_state
-from mmzoo.convert.mapping import REPLICATE, WeightMapping
-from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS
-from mmzoo.convert.mm_checkpoint import (
+from mmzoo.checkpoint.hf import HFCheckpoint
+from mmzoo.checkpoint.hf_export import INDEX_NAME, TEMPLATE_FILES
+from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS
+from mmzoo.checkpoint.mm import (
     clean_stale_temporaries,
     iteration_name,
     move_into_place,
@@ -30,9 +28,9 @@ from mmzoo.convert.mm_checkpoint import (
     write_json,
     write_tracker,
 )
-from mmzoo.convert.parallel import FUSED, ParallelLayout, depths, tp_problem
-from mmzoo.convert.sources import FORMAT_VERSION, HF_ASSETS, HFSource, MMSource, weights_file
-from mmzoo.convert.writers import (
+from mmzoo.checkpoint.mm_meta import meta_state
+from mmzoo.checkpoint.sources import FORMAT_VERSION, HF_ASSETS, HFSource, MMSource, weights_file
+from mmzoo.checkpoint.writers import (
     MEGATRON,
     SAFETENSORS,
     Report,
@@ -41,6 +39,8 @@ from mmzoo.convert.writers import (
     write_hf_files,
     write_mm_shards,
 )
+from mmzoo.convert.mapping import REPLICATE, WeightMapping
+from mmzoo.convert.parallel import FUSED, ParallelLayout, depths, tp_problem
 from mmzoo.errors import MmzooError
 from mmzoo.files import fsync_dir, fsync_file
 from mmzoo.registry import model_for_architecture

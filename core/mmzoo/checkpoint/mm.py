@@ -6,10 +6,10 @@ Layout (unsharded: tp=1, pp=1)::
     ROOT/{release|iter_0000010}/mp_rank_00/model.safetensors   weights under their mm names
     ROOT/{release|iter_0000010}/mp_rank_00/mm_meta.json        what the shard is
 
-Sharded checkpoints (written by :mod:`mmzoo.convert.convert`) have one ``mp_rank_TT`` (pp=1)
+Sharded checkpoints (written by :mod:`mmzoo.checkpoint.conversion`) have one ``mp_rank_TT`` (pp=1)
 or ``mp_rank_TT_PPP`` directory per rank; :func:`load_mm_model` merges any of them. A shard may
 hold MindSpeed-MM's ``model_optim_rng.pt`` instead of ``model.safetensors``, and may lack
-``mm_meta.json`` (then the meta is inferred: :mod:`mmzoo.convert.infer_meta`). Checkpoints of
+``mm_meta.json`` (then the meta is inferred: :mod:`mmzoo.checkpoint.mm_meta`). Checkpoints of
 format 1 (mmzoo's earlier names, ``vision_encoder.*``/``projector.*``) are read too.
 
 Writes are atomic: an iteration directory is written under a dot-named temporary sibling,
@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 from mmzoo.api import apply_overrides, compose
-from mmzoo.convert.infer_meta import infer_meta
-from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS
+from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS
+from mmzoo.checkpoint.mm_meta import infer_meta
+from mmzoo.checkpoint.sources import FORMAT_VERSION, META, WEIGHTS, MMSource
 from mmzoo.convert.parallel import LAYOUTS, depths
-from mmzoo.convert.sources import FORMAT_VERSION, META, WEIGHTS, MMSource
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile, fsync_dir, fsync_file, save_safetensors
 from mmzoo.model import VLModel
@@ -320,7 +320,7 @@ def read_mm_meta(path: str | Path, hf_dir: str | Path | None = None) -> dict[str
     """The ``mm_meta.json`` of a checkpoint root, iteration or shard directory, checked.
 
     Without one (a MindSpeed-MM checkpoint) the meta is inferred from the shards, the config
-    from ``hf_dir``'s config.json when given (see :func:`mmzoo.convert.infer_meta.infer_meta`).
+    from ``hf_dir``'s config.json when given (see :func:`mmzoo.checkpoint.mm_meta.infer_meta`).
     """
     shard = resolve_shard(path)
     file = shard / META

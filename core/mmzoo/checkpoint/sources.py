@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 import torch
 
-from mmzoo.convert.hf_checkpoint import HFCheckpoint
+from mmzoo.checkpoint.hf import HFCheckpoint
+from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS, read_model_state
+from mmzoo.checkpoint.safetensors_stream import DTYPE_NAMES
 from mmzoo.convert.mapping import Rule, WeightMapping
-from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS, read_model_state
 from mmzoo.convert.parallel import Entry, ParallelLayout, merge_tp
-from mmzoo.convert.safetensors_stream import DTYPE_NAMES
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile
 

@@ -1,4 +1,4 @@
-"""Writing mm shards and HF safetensors files out of a :class:`~mmzoo.convert.sources.TensorSource`.
+"""Writing mm shards and HF safetensors files out of a :class:`~mmzoo.checkpoint.sources.TensorSource`.
 
 Every safetensors file's header is computed from the source's headers first; tensors are then
 produced one at a time, split, and appended: memory holds one full tensor and its slices.
@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS, compact, write_model_state
+from mmzoo.checkpoint.safetensors_stream import StreamingWriter
+from mmzoo.checkpoint.sources import META, WEIGHTS, TensorSource
 from mmzoo.convert.mapping import WeightMapping
-from mmzoo.convert.megatron_pt import MEGATRON_WEIGHTS, compact, write_model_state
 from mmzoo.convert.parallel import Entry, ParallelLayout, split_tp
-from mmzoo.convert.safetensors_stream import StreamingWriter
-from mmzoo.convert.sources import META, WEIGHTS, TensorSource
 from mmzoo.errors import MmzooError
 
 # Shard weight files: mmzoo's streamed safetensors, or MindSpeed-MM's model_optim_rng.pt.
@@ -94,7 +94,7 @@ def write_mm_shards(
     tensor is read once. ``"megatron"``: MindSpeed-MM's ``model_optim_rng.pt``, built one shard
     at a time in memory (``torch.save`` cannot stream), each full tensor read once per tp rank.
     """
-    from mmzoo.convert.mm_checkpoint import write_json
+    from mmzoo.checkpoint.mm import write_json
 
     if weights_format not in WEIGHTS_FORMATS:
         raise MmzooError(

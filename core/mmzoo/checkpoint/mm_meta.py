@@ -19,9 +19,7 @@ from typing import Any
 import torch
 
 from mmzoo.api import compose
-from mmzoo.convert.mapping import WeightMapping
-from mmzoo.convert.parallel import FUSED, GROUPS, LAYOUTS, ParallelLayout, depths
-from mmzoo.convert.sources import (
+from mmzoo.checkpoint.sources import (
     FORMAT_VERSION,
     HF_ASSETS,
     META,
@@ -30,6 +28,8 @@ from mmzoo.convert.sources import (
     shard_dirs,
     shard_ranks,
 )
+from mmzoo.convert.mapping import WeightMapping
+from mmzoo.convert.parallel import FUSED, GROUPS, LAYOUTS, ParallelLayout, depths
 from mmzoo.errors import MmzooError
 from mmzoo.registry import ModelSpec, all_models, model_for_architecture
 
