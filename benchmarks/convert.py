@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import mmzoo
-from mmzoo.api import compose
+from mmzoo.build import compose
 from mmzoo.checkpoint.hf_export import INDEX_NAME
 from mmzoo.checkpoint.safetensors_stream import StreamingWriter
 

@@ -22,7 +22,7 @@ import mmzoo_kernels as K
 from mmzoo.config import KernelsConfig, load_config
 from mmzoo.errors import MmzooError
 from mmzoo.nn.rotary import RotaryEmbedding
-from mmzoo_kernels import chunked, reference, registry, triton_ops
+from mmzoo_kernels import KernelError, chunked, reference, registry, triton_ops
 
 BACKENDS = {
     "attention": ["sdpa", "flash", "npu"],
@@ -412,28 +412,28 @@ def test_a_requested_backend_is_used(monkeypatch):
 
 def test_a_backend_for_another_device_is_an_error_saying_so():
     with pytest.raises(
-        MmzooError, match=r"kernels.attention: backend 'flash' is unavailable on cpu: runs on cuda"
+        KernelError, match=r"kernels.attention: backend 'flash' is unavailable on cpu: runs on cuda"
     ):
         K.configure(device="cpu", attention="flash")
     with pytest.raises(
-        MmzooError, match=r"kernels.rms_norm: backend 'npu' is unavailable on cpu: runs on npu"
+        KernelError, match=r"kernels.rms_norm: backend 'npu' is unavailable on cpu: runs on npu"
     ):
         K.configure(device="cpu", rms_norm="npu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_a_missing_package_or_device_is_an_error_saying_which():
-    with pytest.raises(MmzooError) as err:
+    with pytest.raises(KernelError) as err:
         K.configure(device="cuda", attention="flash")
     assert "kernels.attention: backend 'flash' is unavailable on cuda: " in str(err.value)
     assert "package flash-attn is not installed" in str(err.value) or "no CUDA device" in str(err.value)
-    with pytest.raises(MmzooError, match="package torch_npu is not installed|no Ascend NPU device"):
+    with pytest.raises(KernelError, match="package torch_npu is not installed|no Ascend NPU device"):
         K.configure(device="npu", swiglu="npu")
 
 
 def test_a_failed_configure_changes_nothing():
     assert K.configure(device="cpu", attention="reference")["attention"] == "reference"
-    with pytest.raises(MmzooError, match="backend 'npu' is unavailable"):
+    with pytest.raises(KernelError, match="backend 'npu' is unavailable"):
         K.configure(device="cpu", attention="sdpa", rms_norm="npu")
     assert registry.get("attention", "cpu").backend == "reference"
     assert registry.get("rms_norm", "cpu").backend == "reference"
@@ -499,9 +499,9 @@ def test_npu_wrappers_pass_the_documented_arguments(monkeypatch):
 
 
 def test_unknown_backend_and_op_suggest_the_nearest():
-    with pytest.raises(MmzooError, match=r"no backend 'flsh' \(did you mean 'flash'\?\); registered: flash"):
+    with pytest.raises(KernelError, match=r"no backend 'flsh' \(did you mean 'flash'\?\); registered: flash"):
         K.configure(device="cpu", attention="flsh")
-    with pytest.raises(MmzooError, match=r"unknown kernel op 'rmsnorm' \(did you mean 'rms_norm'\?\)"):
+    with pytest.raises(KernelError, match=r"unknown kernel op 'rmsnorm' \(did you mean 'rms_norm'\?\)"):
         K.configure(rmsnorm="reference")
 
 

@@ -7,18 +7,13 @@ Public API::
     model = mmzoo.load_model("path/to/hf_checkpoint")  # family from config.json
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-from mmzoo.api import build_model, load_model
+from mmzoo.api import load_model
+from mmzoo.build import build_model
 from mmzoo.errors import MmzooError
 from mmzoo.model import VLModel, VLOutput
 from mmzoo.plugins import hookimpl
 from mmzoo.registry import ModelSpec, all_models, get_model
-
-try:
-    __version__ = version("mmzoo")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.0.0"
+from mmzoo.version import __version__
 
 __all__ = [
     "MmzooError",

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mmzoo.errors import MmzooError
+from mmzoo.errors import USER_ERRORS
+from mmzoo.version import __version__
 
 
 def _list_models(args: argparse.Namespace) -> int:
@@ -76,8 +77,6 @@ def _plugins(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    from mmzoo import __version__
-
     parser = argparse.ArgumentParser(
         prog="mmzoo",
         description="Fine-tune, convert, run and evaluate vision-language models.",
@@ -124,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except MmzooError as exc:
+    except USER_ERRORS as exc:
         if args.debug:
             raise
         print(f"mmzoo: error: {exc}", file=sys.stderr)

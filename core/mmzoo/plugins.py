@@ -24,6 +24,8 @@ from typing import Any
 import pluggy
 
 from mmzoo import hookspecs
+from mmzoo_kernels import registry as kernel_registry
+from mmzoo_kernels.registry import KernelImpl
 
 GROUP = "mmzoo"
 BUILTIN_DISTRIBUTION = "mmzoo"
@@ -133,11 +135,20 @@ def get_manager() -> PluginManager:
 
 
 def reset() -> None:
-    """Forget loaded plugins and everything registered from them (used by tests)."""
+    """Forget loaded plugins and everything registered from them (used by tests).
+
+    The model registry notices the new manager by itself; the kernel registry is told.
+    """
     global _manager
     _manager = None
-    from mmzoo import registry
-    from mmzoo_kernels import registry as kernel_registry
-
-    registry.reset()
     kernel_registry.reset()
+
+
+def _collect_kernels(register: Callable[[KernelImpl, str], None]) -> None:
+    """Every plugin's ``mmzoo_register_kernels``, each impl labelled with its plugin."""
+    for plugin, hook in get_manager().hookimpls("mmzoo_register_kernels"):
+        hook(register=lambda impl, _label=plugin.label: register(impl, _label))
+
+
+# The kernels package imports nothing from mmzoo: the plugin manager hands it its implementations.
+kernel_registry.set_collector(_collect_kernels)

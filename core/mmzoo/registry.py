@@ -11,7 +11,7 @@ from torch import nn
 
 from mmzoo.errors import MmzooError, nearest
 from mmzoo.nn import TextDecoder
-from mmzoo.plugins import PluginInfo, get_manager
+from mmzoo.plugins import PluginInfo, PluginManager, get_manager
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class Registered:
     plugin: PluginInfo
 
 
-_models: dict[str, Registered] | None = None
+_models: tuple[PluginManager, dict[str, Registered]] | None = None
 
 
 def reset() -> None:
@@ -131,11 +131,13 @@ def reset() -> None:
 
 
 def _collect() -> dict[str, Registered]:
+    """The models the current plugin manager's plugins register (again after a plugin reset)."""
     global _models
-    if _models is not None:
-        return _models
+    manager = get_manager()
+    if _models is not None and _models[0] is manager:
+        return _models[1]
     models: dict[str, Registered] = {}
-    for plugin, impl in get_manager().hookimpls("mmzoo_register_models"):
+    for plugin, impl in manager.hookimpls("mmzoo_register_models"):
 
         def register(spec: ModelSpec, _plugin: PluginInfo = plugin) -> None:
             if not isinstance(spec, ModelSpec):
@@ -156,7 +158,7 @@ def _collect() -> dict[str, Registered]:
             raise
         except Exception as exc:
             raise MmzooError(f"plugin {plugin.label} failed while registering models: {exc}") from exc
-    _models = models
+    _models = (manager, models)
     return models
 
 

@@ -4,6 +4,16 @@ Models call :mod:`mmzoo_kernels.ops`; :mod:`mmzoo_kernels.registry` picks the im
 """
 
 from mmzoo_kernels.ops import attention, cross_entropy, pad, rms_norm, rotary, swiglu, unpad
-from mmzoo_kernels.registry import configure
+from mmzoo_kernels.registry import KernelError, configure
 
-__all__ = ["attention", "configure", "cross_entropy", "pad", "rms_norm", "rotary", "swiglu", "unpad"]
+__all__ = [
+    "KernelError",
+    "attention",
+    "configure",
+    "cross_entropy",
+    "pad",
+    "rms_norm",
+    "rotary",
+    "swiglu",
+    "unpad",
+]

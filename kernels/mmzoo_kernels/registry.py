@@ -1,16 +1,18 @@
 """Kernel registry and dispatch: one entry per (op, backend), chosen at run time per device.
 
-Implementations come from plugins through the ``mmzoo_register_kernels`` hook (the built-in
-ones included). ``auto`` takes the first backend in ``AUTO_ORDER`` (then any other registered
-one, by name) that runs on the tensors' device type and is usable in this process.
+Implementations come from a collector that mmzoo's plugin manager installs
+(:func:`set_collector`): every plugin's ``mmzoo_register_kernels`` hook, the built-in ones
+included. Without mmzoo, the built-ins alone are registered. ``auto`` takes the first backend
+in ``AUTO_ORDER`` (then any other registered one, by name) that runs on the tensors' device type
+and is usable in this process. This package imports nothing from mmzoo.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import difflib
+from collections.abc import Callable, Iterable
 
-OPS = ("attention", "rotary", "rms_norm", "swiglu", "cross_entropy")
+from mmzoo_kernels.impl import OPS, KernelError, KernelImpl
 
 # Preference for ``auto``: fastest first; ``reference`` (pure PyTorch) always works.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -22,36 +24,17 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
-def _always() -> str | None:
-    return None
+def _nearest(name: str, choices: Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-@dataclass(frozen=True)
-class KernelImpl:
-    """One implementation of one op.
-
-    Attributes:
-        op: one of ``OPS``.
-        backend: implementation name, e.g. ``"reference"``, ``"sdpa"``.
-        fn: the function (signature fixed per op, see ``mmzoo_kernels.ops``).
-        unavailable: returns ``None`` when usable in this process, else the reason it is not
-            (package missing, device missing).
-        devices: device types (``torch.device.type``) it runs on; ``None``: any.
-    """
-
-    op: str
-    backend: str
-    fn: Callable
-    unavailable: Callable[[], str | None] = field(default=_always)
-    devices: tuple[str, ...] | None = None
-
-    def runs_on(self, device: str) -> bool:
-        return self.devices is None or device in self.devices
-
+Register = Callable[[KernelImpl, str], None]  # (implementation, who registers it)
 
 _impls: dict[tuple[str, str], tuple[KernelImpl, str]] | None = None
 _chosen: dict[tuple[str, str], KernelImpl] = {}
 _requested: dict[str, str] = {}
+_collector: Callable[[Register], None] | None = None
 
 
 def reset() -> None:
@@ -62,30 +45,40 @@ def reset() -> None:
     _requested.clear()
 
 
+def set_collector(collect: Callable[[Register], None] | None) -> None:
+    """Install what registers every implementation (mmzoo's plugin manager, through its hook).
+
+    ``collect(register)`` calls ``register(impl, source)`` once per implementation; ``None``
+    goes back to the built-ins alone.
+    """
+    global _collector
+    _collector = collect
+    reset()
+
+
+def _builtins(register: Register) -> None:
+    from mmzoo_kernels.builtin import register_builtins
+
+    register_builtins(lambda impl: register(impl, "mmzoo_kernels"))
+
+
 def _collect() -> dict[tuple[str, str], tuple[KernelImpl, str]]:
     global _impls
     if _impls is not None:
         return _impls
-    from mmzoo.errors import MmzooError
-    from mmzoo.plugins import get_manager
-
     impls: dict[tuple[str, str], tuple[KernelImpl, str]] = {}
-    for plugin, hook in get_manager().hookimpls("mmzoo_register_kernels"):
 
-        def register(impl: KernelImpl, _label: str = plugin.label) -> None:
-            if impl.op not in OPS:
-                raise MmzooError(
-                    f"plugin {_label} registered a kernel for unknown op '{impl.op}'; ops: {OPS}"
-                )
-            key = (impl.op, impl.backend)
-            if key in impls:
-                raise MmzooError(
-                    f"kernel {impl.op}/{impl.backend} is registered by two plugins: "
-                    f"{impls[key][1]} and {_label}"
-                )
-            impls[key] = (impl, _label)
+    def register(impl: KernelImpl, source: str) -> None:
+        if impl.op not in OPS:
+            raise KernelError(f"plugin {source} registered a kernel for unknown op '{impl.op}'; ops: {OPS}")
+        key = (impl.op, impl.backend)
+        if key in impls:
+            raise KernelError(
+                f"kernel {impl.op}/{impl.backend} is registered by two plugins: {impls[key][1]} and {source}"
+            )
+        impls[key] = (impl, source)
 
-        hook(register=register)
+    (_collector or _builtins)(register)
     _impls = impls
     return impls
 
@@ -125,10 +118,8 @@ def select(op: str, backend: str = "auto", device: str = "cpu") -> KernelImpl:
 
 def _pick(op: str, backend: str, device: str) -> KernelImpl:
     """:func:`select` without recording the choice."""
-    from mmzoo.errors import MmzooError, nearest
-
     if op not in OPS:
-        raise MmzooError(f"unknown kernel op '{op}'{nearest(op, OPS)}; ops: {', '.join(OPS)}")
+        raise KernelError(f"unknown kernel op '{op}'{_nearest(op, OPS)}; ops: {', '.join(OPS)}")
     impls = implementations(op)
     if backend == "auto":
         reasons = []
@@ -137,15 +128,15 @@ def _pick(op: str, backend: str, device: str) -> KernelImpl:
             if reason is None:
                 return candidate
             reasons.append(f"{name}: {reason}")
-        raise MmzooError(f"no usable implementation of kernel '{op}' on {device} ({'; '.join(reasons)})")
+        raise KernelError(f"no usable implementation of kernel '{op}' on {device} ({'; '.join(reasons)})")
     impl = impls.get(backend)
     if impl is None:
-        raise MmzooError(
-            f"kernels.{op}: no backend '{backend}'{nearest(backend, impls)}; registered: {', '.join(impls)}"
+        raise KernelError(
+            f"kernels.{op}: no backend '{backend}'{_nearest(backend, impls)}; registered: {', '.join(impls)}"
         )
     reason = why_not(impl, device)
     if reason is not None:
-        raise MmzooError(f"kernels.{op}: backend '{backend}' is unavailable on {device}: {reason}")
+        raise KernelError(f"kernels.{op}: backend '{backend}' is unavailable on {device}: {reason}")
     return impl
 
 
@@ -171,14 +162,12 @@ def configure(*, device: str | None = None, **choices: str) -> dict[str, str]:
         op -> chosen backend on ``device``, for every op.
 
     Raises:
-        MmzooError: unknown op or backend, or a requested backend that cannot run here (why).
+        KernelError: unknown op or backend, or a requested backend that cannot run here (why).
     """
-    from mmzoo.errors import MmzooError, nearest
-
     device = device or default_device()
     for op in choices:
         if op not in OPS:
-            raise MmzooError(f"unknown kernel op '{op}'{nearest(op, OPS)}; ops: {', '.join(OPS)}")
+            raise KernelError(f"unknown kernel op '{op}'{_nearest(op, OPS)}; ops: {', '.join(OPS)}")
     picked = {op: _pick(op, backend, device) for op, backend in choices.items()}  # all or nothing
     for op, backend in choices.items():
         _requested[op] = backend

@@ -8,8 +8,11 @@ from typing import Any
 
 import torch
 
+from mmzoo.build import compose
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile
+from mmzoo.model import VLModel
+from mmzoo.registry import model_for_architecture
 
 
 class HFCheckpoint:
@@ -92,3 +95,71 @@ class HFCheckpoint:
     def close(self) -> None:
         """Drop the open files (and the memory maps' resident pages with them)."""
         self._handles.clear()
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, checkpoint: HFCheckpoint) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32
+    name = dtype
+    if dtype == "auto":
+        name = checkpoint.config.get("dtype") or checkpoint.config.get("torch_dtype") or "float32"
+    resolved = getattr(torch, str(name), None)
+    if not isinstance(resolved, torch.dtype):
+        raise MmzooError(f"unknown dtype '{name}'; use e.g. float32, bfloat16, float16 or 'auto'")
+    return resolved
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:
+    """A model from a Hugging Face directory, tensors streamed into a meta-built model.
+
+    The family comes from ``architectures`` in config.json; both key layouts transformers has
+    written are read. Names are checked before any tensor is read.
+    """
+    checkpoint = HFCheckpoint(path)
+    spec = model_for_architecture(checkpoint.architecture)
+    try:
+        config = spec.config_from_hf(checkpoint.config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MmzooError(f"{checkpoint.path / 'config.json'}: cannot read it as {spec.name}: {exc}") from exc
+    torch_dtype = _resolve_dtype(dtype, checkpoint)
+    mapping = spec.weight_mapping(config)
+
+    canonical = {mapping.canonical_hf_name(k): k for k in checkpoint.keys()}
+    missing, unexpected = mapping.check_hf_names(set(canonical))
+    where = checkpoint.path
+    if missing:
+        raise MmzooError(
+            f"{where}: {len(missing)} weights missing for {spec.name}: {', '.join(missing[:8])}"
+            f"{' ...' if len(missing) > 8 else ''}; is this checkpoint complete and of this family?"
+        )
+    if unexpected:
+        raise MmzooError(
+            f"{where}: {len(unexpected)} unexpected weights for {spec.name}: {', '.join(unexpected[:8])}"
+            f"{' ...' if len(unexpected) > 8 else ''}; does config.json match the weights?"
+        )
+
+    with torch.device("meta"):
+        model = compose(spec, config)
+    model = model.to(torch_dtype).to_empty(device="cpu")
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in mapping.to_mm(lambda n: checkpoint.get(canonical[n]), set(canonical)):
+        param = params.get(name)
+        if param is None:
+            raise MmzooError(f"{spec.name} mapping produced '{name}', which the model does not have")
+        if param.shape != tensor.shape:
+            raise MmzooError(
+                f"{where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
+                f"the model built "
+                f"from config.json expects {tuple(param.shape)}; does config.json match the weights?"
+            )
+        with torch.no_grad():
+            param.copy_(tensor)
+        loaded.add(name)
+    checkpoint.close()
+    not_loaded = sorted(set(params) - loaded)
+    if not_loaded:
+        raise MmzooError(f"{where}: no weights for {', '.join(not_loaded[:8])} in the checkpoint")
+    return model

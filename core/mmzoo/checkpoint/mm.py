@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from mmzoo.api import apply_overrides, compose
+from mmzoo.build import apply_overrides, compose
 from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS
 from mmzoo.checkpoint.mm_meta import infer_meta
 from mmzoo.checkpoint.sources import FORMAT_VERSION, META, WEIGHTS, MMSource

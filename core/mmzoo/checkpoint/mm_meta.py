@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mmzoo.api import compose
+from mmzoo.build import compose
 from mmzoo.checkpoint.sources import (
     FORMAT_VERSION,
     HF_ASSETS,

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from mmzoo.errors import MmzooError
+from mmzoo.errors import USER_ERRORS, MmzooError
 
 OPS = ("hf_to_mm", "mm_to_hf", "resplit")
 USAGE = "usage: mm-convert <Family>Converter {hf_to_mm,mm_to_hf,resplit} --cfg.KEY VALUE ..."
@@ -180,6 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return run(args)
-    except MmzooError as exc:
+    except USER_ERRORS as exc:
         print(f"mm-convert: error: {exc}", file=sys.stderr)
         return 2

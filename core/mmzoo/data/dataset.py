@@ -20,6 +20,7 @@ from mmzoo.data.records import SkipReport, read_records
 from mmzoo.data.tokenizer import tokenizer_digest
 from mmzoo.errors import MmzooError
 from mmzoo.registry import ModelSpec, model_plugin
+from mmzoo.version import __version__
 
 
 def _log(message: str) -> None:
@@ -99,8 +100,6 @@ def _settings(spec: ModelSpec, model_config: Any, tokenizer: Any, data: DataConf
     expansion); the template by its content, the tokenizer by a digest of its vocabulary and
     special tokens: an upgraded plugin or an edited tokenizer never reads stale samples.
     """
-    from mmzoo import __version__
-
     plugin = model_plugin(spec.name)
     return {
         "mmzoo": __version__,

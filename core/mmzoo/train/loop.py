@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import mmzoo
 import mmzoo_kernels
+from mmzoo.api import load_model
+from mmzoo.build import build_model
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
 from mmzoo.config import Config, TrainConfig
 from mmzoo.data.dataset import VLDataset, build_dataset
@@ -29,7 +30,7 @@ from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
 from mmzoo.nn.recompute import set_recompute
-from mmzoo.registry import ModelSpec
+from mmzoo.registry import ModelSpec, get_model
 from mmzoo.train.checkpoint import (
     latest_checkpoint,
     load_training_checkpoint,
@@ -39,7 +40,7 @@ from mmzoo.train.checkpoint import (
 from mmzoo.train.metrics import METRICS, TENSORBOARD, MetricsLog
 from mmzoo.train.optim import freeze, make_optimizer, make_scheduler, trainable_summary
 
-DEMO_DATA = Path(mmzoo.__file__).parent / "demo" / "demo.jsonl"
+DEMO_DATA = Path(__file__).parents[1] / "demo" / "demo.jsonl"
 OOM_HELP = (
     "out of memory; lower data.seq_length or train.micro_batch_size, turn on activation recompute "
     "(model.recompute_text.granularity=full), lower data.media.max_pixels, or freeze the vision tower"
@@ -103,11 +104,11 @@ def build(cfg: Config, spec: ModelSpec) -> tuple[VLModel, Any]:
 
     m = cfg.model
     if m.load:
-        model = mmzoo.load_model(m.load)
+        model = load_model(m.load)
         if model.name != spec.name:
             raise MmzooError(f"model.load holds a '{model.name}' model but model.name is '{spec.name}'")
     else:
-        model = mmzoo.build_model(spec.name, m.variant, **m.overrides)
+        model = build_model(spec.name, m.variant, **m.overrides)
     tokenizer_dir = m.tokenizer or (
         m.load if m.load and (Path(m.load) / "tokenizer_config.json").is_file() else None
     )
@@ -301,7 +302,7 @@ def train(
     device = resolve_device(t.device)
     if t.precision == "fp16" and device.type not in FP16_DEVICES:
         raise MmzooError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 here")
-    spec = mmzoo.get_model(cfg.model.name)
+    spec = get_model(cfg.model.name)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
     model, tokenizer = build(cfg, spec)

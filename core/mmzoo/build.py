@@ -1,0 +1,87 @@
+"""Building models: compose a family's parts into a :class:`VLModel`, random init, overrides.
+
+Below the checkpoint layer: checkpoint readers build their model here, then fill it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from mmzoo.errors import MmzooError, nearest
+from mmzoo.model import VLModel
+from mmzoo.nn import RMSNorm
+from mmzoo.registry import ModelSpec, get_model
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> Any:
+    """A copy of dataclass ``config`` with ``overrides``; nested dataclasses take dicts.
+
+    Lists become tuples where the field holds a tuple, so a config read back from JSON
+    equals the one written.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise MmzooError(
+                f"unknown config key '{where}{key}'{nearest(key, fields)}; keys: {', '.join(fields)}"
+            )
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = apply_overrides(current, value, f"{where}{key}.")
+        elif isinstance(value, list) and (isinstance(current, tuple) or "tuple" in str(fields[key].type)):
+            value = tuple(value)  # JSON and YAML give lists; configs hold (hashable) tuples
+        changes[key] = value
+    try:
+        return dataclasses.replace(config, **changes)
+    except (TypeError, ValueError) as exc:
+        raise MmzooError(f"invalid config override {where or ''}{overrides}: {exc}") from exc
+
+
+def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Random init as transformers does: normal(0, std) weights, zero biases, unit norms."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv3d)):
+            torch.nn.init.normal_(module.weight, std=std)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                torch.nn.init.zeros_(bias)
+        elif isinstance(module, RMSNorm):
+            torch.nn.init.ones_(module.weight)
+
+
+def compose(spec: ModelSpec, config: Any) -> VLModel:
+    """Build the family's parts from ``config`` and compose them into a :class:`VLModel`."""
+    return VLModel(
+        vision_encoder=spec.build_vision_encoder(config),
+        projector=spec.build_projector(config),
+        text_decoder=spec.build_text_decoder(config),
+        position_ids=spec.position_ids,
+        loss=spec.loss,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        config=config,
+        name=spec.name,
+    )
+
+
+def build_model(
+    name: str, variant: str = "tiny", *, dtype: torch.dtype | None = None, **overrides: Any
+) -> VLModel:
+    """A randomly initialised model of a registered family.
+
+    Args:
+        name: registry name (see ``mmzoo list-models``), e.g. ``"qwen2_5_vl"``.
+        variant: size, e.g. ``"tiny"`` or ``"7b"``.
+        dtype: parameter dtype (default float32).
+        **overrides: config fields to change; nested configs take dicts,
+            e.g. ``text=dict(num_layers=2)``.
+    """
+    spec = get_model(name)
+    config = apply_overrides(spec.variant(variant), overrides)
+    model = compose(spec, config)
+    init_weights(model)
+    return model.to(dtype) if dtype is not None else model
