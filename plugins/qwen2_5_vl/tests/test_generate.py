@@ -23,6 +23,17 @@ def mm_model(hf_dir):
     return mmzoo.load_model(hf_dir).eval()
 
 
+def run(mm_model, batch, attention_mask=None, **kwargs):
+    """:func:`generate` on a batch from ``make_sample``: ``input_ids`` and the media tensors."""
+    media = {k: v for k, v in batch.items() if k != "input_ids"}
+    return generate(mm_model, batch["input_ids"], attention_mask, media=media, **kwargs)
+
+
+def recorder(logits: list[torch.Tensor]):
+    """An ``on_step`` that keeps each step's logits."""
+    return lambda tokens, step_logits: logits.append(step_logits)
+
+
 def hf_generate(hf_model, batch, attention_mask=None, **kwargs):
     out = hf_model.generate(
         **batch,
@@ -44,11 +55,11 @@ def test_greedy_equals_transformers(case, penalty, hf_model, mm_model):
     batch = make_sample(**CASES[case])
     expected, expected_logits = hf_generate(hf_model, batch, repetition_penalty=penalty)
     logits: list[torch.Tensor] = []
-    ours = generate(
+    ours = run(
         mm_model,
-        **batch,
+        batch,
         sampling=SamplingConfig(max_new_tokens=NEW, repetition_penalty=penalty),
-        record_logits=logits,
+        on_step=recorder(logits),
     )
     assert ours == expected.tolist()
     torch.testing.assert_close(torch.stack(logits, dim=1), expected_logits, atol=1e-4, rtol=1e-4)
@@ -64,13 +75,7 @@ def test_left_padded_batch_equals_transformers(hf_model, mm_model):
     batch, mask = left_padded_pair()
     expected, expected_logits = hf_generate(hf_model, batch, attention_mask=mask)
     logits: list[torch.Tensor] = []
-    ours = generate(
-        mm_model,
-        **batch,
-        attention_mask=mask,
-        sampling=SamplingConfig(max_new_tokens=NEW),
-        record_logits=logits,
-    )
+    ours = run(mm_model, batch, mask, sampling=SamplingConfig(max_new_tokens=NEW), on_step=recorder(logits))
     assert ours == expected.tolist()
     torch.testing.assert_close(torch.stack(logits, dim=1), expected_logits, atol=1e-4, rtol=1e-4)
 
@@ -88,7 +93,7 @@ def test_cached_decode_equals_full_forward(mm_model, media):
     """Teacher forcing: the cached step logits equal a fresh forward over prompt + generated ids."""
     batch = make_sample(**media, seed=3)
     logits: list[torch.Tensor] = []
-    ours = generate(mm_model, **batch, sampling=SamplingConfig(max_new_tokens=6), record_logits=logits)
+    ours = run(mm_model, batch, sampling=SamplingConfig(max_new_tokens=6), on_step=recorder(logits))
     full = dict(batch, input_ids=torch.cat([batch["input_ids"], torch.tensor(ours)], dim=1))
     with torch.no_grad():
         reference = mm_model(**full).logits[0, batch["input_ids"].shape[1] - 1 : -1]
@@ -97,15 +102,9 @@ def test_cached_decode_equals_full_forward(mm_model, media):
 
 def test_stops_at_stop_token_per_row(mm_model):
     batch, mask = left_padded_pair()
-    free = generate(mm_model, **batch, attention_mask=mask, sampling=SamplingConfig(max_new_tokens=NEW))
+    free = run(mm_model, batch, mask, sampling=SamplingConfig(max_new_tokens=NEW))
     stop = free[0][2]
-    stopped = generate(
-        mm_model,
-        **batch,
-        attention_mask=mask,
-        sampling=SamplingConfig(max_new_tokens=NEW),
-        stop_token_ids=[stop],
-    )
+    stopped = run(mm_model, batch, mask, sampling=SamplingConfig(max_new_tokens=NEW, stop_token_ids=(stop,)))
     assert stopped[0] == free[0][: free[0].index(stop) + 1]
     assert stopped[1] == (free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1])
 
@@ -236,7 +235,7 @@ def test_streamer_never_emits_half_a_character():
     pieces: list[str] = []
     streamer = _Streamer(tokenizer, pieces.append)
     for token in ids:
-        streamer.step([token])
+        streamer.step([token], torch.zeros(1, 1))
     assert "".join(pieces) == "猫 naps"
     assert all("\ufffd" not in p for p in pieces)
 
