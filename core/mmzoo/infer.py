@@ -1,7 +1,8 @@
 """Generation with a KV cache, and chat requests (prompt + images/videos) -> answers.
 
-Family-agnostic: the chat template, media processor, placeholder expansion, position ids and
-default tokenizer come from the model's :class:`mmzoo.ModelSpec`. Prompts are prefilled as one
+Family-agnostic: prompts are prepared by the data pipeline (:class:`mmzoo.data.pipeline.Preprocessor`,
+through the family's template, media processor, placeholder expansion and position ids) and the
+default tokenizer comes from the model's :class:`mmzoo.ModelSpec`. Prompts are prefilled as one
 packed sequence (the training forward); each decode step feeds one token per row at position
 ``tokens so far + rope delta`` on every position row, where the delta is
 ``max(prompt positions) + 1 - prompt length`` (zero for text-only 1-D positions).
@@ -26,6 +27,9 @@ from mmzoo.model import VLModel, real_tokens
 from mmzoo.registry import ModelSpec, get_model
 
 OnStep = Callable[[list[int | None], torch.Tensor], None]
+# The media arguments of VLModel.embed_inputs and of the family's position ids.
+_EMBED_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+_POSITION_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
 @dataclass(frozen=True)
@@ -119,14 +123,14 @@ def generate(
     if int(lengths.min()) == 0:
         raise MmzooError("generate: a prompt in the batch is empty")
     if position_ids is None:
-        grids = {k: media.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+        grids = {k: media.get(k) for k in _POSITION_KEYS}
         position_ids = model.compute_position_ids(model.config, input_ids, attention_mask=keep, **grids)
     positions = position_ids.to(input_ids.device)  # (rows, B, S); padding is 0, real positions >= 0
     deltas = positions.amax(dim=(0, 2)) + 1 - lengths  # (B,)
 
     decoder = model.text_decoder
     cache = decoder.new_cache(len(input_ids), int(lengths.max()) + sampling.max_new_tokens)
-    embeds = model.embed_inputs(input_ids, *(media.get(k) for k in _EMBED_KEYS))
+    embeds = model.embed_inputs(input_ids, **{k: media.get(k) for k in _EMBED_KEYS})
     hidden = decoder(embeds[keep], positions[:, keep], cu_seqlens, cache=cache)  # (T, H)
     logits = decoder.logits(hidden[cu_seqlens[1:].long() - 1])  # (B, V)
     rows = _Rows(sampling, input_ids, keep, logits)
@@ -140,9 +144,6 @@ def generate(
         pos = (cache.lengths + deltas).expand(positions.shape[0], -1)  # (rows, B)
         logits = decoder.logits(decoder(decoder.embed(tokens), pos, step_cu, cache=cache))
     return rows.out
-
-
-_EMBED_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def _check_media(media: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:

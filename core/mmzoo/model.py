@@ -63,7 +63,8 @@ class VLModel(nn.Module):
         vision_encoder: ``(pixel_values, grid_thw) -> (patches, C)`` in input patch order.
         projector: ``(patches, C) -> (tokens, hidden)``; ``patches / tokens`` patches per token.
         text_decoder: a :class:`mmzoo.nn.TextDecoder`-like module.
-        position_ids: the family's position-id function (see ``ModelSpec.position_ids``).
+        position_ids: the family's position-id function (see ``ModelSpec.position_ids``), kept as
+            ``compute_position_ids``.
         loss: ``(hidden (T, H), output_weight (V, H), labels (T,), cu_seqlens, reduction) -> loss``.
         image_token_id, video_token_id: placeholder ids that receive media features.
         config: the family config the parts were built from.
