@@ -1,7 +1,8 @@
 """Generation with a KV cache, and chat requests (prompt + images/videos) -> answers.
 
-Family-agnostic: the chat template, media processor, placeholder expansion, position ids and
-default tokenizer come from the model's :class:`mmzoo.ModelSpec`. Prompts are prefilled as one
+Family-agnostic: prompts are prepared by the data pipeline (:class:`mmzoo.data.pipeline.Preprocessor`,
+through the family's template, media processor, placeholder expansion and position ids) and the
+default tokenizer comes from the model's :class:`mmzoo.ModelSpec`. Prompts are prefilled as one
 packed sequence (the training forward); each decode step feeds one token per row at position
 ``tokens so far + rope delta`` on every position row, where the delta is
 ``max(prompt positions) + 1 - prompt length`` (zero for text-only 1-D positions).
@@ -10,20 +11,25 @@ packed sequence (the training forward); each decode step feeds one token per row
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from mmzoo.data.collate import collate_left_padded
+from mmzoo.config import DataConfig
+from mmzoo.data.collate import MEDIA_KEYS, Sample, collate_left_padded
+from mmzoo.data.pipeline import Preprocessor
+from mmzoo.data.records import Record
 from mmzoo.errors import MmzooError
-from mmzoo.model import VLModel
+from mmzoo.model import VLModel, real_tokens
 from mmzoo.registry import ModelSpec, get_model
 
-OnStep = Callable[[list[int | None]], None]
+OnStep = Callable[[list[int | None], torch.Tensor], None]
+# The media arguments of VLModel.embed_inputs and of the family's position ids.
+_EMBED_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+_POSITION_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class SamplingConfig:
         top_k: keep the k most likely tokens (0: off).
         repetition_penalty: CTRL-style penalty on tokens already in the sequence (1.0: off).
         seed: seed of the sampling generator (``None``: torch's global RNG).
+        stop_token_ids: a row ends after generating one of these (it is kept in the output).
     """
 
     max_new_tokens: int = 256
@@ -45,6 +52,7 @@ class SamplingConfig:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         checks = (
@@ -88,15 +96,10 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
-    pixel_values: torch.Tensor | None = None,
-    image_grid_thw: torch.Tensor | None = None,
-    pixel_values_videos: torch.Tensor | None = None,
-    video_grid_thw: torch.Tensor | None = None,
-    second_per_grid_ts: torch.Tensor | None = None,
+    media: Mapping[str, torch.Tensor] | None = None,
+    position_ids: torch.Tensor | None = None,
     sampling: SamplingConfig | None = None,
-    stop_token_ids: Sequence[int] = (),
     on_step: OnStep | None = None,
-    record_logits: list[torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per row of a padded batch (any padding side).
 
@@ -104,72 +107,87 @@ def generate(
         model: the model (put it in eval mode).
         input_ids: ``(B, S)`` prompts with media placeholders expanded.
         attention_mask: ``(B, S)``, 0 on padding.
-        pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, second_per_grid_ts:
-            media inputs as for :meth:`VLModel.forward`.
-        sampling: decoding settings (default: greedy, 256 tokens).
-        stop_token_ids: a row ends after generating one of these (it is kept in the output).
-        on_step: called after each step with the new token of every row (``None`` once a row ended).
-        record_logits: when given, each step's raw logits ``(B, V)`` are appended to it.
+        media: any of :data:`mmzoo.data.collate.MEDIA_KEYS` -> tensor, as for :meth:`VLModel.forward`.
+        position_ids: ``(rows, B, S)``, 0 on padding (default: the family's, computed here).
+        sampling: decoding settings (default: greedy, 256 tokens, no stop tokens).
+        on_step: called after each step with the new token of every row (``None`` once a row
+            ended) and the logits ``(B, V)`` they were chosen from.
 
     Returns:
-        The generated token ids of each row.
+        The generated token ids of each row (a stop token that ended a row included).
     """
     sampling = sampling or SamplingConfig()
-    batch = input_ids.shape[0]
-    keep = (
-        attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    )
-    embeds = model.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-    positions = model.position_ids_fn(
-        model.config,
-        input_ids,
-        attention_mask=keep,
-        image_grid_thw=image_grid_thw,
-        video_grid_thw=video_grid_thw,
-        second_per_grid_ts=second_per_grid_ts,
-    ).to(input_ids.device)  # (rows, B, S); padding is 0, real positions are >= 0
+    media = _check_media(media or {})
+    keep, cu_seqlens = real_tokens(input_ids, attention_mask)
     lengths = keep.sum(dim=1)
     if int(lengths.min()) == 0:
         raise MmzooError("generate: a prompt in the batch is empty")
+    if position_ids is None:
+        grids = {k: media.get(k) for k in _POSITION_KEYS}
+        position_ids = model.compute_position_ids(model.config, input_ids, attention_mask=keep, **grids)
+    positions = position_ids.to(input_ids.device)  # (rows, B, S); padding is 0, real positions >= 0
     deltas = positions.amax(dim=(0, 2)) + 1 - lengths  # (B,)
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
     decoder = model.text_decoder
-    cache = decoder.new_cache(batch, int(lengths.max()) + sampling.max_new_tokens)
+    cache = decoder.new_cache(len(input_ids), int(lengths.max()) + sampling.max_new_tokens)
+    embeds = model.embed_inputs(input_ids, **{k: media.get(k) for k in _EMBED_KEYS})
     hidden = decoder(embeds[keep], positions[:, keep], cu_seqlens, cache=cache)  # (T, H)
     logits = decoder.logits(hidden[cu_seqlens[1:].long() - 1])  # (B, V)
-
-    seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=logits.device)
-    if sampling.repetition_penalty != 1.0:
-        rows = torch.arange(batch, device=input_ids.device)[:, None].expand_as(input_ids)
-        seen[rows[keep], input_ids[keep].clamp(max=logits.shape[-1] - 1)] = True
-    generator = None
-    if sampling.seed is not None and sampling.temperature > 0:
-        generator = torch.Generator(device=logits.device).manual_seed(sampling.seed)
-    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=logits.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
-    out: list[list[int]] = [[] for _ in range(batch)]
-    step_cu = torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device)
-    rows_of_positions = positions.shape[0]
+    rows = _Rows(sampling, input_ids, keep, logits)
+    step_cu = torch.arange(len(input_ids) + 1, dtype=torch.int32, device=input_ids.device)
     for step in range(sampling.max_new_tokens):
-        if record_logits is not None:
-            record_logits.append(logits)
-        tokens = _process_logits(logits, seen, sampling, generator)
+        tokens, new = rows.step(logits)
+        if on_step is not None:
+            on_step(new, logits)
+        if rows.finished or step == sampling.max_new_tokens - 1:
+            break
+        pos = (cache.lengths + deltas).expand(positions.shape[0], -1)  # (rows, B)
+        logits = decoder.logits(decoder(decoder.embed(tokens), pos, step_cu, cache=cache))
+    return rows.out
+
+
+def _check_media(media: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    unknown = sorted(set(media) - set(MEDIA_KEYS))
+    if unknown:
+        known = ", ".join(MEDIA_KEYS)
+        raise MmzooError(f"generate: unknown media {', '.join(unknown)}; the media keys are {known}")
+    return media
+
+
+class _Rows:
+    """Decoding state of a batch: each row's output, whether it ended, the tokens it holds."""
+
+    def __init__(
+        self, sampling: SamplingConfig, input_ids: torch.Tensor, keep: torch.Tensor, logits: torch.Tensor
+    ) -> None:
+        batch, vocab, device = logits.shape[0], logits.shape[-1], logits.device
+        self.sampling = sampling
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        if sampling.repetition_penalty != 1.0:  # the prompt counts as seen
+            rows = torch.arange(batch, device=input_ids.device)[:, None].expand_as(input_ids)
+            self.seen[rows[keep], input_ids[keep].clamp(max=vocab - 1)] = True
+        self.generator = None
+        if sampling.seed is not None and sampling.temperature > 0:
+            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        self.stops = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.out: list[list[int]] = [[] for _ in range(batch)]
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.done.all())
+
+    def step(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[int | None]]:
+        """Each row's next token, and per row the token it keeps (``None`` once the row ended)."""
+        tokens = _process_logits(logits, self.seen, self.sampling, self.generator)
         new: list[int | None] = []
         for row, token in enumerate(tokens.tolist()):
-            new.append(None if done[row] else token)
-            if not done[row]:
-                out[row].append(token)
-        if on_step is not None:
-            on_step(new)
-        seen[torch.arange(batch), tokens] = True
-        done |= torch.isin(tokens, stops)
-        if bool(done.all()) or step == sampling.max_new_tokens - 1:
-            break
-        pos = (cache.lengths + deltas).expand(rows_of_positions, -1)  # (rows, B)
-        hidden = decoder(decoder.embed(tokens), pos, step_cu, cache=cache)
-        logits = decoder.logits(hidden)
-    return out
+            new.append(None if self.done[row] else token)
+            if not self.done[row]:
+                self.out[row].append(token)
+        self.seen[torch.arange(len(new)), tokens] = True
+        self.done |= torch.isin(tokens, self.stops)
+        return tokens, new
 
 
 @dataclass
@@ -189,6 +207,10 @@ class Request:
 class Chat:
     """Answers :class:`Request` s with a model, its tokenizer and its family's template and media.
 
+    Prompts become samples the way training records do (:class:`mmzoo.data.pipeline.Preprocessor`:
+    the same template, media sizing, vision tokens and position ids), ending in the template's
+    generation prompt.
+
     Args:
         model: a loaded model.
         tokenizer: a transformers tokenizer (default: the family's own).
@@ -197,20 +219,14 @@ class Chat:
 
     def __init__(self, model: VLModel, tokenizer: Any = None, **media: Any) -> None:
         self.model = model.eval()
-        self.spec: ModelSpec = get_model(model.name)
-        for part in ("template", "media_processor", "expand_media"):
-            if getattr(self.spec, part) is None:
-                raise MmzooError(f"model '{self.spec.name}' provides no {part}, so it cannot chat")
+        spec: ModelSpec = get_model(model.name)
         if tokenizer is None:
-            if self.spec.default_tokenizer is None:
-                raise MmzooError(f"model '{self.spec.name}' has no built-in tokenizer; pass one")
-            tokenizer = self.spec.default_tokenizer()
+            if spec.default_tokenizer is None:
+                raise MmzooError(f"model '{spec.name}' has no built-in tokenizer; pass one")
+            tokenizer = spec.default_tokenizer()
         self.tokenizer = tokenizer
-        try:
-            self.processor = self.spec.media_processor(model.config, **media)
-        except TypeError as exc:
-            raise MmzooError(f"media options: {exc}") from exc
-        self.template = self.spec.template
+        self.preprocessor = Preprocessor(spec, model.config, tokenizer, DataConfig(media=media))
+        self.template = spec.template
         stops = set(self.template.stop_token_ids(tokenizer))
         if getattr(tokenizer, "eos_token_id", None) is not None:
             stops.add(tokenizer.eos_token_id)
@@ -220,40 +236,22 @@ class Chat:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, request: Request) -> dict[str, Any]:
-        """Token ids (list) and media tensors of one request."""
-        images = [self.processor.prepare_image(_media_path(x)) for x in request.images]
-        videos, seconds = [], []
-        for video in request.videos:
-            frames, second = self.processor.prepare_video(_media_path(video))
-            videos.append(frames)
-            seconds.append(second)
-        t = self.template
-        text = request.prompt
+    def encode(self, request: Request) -> Sample:
+        """One request as a sample: its prompt, up to the template's generation prompt, and media."""
+        t, text = self.template, request.prompt
         if t.image_placeholder not in text and t.video_placeholder not in text:
-            text = t.image_placeholder * len(images) + t.video_placeholder * len(videos) + text
+            media = t.image_placeholder * len(request.images) + t.video_placeholder * len(request.videos)
+            text = media + text
         messages = [] if request.system is None else [{"role": "system", "content": request.system}]
         messages.append({"role": "user", "content": text})
-        grids = {
-            "image": [self.processor.grid_thw(f)[0].tolist() for f in images],
-            "video": [self.processor.grid_thw(f)[0].tolist() for f in videos],
-        }
-        merge = self.model.config.vision.spatial_merge_size
-        expand = self.spec.expand_media(self.tokenizer, grids["image"], grids["video"], merge)
-        ids, _ = t.encode(messages, self.tokenizer, expand, num_images=len(images), num_videos=len(videos))
-        sample: dict[str, Any] = {"input_ids": ids}
-        if images:
-            sample["pixel_values"] = torch.cat([self.processor.pixel_values(f) for f in images])
-            sample["image_grid_thw"] = torch.tensor(grids["image"])
-        if videos:
-            sample["pixel_values_videos"] = torch.cat([self.processor.pixel_values(f) for f in videos])
-            sample["video_grid_thw"] = torch.tensor(grids["video"])
-            sample["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
-        return sample
+        images = [_media_path(x) for x in request.images]
+        record = Record(messages, images, [_media_path(x) for x in request.videos])
+        return self.preprocessor.to_sample(self.preprocessor.prepare_prompt(record))
 
-    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Left-padded ``input_ids``/``attention_mask`` and the media of all samples, in order."""
-        batch = collate_left_padded(samples, self.tokenizer.pad_token_id or 0)
+    def collate(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """Left-padded ``input_ids``, ``attention_mask``, ``position_ids`` and the samples' media."""
+        rows = [{"input_ids": s.input_ids, "position_ids": s.position_ids, **s.media} for s in samples]
+        batch = collate_left_padded(rows, self.tokenizer.pad_token_id or 0)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def answer(
@@ -262,20 +260,27 @@ class Chat:
         sampling: SamplingConfig | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> list[str]:
-        """Answer a batch of requests; ``on_text`` streams the first answer's text as it grows."""
-        batch: dict[str, Any] = self.collate([self.encode(r) for r in requests])
+        """Answer a batch of requests; ``on_text`` streams the first answer's text as it grows.
+
+        Generation stops at the template's end-of-turn tokens and at ``sampling.stop_token_ids``.
+        """
+        batch = self.collate([self.encode(r) for r in requests])
+        sampling = sampling or SamplingConfig()
+        stops = tuple(sorted({*sampling.stop_token_ids, *self.stop_token_ids}))
         streamer = _Streamer(self.tokenizer, on_text) if on_text is not None else None
         ids = generate(
             self.model,
-            **batch,
-            sampling=sampling,
-            stop_token_ids=self.stop_token_ids,
+            batch.pop("input_ids"),
+            batch.pop("attention_mask"),
+            position_ids=batch.pop("position_ids"),
+            media=batch,
+            sampling=replace(sampling, stop_token_ids=stops),
             on_step=streamer.step if streamer is not None else None,
         )
         return [self.decode(row) for row in ids]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Answer text: stops at the first stop token, special tokens dropped."""
+        """Answer text: stops at the first end-of-turn token, special tokens dropped."""
         ids = list(ids)
         for i, token in enumerate(ids):
             if token in self.stop_token_ids:
@@ -292,7 +297,7 @@ class _Streamer:
         self.ids: list[int] = []
         self.printed = 0
 
-    def step(self, tokens: list[int | None]) -> None:
+    def step(self, tokens: list[int | None], logits: torch.Tensor) -> None:
         token = tokens[0]
         if token is None:
             return

@@ -15,6 +15,21 @@ from mmzoo.loss import LossReduction
 from mmzoo.nn import TextDecoder
 
 
+def real_tokens(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tokens of a padded batch ``(B, S)`` are real, and the ``cu_seqlens`` of the rows packed.
+
+    Returns:
+        ``keep`` ``(B, S)`` bool (all true without a mask) and ``cu_seqlens`` ``(B + 1,)`` int32.
+    """
+    if attention_mask is None:
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        keep = attention_mask.bool()
+    return keep, F.pad(keep.sum(dim=1).cumsum(0, dtype=torch.int32), (1, 0))
+
+
 @dataclass
 class VLOutput:
     """``logits`` ``(B, S, V)`` (zeros at padded positions; None when not asked for) and ``loss``
@@ -48,7 +63,8 @@ class VLModel(nn.Module):
         vision_encoder: ``(pixel_values, grid_thw) -> (patches, C)`` in input patch order.
         projector: ``(patches, C) -> (tokens, hidden)``; ``patches / tokens`` patches per token.
         text_decoder: a :class:`mmzoo.nn.TextDecoder`-like module.
-        position_ids: the family's position-id function (see ``ModelSpec.position_ids``).
+        position_ids: the family's position-id function (see ``ModelSpec.position_ids``), kept as
+            ``compute_position_ids``.
         loss: ``(hidden (T, H), output_weight (V, H), labels (T,), cu_seqlens, reduction) -> loss``.
         image_token_id, video_token_id: placeholder ids that receive media features.
         config: the family config the parts were built from.
@@ -71,7 +87,7 @@ class VLModel(nn.Module):
         super().__init__()
         self.image_encoder = ImageEncoder(encoder=vision_encoder, projector=projector)
         self.text_decoder = text_decoder
-        self.position_ids_fn = position_ids
+        self.compute_position_ids = position_ids
         self.loss_fn = loss
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id
@@ -136,25 +152,17 @@ class VLModel(nn.Module):
         ``loss_reduction`` scales the loss for gradient accumulation (see :mod:`mmzoo.loss`);
         training passes ``return_logits=False``: the loss then needs logits of answer tokens only.
         """
-        batch, seq = input_ids.shape
         embeds = self.embed_inputs(
             input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
         )
-
-        if cu_seqlens is not None:
-            if batch != 1:
-                raise MmzooError(f"a packed batch (cu_seqlens given) must be one row, got {batch} rows")
-            keep = torch.ones_like(input_ids, dtype=torch.bool)
+        if cu_seqlens is None:
+            keep, cu_seqlens = real_tokens(input_ids, attention_mask)
+        elif len(input_ids) != 1:
+            raise MmzooError(f"a packed batch (cu_seqlens given) must be one row, got {len(input_ids)} rows")
         else:
-            keep = (
-                attention_mask.bool()
-                if attention_mask is not None
-                else torch.ones_like(input_ids, dtype=torch.bool)
-            )
-            lengths = keep.sum(dim=1)
-            cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+            keep = torch.ones_like(input_ids, dtype=torch.bool)
         if position_ids is None:
-            position_ids = self.position_ids_fn(
+            position_ids = self.compute_position_ids(
                 self.config,
                 input_ids,
                 attention_mask=None if attention_mask is None else keep,
@@ -170,10 +178,9 @@ class VLModel(nn.Module):
             loss = self.loss_fn(hidden, weight, labels[keep], cu_seqlens, loss_reduction)
         if not return_logits:
             return VLOutput(logits=None, loss=loss)
-        logits_packed = self.text_decoder.logits(hidden)  # (T, V)
+        logits = self.text_decoder.logits(hidden)  # (T, V)
         if bool(keep.all()):
-            logits = logits_packed.view(batch, seq, -1)
-        else:
-            logits = logits_packed.new_zeros(batch, seq, logits_packed.shape[-1])
-            logits[keep] = logits_packed
-        return VLOutput(logits=logits, loss=loss)
+            return VLOutput(logits=logits.view(*keep.shape, -1), loss=loss)
+        padded = logits.new_zeros(*keep.shape, logits.shape[-1])  # (B, S, V)
+        padded[keep] = logits
+        return VLOutput(logits=padded, loss=loss)

@@ -39,7 +39,6 @@ class ModelSpec:
             (see :func:`mmzoo.loss.causal_lm_loss`).
         example_batch: config -> a small model input with media (for tests and benchmarks).
         hf_architectures: the ``architectures`` entries of HF config.json this family reads.
-        special_tokens: token name -> id (image/video placeholders, eos, pad, ...).
         freeze_groups: group name -> module-name prefixes in the mm state dict.
         template: the chat template (:class:`mmzoo.data.template.ChatTemplate`).
         media_processor: ``(config, **options) ->`` processor with ``prepare_image(path)``,
@@ -60,7 +59,6 @@ class ModelSpec:
     loss: Callable[..., Any]
     example_batch: Callable[[Any], dict[str, Any]]
     hf_architectures: tuple[str, ...] = ()
-    special_tokens: Mapping[str, int] = field(default_factory=dict)
     freeze_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     template: Any = None
     media_processor: Any = None

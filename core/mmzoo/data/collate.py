@@ -79,7 +79,9 @@ def _media(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
 def collate_left_padded(samples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-padded rows for generation: ``input_ids``, ``attention_mask`` and the samples' media.
 
-    Each sample maps ``input_ids`` (a list or 1-D tensor) and any of ``MEDIA_KEYS``.
+    Each sample maps ``input_ids`` (a list or 1-D tensor), any of ``MEDIA_KEYS`` and, optionally,
+    ``position_ids`` ``(rows, L)``: when every sample has them, the batch gets ``position_ids``
+    ``(rows, B, S)``, 0 on padding.
     """
     length = max(len(s["input_ids"]) for s in samples)
     ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
@@ -88,7 +90,13 @@ def collate_left_padded(samples: Sequence[Mapping[str, Any]], pad_token_id: int)
         n = len(s["input_ids"])
         ids[row, length - n :] = torch.as_tensor(s["input_ids"])
         mask[row, length - n :] = 1
-    return {"input_ids": ids, "attention_mask": mask, **concat_media(samples)}
+    batch = {"input_ids": ids, "attention_mask": mask, **concat_media(samples)}
+    if all("position_ids" in s for s in samples):
+        positions = torch.zeros(samples[0]["position_ids"].shape[0], *ids.shape, dtype=torch.long)
+        for row, s in enumerate(samples):
+            positions[:, row, length - len(s["input_ids"]) :] = s["position_ids"]
+        batch["position_ids"] = positions
+    return batch
 
 
 def _with_dummy(samples: Sequence[Sample], dummy: Sample | None) -> list[Sample]:
@@ -124,11 +132,8 @@ def collate_padded(
     is causal and the dummy's labels are ``-100``.
     """
     media_samples = _with_dummy(samples, dummy)
-    rows = [list(samples)]
-    extra = media_samples[len(samples) :]
     rows = [[s] for s in samples]
-    for s in extra:
-        rows[0].append(s)
+    rows[0].extend(media_samples[len(samples) :])
     width = max(sum(len(s) for s in row) for row in rows)
     n_rows = len(rows)
     position_rows = samples[0].position_ids.shape[0]

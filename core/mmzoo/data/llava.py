@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from mmzoo.data.records import REASONS, SkipReport, read_records
+from mmzoo.data.records import REASONS, Record, SkipReport, read_records
 from mmzoo.errors import MmzooError
 
 logger = logging.getLogger(__name__)
@@ -50,10 +50,24 @@ def convert_llava(
     skipped = {r: report.counts.get(r, 0) - before.get(r, 0) for r in REASONS}
     skipped = {r: n for r, n in skipped.items() if n}
 
-    out = Path(out)
+    _write_jsonl(Path(out), records)
+    if log_skips:
+        for line in report.summary_lines():
+            logger.warning(line)
+    text_only = sum(1 for r in records if not r.images and not r.videos)
+    return {
+        "read": len(records) + sum(skipped.values()),
+        "written": len(records),
+        "text_only": text_only,
+        "skipped": sum(skipped.values()),
+        **skipped,
+    }
+
+
+def _write_jsonl(out: Path, records: list[Record]) -> None:
+    """Chat-form JSONL through a sibling temp file renamed into place: never half a dataset."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Write a sibling temp file and rename it, so an interrupted run never leaves half a dataset.
-    # (Not mkstemp: its 0600 mode would make the output unreadable to other users.)
+    # Not mkstemp: its 0600 mode would make the output unreadable to other users.
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -70,14 +84,3 @@ def convert_llava(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if log_skips:
-        for line in report.summary_lines():
-            logger.warning(line)
-    text_only = sum(1 for r in records if not r.images and not r.videos)
-    return {
-        "read": len(records) + sum(skipped.values()),
-        "written": len(records),
-        "text_only": text_only,
-        "skipped": sum(skipped.values()),
-        **skipped,
-    }

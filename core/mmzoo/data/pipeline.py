@@ -1,5 +1,8 @@
 """Records -> prepared samples (token ids, labels, positions, resized media) -> training samples.
 
+Chat prompts (:class:`mmzoo.infer.Chat`) go through the same steps as training records, so a
+model is asked the way it was trained.
+
 Family-specific work goes through the plugin's parts: the chat template, the media processor
 (decode + resize, then normalise + patchify) and the position-id function. Prepared samples
 keep media as resized uint8 frames: small enough to cache, and turned into pixel patches
@@ -38,6 +41,14 @@ class Prepared:
         return self.input_ids.shape[0]
 
 
+class BadRecord(MmzooError):
+    """A record that cannot become a sample; ``reason`` is one of :data:`mmzoo.data.records.REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     # torch.cat copies even a single tensor: ~7 ms for one large image's patches.
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
@@ -56,9 +67,7 @@ class Preprocessor:
     def __init__(self, spec: ModelSpec, model_config: Any, tokenizer: Any, data: DataConfig) -> None:
         for part in ("template", "media_processor", "expand_media"):
             if getattr(spec, part) is None:
-                raise MmzooError(
-                    f"model '{spec.name}' provides no {part}, so it cannot read training records"
-                )
+                raise MmzooError(f"model '{spec.name}' provides no {part}, so it cannot prepare samples")
         self.spec = spec
         self.config = model_config
         self.tokenizer = tokenizer
@@ -66,57 +75,35 @@ class Preprocessor:
         try:
             self.processor = spec.media_processor(model_config, **data.media)
         except TypeError as exc:
-            raise MmzooError(f"data.media: {exc}") from exc
+            raise MmzooError(f"media options: {exc}") from exc
         self.merge = model_config.vision.spatial_merge_size
 
     def prepare(self, record: Record, report: SkipReport) -> Prepared | None:
         """One record -> a prepared sample, or ``None`` (counted in ``report``) when it is bad."""
-        images, videos, seconds = [], [], []
         try:
-            for path in record.images:
-                images.append(self.processor.prepare_image(path))
-        except MmzooError as exc:
-            report.add("corrupt_image", record.source, str(exc))
+            return self._prepare(record, truncate=True)
+        except BadRecord as exc:
+            report.add(exc.reason, record.source, str(exc))
             return None
-        try:
-            for path in record.videos:
-                frames, second_per_grid_t = self.processor.prepare_video(path)
-                videos.append(frames)
-                seconds.append(second_per_grid_t)
-        except MmzooError as exc:
-            report.add("unreadable_video", record.source, str(exc))
-            return None
+
+    def prepare_prompt(self, record: Record) -> Prepared:
+        """A generation prompt (messages ending in a user turn) -> a prepared sample.
+
+        Prepared as :meth:`prepare` prepares training records, so a model is asked the way it was
+        trained; never truncated.
+
+        Raises:
+            BadRecord: what would make :meth:`prepare` skip a record (an :class:`MmzooError`).
+        """
+        return self._prepare(record, truncate=False)
+
+    def _prepare(self, record: Record, truncate: bool) -> Prepared:
+        images, videos, seconds = self._read_media(record)
         image_grids = [self.processor.grid_thw(f)[0].tolist() for f in images]
         video_grids = [self.processor.grid_thw(f)[0].tolist() for f in videos]
-        expand = self.spec.expand_media(self.tokenizer, image_grids, video_grids, self.merge)
-        try:
-            ids, labels = self.spec.template.encode(
-                record.messages,
-                self.tokenizer,
-                expand,
-                train_on_prompt=self.data.train_on_prompt,
-                mask_history=self.data.mask_history,
-                num_images=len(images),
-                num_videos=len(videos),
-            )
-        except MmzooError as exc:
-            report.add("bad_structure", record.source, str(exc))
-            return None
-        # A special token typed into the text (a literal "<|image_pad|>") adds a placeholder with no
-        # features: skip the record here, not fail later in position ids or in a training batch.
-        for kind, token, grids in (
-            ("image", self.config.image_token_id, image_grids),
-            ("video", self.config.video_token_id, video_grids),
-        ):
-            want, got = sum(t * h * w for t, h, w in grids) // self.merge**2, ids.count(token)
-            if got != want:
-                detail = f"{got} {kind} tokens for {want} {kind} features (a special token in the text?)"
-                report.add("bad_structure", record.source, detail)
-                return None
-        kept = self._truncate(ids, labels, record, report)
-        if kept is None:
-            return None
-        ids, labels = kept
+        ids, labels = self._encode(record, image_grids, video_grids)
+        if truncate:
+            ids, labels = self._truncate(ids, labels)
         input_ids = torch.tensor(ids)
         positions = self.spec.position_ids(
             self.config,
@@ -127,21 +114,62 @@ class Preprocessor:
         )[:, 0]
         return Prepared(input_ids, torch.tensor(labels), positions, images, videos, seconds, record.source)
 
-    def _truncate(self, ids: list[int], labels: list[int], record: Record, report: SkipReport):
+    def _read_media(self, record: Record) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
+        """Decoded and resized images, videos, and each video's seconds per grid step."""
+        try:
+            images = [self.processor.prepare_image(path) for path in record.images]
+        except MmzooError as exc:
+            raise BadRecord("corrupt_image", str(exc)) from exc
+        videos, seconds = [], []
+        try:
+            for path in record.videos:
+                frames, second_per_grid_t = self.processor.prepare_video(path)
+                videos.append(frames)
+                seconds.append(second_per_grid_t)
+        except MmzooError as exc:
+            raise BadRecord("unreadable_video", str(exc)) from exc
+        return images, videos, seconds
+
+    def _encode(
+        self, record: Record, image_grids: list[list[int]], video_grids: list[list[int]]
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels, each placeholder expanded for its media's grid."""
+        expand = self.spec.expand_media(self.tokenizer, image_grids, video_grids, self.merge)
+        try:
+            ids, labels = self.spec.template.encode(
+                record.messages,
+                self.tokenizer,
+                expand,
+                train_on_prompt=self.data.train_on_prompt,
+                mask_history=self.data.mask_history,
+                num_images=len(image_grids),
+                num_videos=len(video_grids),
+            )
+        except MmzooError as exc:
+            raise BadRecord("bad_structure", str(exc)) from exc
+        # A special token typed into the text (a literal "<|image_pad|>") adds a placeholder with no
+        # features: reject the record here, not fail later in position ids or in a training batch.
+        for kind, token, grids in (
+            ("image", self.config.image_token_id, image_grids),
+            ("video", self.config.video_token_id, video_grids),
+        ):
+            want, got = sum(t * h * w for t, h, w in grids) // self.merge**2, ids.count(token)
+            if got != want:
+                detail = f"{got} {kind} tokens for {want} {kind} features (a special token in the text?)"
+                raise BadRecord("bad_structure", detail)
+        return ids, labels
+
+    def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         limit = self.data.seq_length
         if len(ids) <= limit:
             return ids, labels
         media_ids = {self.config.image_token_id, self.config.video_token_id, self.config.vision_end_token_id}
         last_media = max((i for i, t in enumerate(ids) if t in media_ids), default=-1)
         if last_media >= limit:
-            report.add("too_long", record.source, f"{len(ids)} tokens with media beyond seq_length {limit}")
-            return None
+            raise BadRecord("too_long", f"{len(ids)} tokens with media beyond seq_length {limit}")
         ids, labels = ids[:limit], labels[:limit]
         if all(label == IGNORE_INDEX for label in labels[1:]):
-            report.add(
-                "too_long", record.source, f"{len(ids)} tokens; nothing left to train after truncation"
-            )
-            return None
+            raise BadRecord("too_long", f"{len(ids)} tokens; nothing left to train after truncation")
         return ids, labels
 
     def to_sample(self, prepared: Prepared) -> Sample:

@@ -57,7 +57,8 @@ class Record:
     Attributes:
         messages: ``{"role": "system" | "user" | "assistant", "content": str}`` turns: an optional
             system turn, then user / assistant alternating, ending with an assistant answer.
-        images: absolute image paths, in ``<image>`` placeholder order.
+        images: absolute image paths, in ``<image>`` placeholder order (a chat prompt's may also be
+            PIL images).
         videos: absolute video paths, in ``<video>`` placeholder order.
         source: where the record came from: ``"file:line"`` (JSONL) or ``"file:#index"`` (JSON array).
     """

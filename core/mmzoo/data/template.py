@@ -94,49 +94,16 @@ class ChatTemplate:
             turns = [(text, answer and i == last) for i, (text, answer) in enumerate(turns)]
         if train_on_prompt:
             turns = [(text, True) for text, _ in turns]
-
-        added = tokenizer.get_added_vocab()
-        placeholders = {self.image_placeholder: "image", self.video_placeholder: "video"}
-        # Longest first so a token that is a prefix of another never wins.
-        alternatives = sorted([*added, *placeholders], key=len, reverse=True)
-        splitter = re.compile("(" + "|".join(re.escape(a) for a in alternatives) + ")")
-
-        ids: list[int] = []
-        labels: list[int] = []
-        run: list[tuple[str, bool]] = []  # consecutive text pieces, tokenised together
-        seen = {"image": 0, "video": 0}
-
-        def flush() -> None:
-            for token, trained in _encode_run(run, tokenizer):
-                ids.append(token)
-                labels.append(token if trained else IGNORE_INDEX)
-            run.clear()
-
+        encoder = _Encoder(self, tokenizer, expand_media)
         for text, trained in turns:
-            for piece in splitter.split(text):
-                if not piece:
-                    continue
-                if piece in placeholders:
-                    flush()
-                    kind = placeholders[piece]
-                    media_ids = self._expand(expand_media, kind, seen[kind])
-                    seen[kind] += 1
-                    ids.extend(media_ids)
-                    labels.extend([IGNORE_INDEX] * len(media_ids))
-                elif piece in added:
-                    flush()
-                    ids.append(added[piece])
-                    labels.append(added[piece] if trained else IGNORE_INDEX)
-                else:
-                    run.append((piece, trained))
-        flush()
-
+            encoder.add(text, trained)
+        ids, labels = encoder.finish()
         for kind, expected in (("image", num_images), ("video", num_videos)):
-            if expected is not None and seen[kind] != expected:
+            if expected is not None and encoder.seen[kind] != expected:
                 placeholder = self.image_placeholder if kind == "image" else self.video_placeholder
                 raise MmzooError(
-                    f"the messages have {seen[kind]} {placeholder} placeholder(s) but the sample has "
-                    f"{expected} {kind}(s); put one {placeholder} in the text per {kind}"
+                    f"the messages have {encoder.seen[kind]} {placeholder} placeholder(s) but the sample "
+                    f"has {expected} {kind}(s); put one {placeholder} in the text per {kind}"
                 )
         return ids, labels
 
@@ -163,9 +130,58 @@ class ChatTemplate:
             out.append((_fill(fmt, _content(message, offset + i)), role == "assistant"))
         return out
 
-    def _expand(self, expand_media: ExpandMedia, kind: str, index: int) -> list[int]:
+
+class _Encoder:
+    """Token ids and labels of rendered turns, built piece by piece.
+
+    Text is split at the tokenizer's added tokens and at media placeholders; the text runs between
+    them are tokenised whole (:func:`_encode_run`), placeholders become ``expand_media``'s ids.
+    """
+
+    def __init__(self, template: ChatTemplate, tokenizer: Any, expand_media: ExpandMedia) -> None:
+        self.tokenizer, self.expand_media = tokenizer, expand_media
+        self.added = tokenizer.get_added_vocab()
+        self.placeholders = {template.image_placeholder: "image", template.video_placeholder: "video"}
+        # Longest first so a token that is a prefix of another never wins.
+        alternatives = sorted([*self.added, *self.placeholders], key=len, reverse=True)
+        self.splitter = re.compile("(" + "|".join(re.escape(a) for a in alternatives) + ")")
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.run: list[tuple[str, bool]] = []  # consecutive text pieces, tokenised together
+        self.seen = {"image": 0, "video": 0}
+
+    def add(self, text: str, trained: bool) -> None:
+        """Append one rendered turn; ``trained`` marks its tokens as targets (media never are)."""
+        for piece in self.splitter.split(text):
+            if piece in self.placeholders:
+                self._flush()
+                kind = self.placeholders[piece]
+                media_ids = self._expand(kind, self.seen[kind])
+                self.seen[kind] += 1
+                self._append(media_ids, False)
+            elif piece in self.added:
+                self._flush()
+                self._append([self.added[piece]], trained)
+            elif piece:
+                self.run.append((piece, trained))
+
+    def finish(self) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of everything added."""
+        self._flush()
+        return self.ids, self.labels
+
+    def _append(self, ids: list[int], trained: bool) -> None:
+        self.ids.extend(ids)
+        self.labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+
+    def _flush(self) -> None:
+        for token, trained in _encode_run(self.run, self.tokenizer):
+            self._append([token], trained)
+        self.run.clear()
+
+    def _expand(self, kind: str, index: int) -> list[int]:
         try:
-            return list(expand_media(kind, index))
+            return list(self.expand_media(kind, index))
         except (IndexError, KeyError) as exc:
             raise MmzooError(
                 f"the messages have more {kind} placeholders than the sample has {kind}s "

@@ -155,6 +155,16 @@ def convert_tiktoken_ranks(ranks: dict[bytes, int]) -> dict[str, dict[str, Any]]
     vocab = {text(token): rank for token, rank in by_rank}
     # One merge per multi-byte token, in rank order: merge priority then equals tiktoken's.
     merges = [[text(a), text(b)] for a, b in (_last_merge(t, r, ranks) for t, r in by_rank if len(t) > 1)]
+    return {"tokenizer.json": _tokenizer_json(vocab, merges), "tokenizer_config.json": _tokenizer_config()}
+
+
+def _tokenizer_json(vocab: dict[str, int], merges: list[list[str]]) -> dict[str, Any]:
+    """Qwen2's ``tokenizer.json``: byte-level BPE over NFC text split by Qwen's regex."""
+    byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    pretokenizers = [
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", **byte_level},
+    ]
     added = [
         {
             "id": QWEN2_SPECIAL_START_ID + i,
@@ -167,31 +177,15 @@ def convert_tiktoken_ranks(ranks: dict[bytes, int]) -> dict[str, dict[str, Any]]
         }
         for i, tok in enumerate(QWEN2_SPECIAL_TOKENS)
     ]
-    tokenizer_json = {
+    return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
         "added_tokens": added,
         "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": {"Regex": QWEN2_SPLIT_REGEX},
-                    "behavior": "Isolated",
-                    "invert": False,
-                },
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-            ],
-        },
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretokenizers},
         "post_processor": None,
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": False,
-            "trim_offsets": False,
-            "use_regex": False,
-        },
+        "decoder": {"type": "ByteLevel", **byte_level},
         "model": {
             "type": "BPE",
             "dropout": None,
@@ -205,7 +199,10 @@ def convert_tiktoken_ranks(ranks: dict[bytes, int]) -> dict[str, dict[str, Any]]
             "merges": merges,
         },
     }
-    tokenizer_config = {
+
+
+def _tokenizer_config() -> dict[str, Any]:
+    return {
         "tokenizer_class": "Qwen2Tokenizer",
         "bos_token": None,
         "eos_token": "<|im_end|>",
@@ -217,7 +214,6 @@ def convert_tiktoken_ranks(ranks: dict[bytes, int]) -> dict[str, dict[str, Any]]
         "split_special_tokens": False,
         "clean_up_tokenization_spaces": False,
     }
-    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": tokenizer_config}
 
 
 def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:

@@ -117,17 +117,7 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = dist_env()
-    if rank == 0:
-        claim_cache(out, {"dataset": dataset.name, **(run or {})})
-    done = read_cache(out, {q.index for q in questions}) if rank == 0 else {}
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        shared = [done]  # rank 0's view, so every rank slices the same pending list
-        dist.broadcast_object_list(shared, src=0)
-        done = shared[0]
+    done = _cached(out, questions, {"dataset": dataset.name, **(run or {})}, rank, world)
     pending = [q for q in questions if q.index not in done]
     mine = shard(pending, rank, world)
     if rank == 0:
@@ -136,18 +126,9 @@ def evaluate(
             + (f" on {world} ranks" if world > 1 else "")
         )
     cache = out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
-    answered: dict[str, str] = {}
-    with cache.open("a", encoding="utf-8") as f:
-        for start in range(0, len(mine), batch_size):
-            batch = mine[start : start + batch_size]
-            predictions = generate(batch)
-            if len(predictions) != len(batch):
-                raise MmzooError(f"the generator gave {len(predictions)} answers for {len(batch)} questions")
-            for q, prediction in zip(batch, predictions, strict=True):
-                answered[q.index] = prediction
-                f.write(json.dumps({"index": q.index, "prediction": prediction}, ensure_ascii=False) + "\n")
-            f.flush()
-            log(f"rank {rank}: {start + len(batch)}/{len(mine)} answered")
+    answered = _answer(
+        mine, generate, cache, batch_size, lambda n: log(f"rank {rank}: {n}/{len(mine)} answered")
+    )
     parts: list[Any] = [answered]
     if world > 1:
         import torch.distributed as dist
@@ -162,6 +143,47 @@ def evaluate(
     summary = summarize(dataset, questions, scored)
     write_reports(out, dataset, result_rows(questions, predictions, scored), summary)
     return summary
+
+
+def _cached(
+    out: Path, questions: Sequence[Question], run: dict[str, Any], rank: int, world: int
+) -> dict[str, str]:
+    """The cached predictions every rank starts from: rank 0 claims the cache and reads it."""
+    if rank == 0:
+        claim_cache(out, run)
+    done = read_cache(out, {q.index for q in questions}) if rank == 0 else {}
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        shared = [done]  # rank 0's view, so every rank slices the same pending list
+        dist.broadcast_object_list(shared, src=0)
+        done = shared[0]
+    return done
+
+
+def _answer(
+    questions: Sequence[Question],
+    generate: GenerateFn,
+    cache: Path,
+    batch_size: int,
+    progress: Callable[[int], None],
+) -> dict[str, str]:
+    """``index -> prediction`` of ``questions``, in batches, each batch appended to ``cache``."""
+    answered: dict[str, str] = {}
+    with cache.open("a", encoding="utf-8") as f:
+        for start in range(0, len(questions), batch_size):
+            batch = questions[start : start + batch_size]
+            predictions = generate(batch)
+            if len(predictions) != len(batch):
+                raise MmzooError(f"the generator gave {len(predictions)} answers for {len(batch)} questions")
+            for q, prediction in zip(batch, predictions, strict=True):
+                answered[q.index] = prediction
+                f.write(json.dumps({"index": q.index, "prediction": prediction}, ensure_ascii=False) + "\n")
+            f.flush()
+            progress(start + len(batch))
+    return answered
 
 
 def score_rows(

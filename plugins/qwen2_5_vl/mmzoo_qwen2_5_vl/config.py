@@ -196,17 +196,7 @@ def config_to_hf(config: Qwen2_5_VLConfig) -> dict[str, Any]:
         ValueError: a value transformers' Qwen2.5-VL cannot express (it fixes the vision
             RMSNorm eps at 1e-6 and always has q/k/v biases in the text decoder).
     """
-    v, t = config.vision, config.text
-    if v.rms_norm_eps != 1e-6:
-        raise ValueError(
-            f"vision rms_norm_eps {v.rms_norm_eps} cannot be exported: transformers fixes it at 1e-6"
-        )
-    if not t.qkv_bias:
-        raise ValueError(
-            "text qkv_bias=False cannot be exported: transformers' Qwen2.5-VL always has q/k/v biases"
-        )
-    if t.mrope_section is None:
-        raise ValueError("text mrope_section is None; Qwen2.5-VL needs multimodal rotary sections")
+    vision_config = _vision_to_hf(config.vision)
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
@@ -214,45 +204,63 @@ def config_to_hf(config: Qwen2_5_VLConfig) -> dict[str, Any]:
         "video_token_id": config.video_token_id,
         "vision_start_token_id": config.vision_start_token_id,
         "vision_end_token_id": config.vision_end_token_id,
+        "tie_word_embeddings": config.text.tie_word_embeddings,
+        "text_config": _text_to_hf(config.text),
+        "vision_config": vision_config,
+    }
+
+
+def _text_to_hf(t: DecoderConfig) -> dict[str, Any]:
+    if not t.qkv_bias:
+        raise ValueError(
+            "text qkv_bias=False cannot be exported: transformers' Qwen2.5-VL always has q/k/v biases"
+        )
+    if t.mrope_section is None:
+        raise ValueError("text mrope_section is None; Qwen2.5-VL needs multimodal rotary sections")
+    return {
+        "model_type": "qwen2_5_vl_text",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.ffn_hidden_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": 128000,  # as the published checkpoints; default rope ignores it
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": t.rope_theta,
+            "mrope_section": list(t.mrope_section),
+        },
         "tie_word_embeddings": t.tie_word_embeddings,
-        "text_config": {
-            "model_type": "qwen2_5_vl_text",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.ffn_hidden_size,
-            "num_hidden_layers": t.num_layers,
-            "num_attention_heads": t.num_heads,
-            "num_key_value_heads": t.num_kv_heads,
-            "hidden_act": "silu",
-            "rms_norm_eps": t.rms_norm_eps,
-            "max_position_embeddings": 128000,  # as the published checkpoints; default rope ignores it
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": t.rope_theta,
-                "mrope_section": list(t.mrope_section),
-            },
-            "tie_word_embeddings": t.tie_word_embeddings,
-            # Real ids only when the vocabulary holds them (tests shrink it).
-            "bos_token_id": _in_vocab(151643, t.vocab_size),
-            "eos_token_id": _in_vocab(151645, t.vocab_size),
-        },
-        "vision_config": {
-            "model_type": "qwen2_5_vl_vision",
-            "depth": v.depth,
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.ffn_hidden_size,
-            "num_heads": v.num_heads,
-            "out_hidden_size": v.out_hidden_size,
-            "fullatt_block_indexes": list(v.fullatt_block_indexes),
-            "window_size": v.window_size,
-            "patch_size": v.patch_size,
-            "temporal_patch_size": v.temporal_patch_size,
-            "spatial_merge_size": v.spatial_merge_size,
-            "in_channels": v.in_channels,
-            "tokens_per_second": v.tokens_per_second,
-            "hidden_act": "silu",
-            "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-        },
+        # Real ids only when the vocabulary holds them (tests shrink it).
+        "bos_token_id": _in_vocab(151643, t.vocab_size),
+        "eos_token_id": _in_vocab(151645, t.vocab_size),
+    }
+
+
+def _vision_to_hf(v: VisionConfig) -> dict[str, Any]:
+    if v.rms_norm_eps != 1e-6:
+        raise ValueError(
+            f"vision rms_norm_eps {v.rms_norm_eps} cannot be exported: transformers fixes it at 1e-6"
+        )
+    return {
+        "model_type": "qwen2_5_vl_vision",
+        "depth": v.depth,
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.ffn_hidden_size,
+        "num_heads": v.num_heads,
+        "out_hidden_size": v.out_hidden_size,
+        "fullatt_block_indexes": list(v.fullatt_block_indexes),
+        "window_size": v.window_size,
+        "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size,
+        "spatial_merge_size": v.spatial_merge_size,
+        "in_channels": v.in_channels,
+        "tokens_per_second": v.tokens_per_second,
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
     }
 
 

@@ -15,16 +15,6 @@ from mmzoo_qwen2_5_vl.rope_index import position_ids
 from mmzoo_qwen2_5_vl.template import TEMPLATE, media_expander
 from mmzoo_qwen2_5_vl.vision import PatchMerger, VisionEncoder
 
-SPECIAL_TOKENS = {
-    "pad_token_id": 151643,  # <|endoftext|>
-    "im_start_token_id": 151644,
-    "eos_token_id": 151645,  # <|im_end|>
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-}
-
 
 def build_vision_encoder(config):
     return VisionEncoder(config.vision)
@@ -90,7 +80,6 @@ SPEC = ModelSpec(
     default_tokenizer=default_qwen_tokenizer,
     example_batch=example_batch,
     hf_architectures=("Qwen2_5_VLForConditionalGeneration",),
-    special_tokens=SPECIAL_TOKENS,
     freeze_groups={
         "vision": ("image_encoder.encoder.",),
         "projector": ("image_encoder.projector.",),

@@ -9,6 +9,9 @@ a few seconds); mmzoo follows the trained rule (docs/architecture.md, "Rope inde
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 from mmzoo.errors import MmzooError
@@ -51,16 +54,15 @@ def rope_index(
     run, over all three rows, plus one. Padded positions (``attention_mask == 0``) are 0.
     ``rope_deltas = max + 1 - length`` is what generation adds to positions past the prompt.
     """
-    merge = config.vision.spatial_merge_size
-    tokens_per_second = config.vision.tokens_per_second
     batch, seq = input_ids.shape
     positions = torch.zeros(3, batch, seq, dtype=torch.long)
     deltas = torch.zeros(batch, 1, dtype=torch.long)
+    # Iterators over the whole batch: each row takes its media in order.
     grids = {
         config.image_token_id: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
         config.video_token_id: iter(video_grid_thw.tolist() if video_grid_thw is not None else []),
     }
-    video_seconds = iter(second_per_grid_ts.cpu() if second_per_grid_ts is not None else [])
+    seconds = iter(second_per_grid_ts.cpu() if second_per_grid_ts is not None else [])
     ids_cpu = input_ids.cpu()
     keep_all = (
         attention_mask.bool().cpu()
@@ -70,44 +72,52 @@ def rope_index(
     for row in range(batch):
         keep = keep_all[row]
         ids = ids_cpu[row][keep].tolist()
-        pieces: list[torch.Tensor] = []
-        pos, i = 0, 0
-        while i < len(ids):
-            token = ids[i]
-            if token in grids:
-                kind = "image" if token == config.image_token_id else "video"
-                grid = next(grids[token], None)
-                if grid is None:
-                    raise MmzooError(
-                        f"row {row} has more {kind} placeholder runs than {kind}_grid_thw entries"
-                    )
-                count = grid[0] * grid[1] * grid[2] // merge**2
-                if ids[i : i + count] != [token] * count:
-                    raise MmzooError(
-                        f"row {row}: a run of {kind} tokens at position {i} is shorter than the "
-                        f"{count} tokens its grid {grid} needs"
-                    )
-                if token == config.video_token_id:
-                    seconds = next(video_seconds, 1.0)
-                    times = time_index(grid[0], seconds, tokens_per_second)
-                else:
-                    times = torch.zeros(grid[0], dtype=torch.long)
-                block = _vision_block(grid, merge, pos, times)
-                pieces.append(block)
-                pos = int(block.max()) + 1
-                i += count
-            else:
-                end = i
-                while end < len(ids) and ids[end] not in grids:
-                    end += 1
-                pieces.append(torch.arange(pos, pos + end - i).expand(3, -1))
-                pos += end - i
-                i = end
-        if pieces:
-            row_pos = torch.cat(pieces, dim=1)
-            positions[:, row, keep] = row_pos
-            deltas[row, 0] = pos - len(ids)
+        if ids:
+            row_positions = _row_positions(config, ids, grids, seconds, row)  # (3, len(ids))
+            positions[:, row, keep] = row_positions
+            deltas[row, 0] = int(row_positions.max()) + 1 - len(ids)
     return positions.to(input_ids.device), deltas.to(input_ids.device)
+
+
+def _row_positions(
+    config: Qwen2_5_VLConfig,
+    ids: list[int],
+    grids: dict[int, Iterator[list[int]]],
+    seconds: Iterator[Any],
+    row: int,
+) -> torch.Tensor:
+    """Positions ``(3, len(ids))`` of one row's real tokens; its media's grids (per placeholder
+    id) and videos' seconds per grid step are taken from the batch's iterators."""
+    merge = config.vision.spatial_merge_size
+    pieces: list[torch.Tensor] = []
+    pos, i = 0, 0
+    while i < len(ids):
+        token = ids[i]
+        if token not in grids:
+            end = i
+            while end < len(ids) and ids[end] not in grids:
+                end += 1
+            pieces.append(torch.arange(pos, pos + end - i).expand(3, -1))
+            pos, i = pos + end - i, end
+            continue
+        kind = "image" if token == config.image_token_id else "video"
+        grid = next(grids[token], None)
+        if grid is None:
+            raise MmzooError(f"row {row} has more {kind} placeholder runs than {kind}_grid_thw entries")
+        count = grid[0] * grid[1] * grid[2] // merge**2
+        if ids[i : i + count] != [token] * count:
+            raise MmzooError(
+                f"row {row}: a run of {kind} tokens at position {i} is shorter than the "
+                f"{count} tokens its grid {grid} needs"
+            )
+        if kind == "video":
+            times = time_index(grid[0], next(seconds, 1.0), config.vision.tokens_per_second)
+        else:
+            times = torch.zeros(grid[0], dtype=torch.long)
+        block = _vision_block(grid, merge, pos, times)
+        pieces.append(block)
+        pos, i = int(block.max()) + 1, i + count
+    return torch.cat(pieces, dim=1)
 
 
 def position_ids(config: Qwen2_5_VLConfig, input_ids: torch.Tensor, **media) -> torch.Tensor:

@@ -23,6 +23,17 @@ def mm_model(hf_dir):
     return mmzoo.load_model(hf_dir).eval()
 
 
+def run(mm_model, batch, attention_mask=None, **kwargs):
+    """:func:`generate` on a batch from ``make_sample``: ``input_ids`` and the media tensors."""
+    media = {k: v for k, v in batch.items() if k != "input_ids"}
+    return generate(mm_model, batch["input_ids"], attention_mask, media=media, **kwargs)
+
+
+def recorder(logits: list[torch.Tensor]):
+    """An ``on_step`` that keeps each step's logits."""
+    return lambda tokens, step_logits: logits.append(step_logits)
+
+
 def hf_generate(hf_model, batch, attention_mask=None, **kwargs):
     out = hf_model.generate(
         **batch,
@@ -44,11 +55,11 @@ def test_greedy_equals_transformers(case, penalty, hf_model, mm_model):
     batch = make_sample(**CASES[case])
     expected, expected_logits = hf_generate(hf_model, batch, repetition_penalty=penalty)
     logits: list[torch.Tensor] = []
-    ours = generate(
+    ours = run(
         mm_model,
-        **batch,
+        batch,
         sampling=SamplingConfig(max_new_tokens=NEW, repetition_penalty=penalty),
-        record_logits=logits,
+        on_step=recorder(logits),
     )
     assert ours == expected.tolist()
     torch.testing.assert_close(torch.stack(logits, dim=1), expected_logits, atol=1e-4, rtol=1e-4)
@@ -64,13 +75,7 @@ def test_left_padded_batch_equals_transformers(hf_model, mm_model):
     batch, mask = left_padded_pair()
     expected, expected_logits = hf_generate(hf_model, batch, attention_mask=mask)
     logits: list[torch.Tensor] = []
-    ours = generate(
-        mm_model,
-        **batch,
-        attention_mask=mask,
-        sampling=SamplingConfig(max_new_tokens=NEW),
-        record_logits=logits,
-    )
+    ours = run(mm_model, batch, mask, sampling=SamplingConfig(max_new_tokens=NEW), on_step=recorder(logits))
     assert ours == expected.tolist()
     torch.testing.assert_close(torch.stack(logits, dim=1), expected_logits, atol=1e-4, rtol=1e-4)
 
@@ -88,7 +93,7 @@ def test_cached_decode_equals_full_forward(mm_model, media):
     """Teacher forcing: the cached step logits equal a fresh forward over prompt + generated ids."""
     batch = make_sample(**media, seed=3)
     logits: list[torch.Tensor] = []
-    ours = generate(mm_model, **batch, sampling=SamplingConfig(max_new_tokens=6), record_logits=logits)
+    ours = run(mm_model, batch, sampling=SamplingConfig(max_new_tokens=6), on_step=recorder(logits))
     full = dict(batch, input_ids=torch.cat([batch["input_ids"], torch.tensor(ours)], dim=1))
     with torch.no_grad():
         reference = mm_model(**full).logits[0, batch["input_ids"].shape[1] - 1 : -1]
@@ -97,17 +102,87 @@ def test_cached_decode_equals_full_forward(mm_model, media):
 
 def test_stops_at_stop_token_per_row(mm_model):
     batch, mask = left_padded_pair()
-    free = generate(mm_model, **batch, attention_mask=mask, sampling=SamplingConfig(max_new_tokens=NEW))
+    free = run(mm_model, batch, mask, sampling=SamplingConfig(max_new_tokens=NEW))
     stop = free[0][2]
-    stopped = generate(
-        mm_model,
-        **batch,
-        attention_mask=mask,
-        sampling=SamplingConfig(max_new_tokens=NEW),
-        stop_token_ids=[stop],
-    )
+    stopped = run(mm_model, batch, mask, sampling=SamplingConfig(max_new_tokens=NEW, stop_token_ids=(stop,)))
     assert stopped[0] == free[0][: free[0].index(stop) + 1]
     assert stopped[1] == (free[1][: free[1].index(stop) + 1] if stop in free[1] else free[1])
+
+
+def test_positions_from_the_pipeline_equal_those_of_the_padded_batch(mm_model):
+    """Per-sample positions (the data pipeline's) left-padded by the collator are what generate
+    would compute on the padded batch, so passing them changes nothing."""
+    from mmzoo.data.collate import collate_left_padded
+
+    grid_keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    rows = []
+    for sample in (make_sample(images=[(1, 8, 12)], seed=1), make_sample(videos=[(8, 4, 4)], seconds=[1.0])):
+        grids = {k: sample.get(k) for k in grid_keys}
+        positions = mm_model.compute_position_ids(mm_model.config, sample["input_ids"], **grids)[:, 0]
+        rows.append({**sample, "input_ids": sample["input_ids"][0], "position_ids": positions})
+    batch = collate_left_padded(rows, 0)
+    mask, positions = batch.pop("attention_mask"), batch.pop("position_ids")
+    grids = {k: batch.get(k) for k in grid_keys}
+    expected = mm_model.compute_position_ids(
+        mm_model.config, batch["input_ids"], attention_mask=mask, **grids
+    )
+    assert torch.equal(positions, expected)
+    given: list[torch.Tensor] = []
+    computed: list[torch.Tensor] = []
+    sampling = SamplingConfig(max_new_tokens=4)
+    ours = run(mm_model, batch, mask, position_ids=positions, sampling=sampling, on_step=recorder(given))
+    assert ours == run(mm_model, batch, mask, sampling=sampling, on_step=recorder(computed))
+    assert torch.equal(torch.stack(given), torch.stack(computed))
+
+
+def test_generate_names_unknown_media(mm_model):
+    batch = make_sample(images=[(1, 4, 4)])
+    media = {"pixel_value": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+    with pytest.raises(
+        mmzoo.MmzooError, match="unknown media pixel_value; the media keys are pixel_values, "
+    ):
+        generate(mm_model, batch["input_ids"], media=media)
+
+
+def test_chat_prompt_is_the_training_sample_up_to_the_answer():
+    """A prompt is prepared by the data pipeline: the same ids, positions and pixels as the
+    training sample of that conversation, which goes on with the answer."""
+    from mmzoo.config import DataConfig
+    from mmzoo.data.collate import MEDIA_KEYS
+    from mmzoo.data.pipeline import Preprocessor
+    from mmzoo.data.records import Record, SkipReport
+    from mmzoo.infer import Chat, Request
+
+    model = mmzoo.build_model("qwen2_5_vl", "tiny")
+    media = {"max_pixels": 64 * 28 * 28, "video_min_pixels": 8 * 28 * 28, "video_max_pixels": 16 * 28 * 28}
+    chat = Chat(model, **media)
+    image, video = "core/mmzoo/demo/chelsea.jpg", "core/mmzoo/demo/pan.mp4"
+    asked = chat.encode(Request("What moves?", [image], [video], system="Be brief."))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image><video>What moves?"},  # where infer puts media by default
+        {"role": "assistant", "content": "The camera."},
+    ]
+    training = Preprocessor(chat.preprocessor.spec, model.config, chat.tokenizer, DataConfig(media=media))
+    trained = training.to_sample(training.prepare(Record(messages, [image], [video]), SkipReport()))
+    n = len(asked)
+    assert torch.equal(asked.input_ids, trained.input_ids[:n])
+    assert torch.equal(asked.position_ids, trained.position_ids[:, :n])
+    assert asked.media.keys() == trained.media.keys() == set(MEDIA_KEYS)
+    for key, value in asked.media.items():
+        assert torch.equal(value, trained.media[key]), key
+    assert chat.tokenizer.decode(trained.input_ids[n:]) == "The camera.<|im_end|>\n"
+    assert chat.tokenizer.decode(asked.input_ids[-3:]) == "<|im_start|>assistant\n"
+
+
+def test_chat_prompts_are_never_truncated():
+    """Training cuts samples at ``data.seq_length`` (2048 by default); a prompt is kept whole."""
+    from mmzoo.infer import Chat, Request
+
+    chat = Chat(mmzoo.build_model("qwen2_5_vl", "tiny"))
+    asked = chat.encode(Request("hello " * 3000))
+    assert len(asked) > 3000
+    assert chat.tokenizer.decode(asked.input_ids[-3:]) == "<|im_start|>assistant\n"
 
 
 def test_sampling_is_seeded_and_filters():
@@ -236,7 +311,7 @@ def test_streamer_never_emits_half_a_character():
     pieces: list[str] = []
     streamer = _Streamer(tokenizer, pieces.append)
     for token in ids:
-        streamer.step([token])
+        streamer.step([token], torch.zeros(1, 1))
     assert "".join(pieces) == "猫 naps"
     assert all("\ufffd" not in p for p in pieces)
 

@@ -70,7 +70,7 @@ def broken_outputs(mm_model, batch, monkeypatch, pick=lambda out: out.logits) ->
             m.setattr(torch.nn.functional, "gelu", lambda x: x * torch.sigmoid(1.702 * x))
             out["projector quick_gelu"] = pick(mm_model(**batch))
         mask = batch.get("attention_mask")
-        positions = mm_model.position_ids_fn(
+        positions = mm_model.compute_position_ids(
             mm_model.config, batch["input_ids"], attention_mask=mask, **media_of(batch)
         )
         last = int(torch.isin(batch["input_ids"][0], torch.tensor([IMAGE, VIDEO])).nonzero()[-1, 0])

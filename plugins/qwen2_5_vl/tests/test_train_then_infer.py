@@ -57,7 +57,7 @@ def test_infer_sizes_media_as_training_did_unless_told_otherwise(tmp_path, capsy
 
     def processor(*flags: str):
         args = build_parser().parse_args(["infer", "--model-dir", str(tmp_path), *flags, "--prompt", "?"])
-        return load_chat(args).processor
+        return load_chat(args).preprocessor.processor
 
     default = processor()
     assert default.prepare_video(video)[0].shape == in_training.prepare_video(video)[0].shape
