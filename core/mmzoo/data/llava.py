@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mmzoo.data.records import REASONS, SkipReport, read_records
 from mmzoo.errors import MmzooError
+from mmzoo.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -52,24 +53,14 @@ def convert_llava(
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Write a sibling temp file and rename it, so an interrupted run never leaves half a dataset.
-    # (Not mkstemp: its 0600 mode would make the output unreadable to other users.)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                row: dict[str, object] = {"messages": record.messages}
-                if record.images:
-                    row["images"] = [str(p) for p in record.images]
-                if record.videos:
-                    row["videos"] = [str(p) for p in record.videos]
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as f:  # an interrupted run never leaves half a dataset
+        for record in records:
+            row: dict[str, object] = {"messages": record.messages}
+            if record.images:
+                row["images"] = [str(p) for p in record.images]
+            if record.videos:
+                row["videos"] = [str(p) for p in record.videos]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     if log_skips:
         for line in report.summary_lines():
             logger.warning(line)
