@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +39,6 @@ from mmzoo.files import (
     atomic_directory,
     atomic_file,
     clean_stale_temporaries,
-    fsync_file,
     save_safetensors,
 )
 from mmzoo.model import VLModel
@@ -63,15 +61,16 @@ def iteration_name(iteration: int | None) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON and fsync; a value JSON cannot hold is an MmzooError."""
+    """Write ``obj`` as indented JSON; a value JSON cannot hold is an MmzooError.
+
+    Like :func:`write_tensors`, it writes inside an :func:`~mmzoo.files.atomic_directory`, which
+    fsyncs every file before the directory is renamed into place.
+    """
     try:
         text = json.dumps(obj, indent=2)
     except (TypeError, ValueError) as exc:
         raise MmzooError(f"cannot write {path.name}: {exc}; only JSON values can be saved") from exc
-    with open(path, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    path.write_text(text + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -83,9 +82,8 @@ def read_json(path: Path) -> Any:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` to a safetensors file and fsync it."""
+    """Write ``tensors`` to a safetensors file."""
     save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
-    fsync_file(path)
 
 
 def iteration_dirs(root: str | Path) -> list[tuple[int, Path]]:
