@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import mmzoo
 from mmzoo.checkpoint.mm import (
-    STALE_AFTER_S,
     TRACKER,
-    clean_stale_temporaries,
     load_mm_model,
     load_mm_weights,
     read_mm_meta,
@@ -217,11 +212,6 @@ def test_outputs_are_readable_as_the_umask_allows(model, tmp_path):
 # --- re-saving an iteration, and temporaries of other writers -------------------------------------
 
 
-def other_model():
-    torch.manual_seed(1)
-    return mmzoo.build_model("qwen2_5_vl", "tiny", **TINY)
-
-
 def run_python(code: str, *args: str, **kwargs) -> subprocess.Popen:
     """A Python process running ``code`` with ``TINY`` and ``sys.argv[1:] = args`` (stdin/stdout pipes)."""
     prelude = f"import json, os, sys\nTINY = json.loads({json.dumps(json.dumps(TINY))})\n"
@@ -234,33 +224,16 @@ def run_python(code: str, *args: str, **kwargs) -> subprocess.Popen:
     )
 
 
-def test_a_failed_swap_puts_the_old_copy_back(model, tmp_path, monkeypatch):
-    save_mm(model, tmp_path, 1, variant="tiny")
-    rename = Path.rename
-
-    def fail_into_place(self, target):  # the new copy's rename, after the old one moved aside
-        if Path(target).name == "iter_0000001" and "-old-" not in self.name:
-            raise OSError("injected")
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "rename", fail_into_place)
-    with pytest.raises(OSError, match="injected"):
-        save_mm(other_model(), tmp_path, 1, variant="tiny")
-    monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", TRACKER]
-    assert_same(model, load_mm_model(tmp_path))
-
-
 DIE_MID_SWAP = """
 from pathlib import Path
 import torch, mmzoo
 from mmzoo.checkpoint.mm import save_mm
-rename = Path.rename
-def die_after_moving_aside(self, target):
-    rename(self, target)
-    if "-old-" in Path(target).name:
+rename = os.rename
+def die_after_moving_aside(src, dst):
+    rename(src, dst)
+    if "-old-" in Path(dst).name:
         os._exit(3)  # killed between moving the old copy aside and renaming the new one in
-Path.rename = die_after_moving_aside
+os.rename = die_after_moving_aside
 torch.manual_seed(1)
 save_mm(mmzoo.build_model("qwen2_5_vl", "tiny", **TINY), sys.argv[1], 1, variant="tiny")
 """
@@ -297,19 +270,3 @@ def test_a_save_leaves_a_live_writers_temporary_alone(model, tmp_path):
         writer.communicate("go\n", timeout=120)
     assert writer.returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000002", TRACKER]
-
-
-def test_temporaries_whose_writer_cannot_be_asked_expire(tmp_path):
-    fresh = tmp_path / ".iter_0000001.tmp-123-0123abcd@another-host"  # a live save on another host
-    old = tmp_path / ".iter_0000002.tmp-456-0123abcd@another-host"
-    unnamed = tmp_path / ".iter_0000003.tmp-0123abcd"  # no writer in the name
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    assert ended.wait() == 0
-    gone = tmp_path / f".iter_0000004.tmp-{ended.pid}-0123abcd@{socket.gethostname()}"  # this host
-    for path in (fresh, old, unnamed, gone):
-        path.mkdir()
-    long_ago = time.time() - STALE_AFTER_S - 60
-    for path in (old, unnamed):
-        os.utime(path, (long_ago, long_ago))
-    clean_stale_temporaries(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [fresh.name]

@@ -1,8 +1,9 @@
 """Checkpoint conversion: HF -> mm, mm -> HF, and mm -> mm with another tp/pp/layout (resplit).
 
 Everything is checked before anything is written (layout, names, shapes, family, target);
-output goes to a temporary sibling that is renamed into place at the end, so a failed or
-killed conversion leaves no half-written checkpoint. Tensors stream one at a time.
+output is written with :func:`mmzoo.files.atomic_directory` (a temporary sibling renamed into
+place at the end), so a failed or killed conversion leaves no half-written checkpoint. Tensors
+stream one at a time.
 """
 
 from __future__ import annotations
@@ -10,24 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mmzoo.checkpoint.hf import HFCheckpoint
 from mmzoo.checkpoint.hf_export import INDEX_NAME, TEMPLATE_FILES
 from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS
-from mmzoo.checkpoint.mm import (
-    clean_stale_temporaries,
-    iteration_name,
-    move_into_place,
-    open_mm,
-    temporary_path,
-    write_json,
-    write_tracker,
-)
+from mmzoo.checkpoint.mm import iteration_name, open_mm, write_json, write_tracker
 from mmzoo.checkpoint.mm_meta import meta_state
 from mmzoo.checkpoint.sources import FORMAT_VERSION, HF_ASSETS, HFSource, MMSource, weights_file
 from mmzoo.checkpoint.writers import (
@@ -42,34 +35,16 @@ from mmzoo.checkpoint.writers import (
 from mmzoo.convert.mapping import REPLICATE, WeightMapping
 from mmzoo.convert.parallel import FUSED, ParallelLayout, depths, tp_problem
 from mmzoo.errors import MmzooError
-from mmzoo.files import fsync_dir, fsync_file
-from mmzoo.registry import model_for_architecture
+from mmzoo.files import atomic_directory
+from mmzoo.registry import ModelSpec, model_for_architecture
 
 WEIGHT_MAP = "weight_map.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
-@contextmanager
-def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` to fill; renamed to ``out`` on success, removed on failure."""
+def _check_target(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(out.parent, out.name)  # left by a killed conversion
-    tmp = temporary_path(out.parent, out.name)
-    tmp.mkdir()
-    try:
-        yield tmp
-        for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            for file in folder.iterdir():
-                if file.is_file():
-                    fsync_file(file)
-            fsync_dir(folder)
-        move_into_place(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def make_layout(
@@ -101,6 +76,20 @@ def _copy_hf_assets(src: Path, dst: Path, files: Sequence[str]) -> None:
     for name in files:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+
+
+def _read_hf(hf_dir: str | Path, model: str | None) -> tuple[HFCheckpoint, ModelSpec, Any]:
+    """An HF checkpoint, its family (which must be ``model`` when given) and its model config."""
+    checkpoint = HFCheckpoint(hf_dir)
+    spec = model_for_architecture(checkpoint.architecture)
+    if model is not None and spec.name != model:
+        raise MmzooError(
+            f"{checkpoint.path}: is a {spec.name} checkpoint ({checkpoint.architecture}), not {model}"
+        )
+    try:
+        return checkpoint, spec, spec.config_from_hf(checkpoint.config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MmzooError(f"{checkpoint.path / 'config.json'}: cannot read it as {spec.name}: {exc}") from exc
 
 
 def hf_to_mm(
@@ -135,18 +124,8 @@ def hf_to_mm(
         ``mm_dir``.
     """
     out = Path(mm_dir)
-    if out.exists() and not force:
-        raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
-    checkpoint = HFCheckpoint(hf_dir)
-    spec = model_for_architecture(checkpoint.architecture)
-    if model is not None and spec.name != model:
-        raise MmzooError(
-            f"{checkpoint.path}: is a {spec.name} checkpoint ({checkpoint.architecture}), not {model}"
-        )
-    try:
-        config = spec.config_from_hf(checkpoint.config)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MmzooError(f"{checkpoint.path / 'config.json'}: cannot read it as {spec.name}: {exc}") from exc
+    _check_target(out, force)
+    checkpoint, spec, config = _read_hf(hf_dir, model)
     mapping = spec.weight_mapping(config)
     parallel = make_layout(depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout)
     source = HFSource(checkpoint, mapping)
@@ -162,7 +141,7 @@ def hf_to_mm(
         "format_version": FORMAT_VERSION,
     }
     totals = Totals()
-    with staged_output(out, force) as tmp:
+    with atomic_directory(out, replace=force) as tmp:
         iteration = tmp / iteration_name(None)
         iteration.mkdir()
         write_mm_shards(iteration, source, mapping, parallel, meta, totals, report, weights_format)
@@ -195,8 +174,7 @@ def resplit(
     config.json describes a source without mm_meta.json (see :func:`open_mm`).
     """
     out = Path(dst)
-    if out.exists() and not force:
-        raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
+    _check_target(out, force)
     meta, spec, config, source = open_mm(src, template)
     iteration, mapping = source.iteration, source.mapping
     parallel = make_layout(depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout or meta["layout"])
@@ -207,7 +185,7 @@ def resplit(
         )
     base = {**{k: meta[k] for k in ("model", "variant", "config")}, "format_version": FORMAT_VERSION}
     totals = Totals()
-    with staged_output(out, force) as tmp:
+    with atomic_directory(out, replace=force) as tmp:
         target = tmp / iteration.name
         target.mkdir()
         write_mm_shards(target, source, mapping, parallel, base, totals, report, weights_format)
@@ -277,8 +255,7 @@ def mm_to_hf(
     ``template`` or ``hf_assets`` when there, else from the registered variant it matches.
     """
     out = Path(hf_dir)
-    if out.exists() and not force:
-        raise MmzooError(f"{out}: already exists; choose a new directory or pass --force")
+    _check_target(out, force)
     meta, spec, config, source = open_mm(mm_dir, template)
     iteration, mapping = source.iteration, source.mapping
     assets = iteration / HF_ASSETS
@@ -293,7 +270,7 @@ def mm_to_hf(
         weight_map = json.loads((assets / WEIGHT_MAP).read_text())
     files, rename = _hf_file_plan(mapping, source, weight_map, max_shard_bytes)
     totals = Totals()
-    with staged_output(out, force) as tmp:
+    with atomic_directory(out, replace=force) as tmp:
         written = write_hf_files(tmp, source, mapping, files, rename, totals, report)
         if side is not None:
             _copy_hf_assets(side, tmp, ("config.json", *TEMPLATE_FILES))

@@ -1,16 +1,14 @@
 """Writing an mmzoo model as a Hugging Face checkpoint directory that ``transformers`` loads.
 
 Tensors go through the family's weight mapping (the derived mm -> HF direction) one shard at a
-time, so peak memory is the model plus one shard. The directory is written into a temporary
-sibling, fsynced, and renamed into place.
+time, so peak memory is the model plus one shard. The directory is written with
+:func:`mmzoo.files.atomic_directory` (a temporary sibling, fsynced, renamed into place).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import torch
 
 from mmzoo.convert.mapping import Rule, WeightMapping
 from mmzoo.errors import MmzooError
-from mmzoo.files import save_safetensors, share_dir
+from mmzoo.files import atomic_directory, save_safetensors
 from mmzoo.model import VLModel
 from mmzoo.registry import get_model
 
@@ -90,21 +88,13 @@ def save_hf(
     config = dict(spec.config_to_hf(model.config))
     config["dtype"] = str(out_dtype).removeprefix("torch.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    share_dir(tmp)
-    try:
+    with atomic_directory(out, replace=overwrite) as tmp:
         _write_json(tmp / "config.json", config)
         _write_weights(tmp, mapping, tensors, out_dtype, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if template_dir is not None:
             _copy_template(Path(template_dir), tmp)
-        _fsync_tree(tmp)
-        _replace(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -199,32 +189,3 @@ def _copy_template(template_dir: Path, tmp: Path) -> None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root, topdown=False):
-        for name in files:
-            _fsync(Path(folder, name))
-        _fsync(Path(folder))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (``overwrite``) is moved aside first."""
-    old = None
-    if out.exists():
-        if not overwrite:  # appeared while writing
-            raise MmzooError(f"{out}: already exists; choose a new directory or pass overwrite=True")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    _fsync(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

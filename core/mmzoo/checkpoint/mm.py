@@ -12,22 +12,15 @@ hold MindSpeed-MM's ``model_optim_rng.pt`` instead of ``model.safetensors``, and
 ``mm_meta.json`` (then the meta is inferred: :mod:`mmzoo.checkpoint.mm_meta`). Checkpoints of
 format 1 (mmzoo's earlier names, ``vision_encoder.*``/``projector.*``) are read too.
 
-Writes are atomic: an iteration directory is written under a dot-named temporary sibling,
-its files are fsynced, it is renamed into place, and only then is the tracker replaced.
-Temporaries name their writer (``.NAME.tmp[-KIND]-PID-RANDOM@HOST``), so a clean-up removes
-only those of writers that are gone, never a live save's.
+Writes are atomic: an iteration directory is written with :func:`mmzoo.files.atomic_directory`
+(a temporary sibling, fsynced, renamed into place), and only then is the tracker replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
-import socket
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +34,13 @@ from mmzoo.checkpoint.mm_meta import infer_meta
 from mmzoo.checkpoint.sources import FORMAT_VERSION, META, WEIGHTS, MMSource
 from mmzoo.convert.parallel import LAYOUTS, depths
 from mmzoo.errors import MmzooError
-from mmzoo.files import SafetensorsFile, fsync_dir, fsync_file, save_safetensors
+from mmzoo.files import (
+    SafetensorsFile,
+    atomic_directory,
+    atomic_file,
+    clean_stale_temporaries,
+    save_safetensors,
+)
 from mmzoo.model import VLModel
 from mmzoo.registry import get_model
 
@@ -49,10 +48,6 @@ TRACKER = "latest_checkpointed_iteration.txt"
 SHARD = "mp_rank_00"
 FIRST_PP_SHARD = "mp_rank_00_000"
 _ITER = re.compile(r"iter_(\d+)")
-_TEMPORARY = re.compile(r"\.(?P<name>.+?)\.tmp(?:-(?P<kind>[a-z]+))?-(?P<pid>\d+)-[0-9a-f]{8}@(?P<host>.+)")
-_HOST = socket.gethostname()
-# A temporary whose writer cannot be asked (another host, or a name without one) is stale after this.
-STALE_AFTER_S = 24 * 3600
 _SHARD_NAME = re.compile(r"mp_rank_\d{2}(?:_\d{3})?")
 
 
@@ -66,15 +61,16 @@ def iteration_name(iteration: int | None) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON and fsync; a value JSON cannot hold is an MmzooError."""
+    """Write ``obj`` as indented JSON; a value JSON cannot hold is an MmzooError.
+
+    Like :func:`write_tensors`, it writes inside an :func:`~mmzoo.files.atomic_directory`, which
+    fsyncs every file before the directory is renamed into place.
+    """
     try:
         text = json.dumps(obj, indent=2)
     except (TypeError, ValueError) as exc:
         raise MmzooError(f"cannot write {path.name}: {exc}; only JSON values can be saved") from exc
-    with open(path, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    path.write_text(text + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -86,9 +82,8 @@ def read_json(path: Path) -> Any:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` to a safetensors file and fsync it."""
+    """Write ``tensors`` to a safetensors file."""
     save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
-    fsync_file(path)
 
 
 def iteration_dirs(root: str | Path) -> list[tuple[int, Path]]:
@@ -100,104 +95,22 @@ def iteration_dirs(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def temporary_path(root: Path, name: str, kind: str = "") -> Path:
-    """A hidden sibling for ``root / name`` that names this process as its writer.
-
-    Args:
-        root: the directory it goes in.
-        name: what it becomes (or was: ``kind="old"`` for a copy moved aside).
-        kind: an optional lower-case tag, e.g. ``"old"`` or ``"del"``.
-    """
-    tag = f"-{kind}" if kind else ""
-    return root / f".{name}.tmp{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}@{_HOST}"
-
-
-def _writer_gone(path: Path) -> bool:
-    """Whether the process that made temporary ``path`` has ended.
-
-    Only a process on this host can be asked; otherwise the temporary counts as abandoned once
-    it is untouched for :data:`STALE_AFTER_S`.
-    """
-    m = _TEMPORARY.fullmatch(path.name)
-    if m and m["host"] == _HOST and os.name == "posix":
-        try:
-            os.kill(int(m["pid"]), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # it exists, under another user
-            return False
-        return False
-    return time.time() - path.lstat().st_mtime > STALE_AFTER_S
-
-
-def clean_stale_temporaries(root: Path, name: str = "*") -> None:
-    """Remove the temporaries of ``root / name`` whose writers are gone (e.g. a killed save).
-
-    A directory a killed save had moved aside (``kind="old"``) while its replacement was not yet
-    in place is renamed back, so the tracker names a complete directory again.
-    """
-    for stale in root.glob(f".{name}.tmp-*"):
-        if not _writer_gone(stale):
-            continue
-        m = _TEMPORARY.fullmatch(stale.name)
-        if m and m["kind"] == "old" and not (root / m["name"]).exists():
-            stale.rename(root / m["name"])
-        elif stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
-
-def move_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and dropped after.
-
-    If the second rename fails, the old copy is put back; if the process dies between the two,
-    :func:`clean_stale_temporaries` (run by the next save, or by :func:`read_tracker`) does.
-    """
-    if not final.exists():
-        tmp.rename(final)
-        return
-    old = temporary_path(final.parent, final.name, "old")
-    final.rename(old)
-    try:
-        tmp.rename(final)
-    except BaseException:
-        old.rename(final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_tracker(root: Path, iteration: int | None) -> None:
     """Point ``root``'s tracker at ``iteration`` with an atomic replace."""
-    tmp = temporary_path(root, TRACKER)
-    with open(tmp, "w") as f:
+    with atomic_file(root / TRACKER) as f:
         f.write("release" if iteration is None else str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / TRACKER)
-    fsync_dir(root)
 
 
 @contextmanager
 def staged_iteration(root: str | Path, iteration: int | None) -> Iterator[Path]:
-    """Yield a temporary directory to fill; on success it becomes ``root/<iteration>`` and the
-    tracker names it. On an exception nothing visible changes (the temporary is removed).
+    """Yield a temporary directory to fill; on success it becomes ``root/<iteration>`` (replacing
+    one of that name) and then the tracker names it. On an exception nothing visible changes.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(root)
-    final = root / iteration_name(iteration)
-    tmp = temporary_path(root, final.name)
-    tmp.mkdir()
-    try:
+    clean_stale_temporaries(root)  # every killed save's, the tracker's and other iterations' too
+    with atomic_directory(root / iteration_name(iteration), replace=True) as tmp:
         yield tmp
-        for sub in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            fsync_dir(sub)
-        move_into_place(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_tracker(root, iteration)  # last: readers only ever see a complete directory
 
 

@@ -2,19 +2,15 @@
 
 One cache entry per data file, keyed by the file's content and the preprocessing settings,
 so a second run reads token ids and resized media from disk and decodes nothing. Entries are
-built in a temporary sibling directory and renamed into place: concurrent runs never see a
-half-written entry (the first rename wins; the loser's copy is discarded). Each shard is
-fsynced before the index naming it is written, and the index before the rename, so a crash
-never leaves an index that names lost data.
+written with :func:`mmzoo.files.atomic_directory` (built in a temporary sibling, fsynced,
+renamed into place), so no run sees a half-written entry and a crash never leaves an index
+naming lost data; of concurrent builders of one entry the first rename wins.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +18,7 @@ from typing import Any
 import torch
 
 from mmzoo.data.pipeline import Prepared
-from mmzoo.files import SafetensorsFile, fsync_dir, fsync_file, save_safetensors, share_dir
+from mmzoo.files import SafetensorsFile, atomic_directory, save_safetensors
 
 INDEX = "index.json"
 SHARD_BYTES = 256 << 20
@@ -56,10 +52,19 @@ def _tensors(i: int, sample: Prepared) -> dict[str, torch.Tensor]:
 
 
 def write_entry(root: Path, key: str, samples: Iterable[Prepared], skips: dict[str, Any]) -> Path:
-    """Write prepared samples as entry ``root/key``; returns its directory."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-    share_dir(tmp)
+    """Write prepared samples as entry ``root/key``; returns its directory.
+
+    Concurrent builders of one key all succeed: the first to finish puts its entry in place and
+    the others' copies, which hold the same samples, are discarded.
+    """
+    target = root / key
+    with atomic_directory(target, replace="first-wins") as tmp:
+        _write_samples(tmp, samples, skips)
+    return target
+
+
+def _write_samples(directory: Path, samples: Iterable[Prepared], skips: dict[str, Any]) -> None:
+    """Shards of about :data:`SHARD_BYTES` each, then the index naming them."""
     shards: list[str] = []
     entries: list[dict[str, Any]] = []
     pending: dict[str, torch.Tensor] = {}
@@ -69,45 +74,28 @@ def write_entry(root: Path, key: str, samples: Iterable[Prepared], skips: dict[s
         nonlocal pending, size
         if pending:
             name = f"samples-{len(shards):05d}.safetensors"
-            save_safetensors(pending, tmp / name)
-            fsync_file(tmp / name)
+            save_safetensors(pending, directory / name)
             shards.append(name)
             pending, size = {}, 0
 
-    try:
-        for i, sample in enumerate(samples):
-            tensors = _tensors(i, sample)
-            pending.update(tensors)
-            size += sum(t.numel() * t.element_size() for t in tensors.values())
-            entries.append(
-                {
-                    "shard": len(shards),
-                    "length": len(sample),
-                    "images": len(sample.images),
-                    "videos": len(sample.videos),
-                    "second_per_grid_ts": sample.second_per_grid_ts,
-                    "source": sample.source,
-                }
-            )
-            if size >= SHARD_BYTES:
-                flush()
-        flush()
-        index = {"shards": shards, "samples": entries, "skips": skips}
-        with open(tmp / INDEX, "w") as f:
-            json.dump(index, f)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-    except BaseException:  # e.g. a strict-mode error or Ctrl-C while preprocessing: leave no debris
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    target = root / key
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another run finished the same entry first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_dir(root)
-    return target
+    for i, sample in enumerate(samples):
+        tensors = _tensors(i, sample)
+        pending.update(tensors)
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        entries.append(
+            {
+                "shard": len(shards),
+                "length": len(sample),
+                "images": len(sample.images),
+                "videos": len(sample.videos),
+                "second_per_grid_ts": sample.second_per_grid_ts,
+                "source": sample.source,
+            }
+        )
+        if size >= SHARD_BYTES:
+            flush()
+    flush()
+    (directory / INDEX).write_text(json.dumps({"shards": shards, "samples": entries, "skips": skips}))
 
 
 class CacheEntry(Sequence[Prepared]):

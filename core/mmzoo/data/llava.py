@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mmzoo.data.records import REASONS, Record, SkipReport, read_records
 from mmzoo.errors import MmzooError
+from mmzoo.files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -65,22 +66,13 @@ def convert_llava(
 
 
 def _write_jsonl(out: Path, records: list[Record]) -> None:
-    """Chat-form JSONL through a sibling temp file renamed into place: never half a dataset."""
+    """Chat-form JSONL written atomically (``mmzoo.files.atomic_file``): never half a dataset."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would make the output unreadable to other users.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                row: dict[str, object] = {"messages": record.messages}
-                if record.images:
-                    row["images"] = [str(p) for p in record.images]
-                if record.videos:
-                    row["videos"] = [str(p) for p in record.videos]
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as f:
+        for record in records:
+            row: dict[str, object] = {"messages": record.messages}
+            if record.images:
+                row["images"] = [str(p) for p in record.images]
+            if record.videos:
+                row["videos"] = [str(p) for p in record.videos]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -37,13 +37,12 @@ from mmzoo.checkpoint.mm import (
     resolve_iteration,
     resolve_shard,
     staged_iteration,
-    temporary_path,
     write_json,
     write_model_shard,
     write_tensors,
 )
 from mmzoo.errors import MmzooError
-from mmzoo.files import SafetensorsFile
+from mmzoo.files import SafetensorsFile, temporary_path
 
 OPTIMIZER = "optimizer"
 RNG = "rng"

@@ -12,6 +12,10 @@ import json
 import multiprocessing
 import os
 import queue
+import shutil
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -568,37 +572,19 @@ def test_a_failed_build_leaves_no_temporary_entry(spec, tok, assets, tmp_path):
     assert entries(cache) == []
 
 
-def test_cache_shards_are_on_disk_before_the_index_names_them(tmp_path, monkeypatch):
-    from mmzoo.data import cache as cache_module
-    from mmzoo.data.pipeline import Prepared
-
-    synced: list[tuple[str, bool]] = []  # (fsynced path, whether an index.json existed beside it)
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        synced.append((path.name, (path.parent / cache_module.INDEX).exists()))
-        real_fsync(fd)
-
-    samples = [
-        Prepared(
-            torch.arange(6) + i,
-            torch.arange(6),
-            torch.zeros(3, 6, dtype=torch.long),
-            [np.zeros((1, 28, 28, 3), np.uint8)],
-        )
-        for i in range(3)
-    ]
-    monkeypatch.setattr(cache_module, "SHARD_BYTES", 1)  # one shard per sample
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    entry = cache_module.write_entry(tmp_path, "key", samples, {"counts": {}, "first": {}})
-    shards = CacheEntry(entry).shards
-    assert len(shards) == 3
-    names = [name for name, _ in synced]
-    for shard in shards:
-        assert (shard, False) in synced, f"{shard} was not fsynced before the index was written"
-    assert names.index(cache_module.INDEX) > max(names.index(shard) for shard in shards)
-    assert names[-1] == tmp_path.name  # the cache root, after the rename
+def test_a_killed_builds_temporary_is_removed_by_the_next_build(spec, tok, tmp_path):
+    path = write_jsonl(tmp_path / "data.jsonl", [chat("Hi.", "Hello.")])
+    cache = tmp_path / "cache"
+    build(spec, tok, path, cache_dir=str(cache))
+    (key,) = entries(cache)
+    shutil.rmtree(cache / key)
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert killed.wait() == 0
+    partial = cache / f".{key}.tmp-{killed.pid}-0123abcd@{socket.gethostname()}"  # its writer is gone
+    partial.mkdir()
+    (partial / "samples-00000.safetensors").write_bytes(b"partial")
+    assert len(build(spec, tok, path, cache_dir=str(cache))) == 1
+    assert entries(cache) == [key]
 
 
 def _build_in_child(data: DataConfig, tokenizer, barrier, results) -> None:

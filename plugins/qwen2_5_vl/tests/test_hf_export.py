@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -183,6 +186,17 @@ def test_failed_write_leaves_nothing(mm_model, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_hf(mm_model, out, tokenizer=BrokenTokenizer())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_exports_temporary_is_removed_by_the_next_export(mm_model, exported, tmp_path):
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert killed.wait() == 0
+    partial = tmp_path / f".out.tmp-{killed.pid}-0123abcd@{socket.gethostname()}"  # its writer is gone
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"partial")
+    out = save_hf(mm_model, tmp_path / "out")
+    assert siblings(out) == []
+    assert file_keys(out) == file_keys(exported)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
