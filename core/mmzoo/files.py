@@ -51,11 +51,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None
     os.chmod(path, 0o666 & ~_umask())
 
 
-def share_dir(path: str | Path) -> None:
-    """Give a ``mkdtemp`` directory the mode ``mkdir`` would."""
-    os.chmod(path, 0o777 & ~_umask())
-
-
 def fsync_file(path: str | Path) -> None:
     """Flush ``path``'s data to disk (a rename or an index naming it is only as durable as the data)."""
     with open(path, "rb") as f:

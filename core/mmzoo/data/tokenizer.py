@@ -12,13 +12,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from mmzoo.errors import MmzooError
-from mmzoo.files import share_dir
+from mmzoo.files import atomic_directory
 
 # The 22 added tokens of Qwen2.5(-VL), ids 151643.. in this order.
 QWEN2_SPECIAL_TOKENS = (
@@ -269,20 +267,8 @@ def _cache_root() -> Path:
 
 
 def _write_dir_atomically(out: Path, files: dict[str, dict[str, Any]]) -> None:
-    """Write ``files`` into a temp directory and rename it to ``out`` so readers never see half a dir."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    """Write ``files`` as the directory ``out``, whole or not at all; of concurrent writers of
+    the same conversion the first one's copy stays (they are identical)."""
+    with atomic_directory(out, replace="first-wins") as tmp:
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
-        share_dir(tmp)  # the cache may be shared
-        try:
-            os.replace(tmp, out)
-        except OSError as exc:
-            # Another process published the same conversion first; theirs is identical.
-            if not (out / "tokenizer.json").is_file():
-                raise MmzooError(
-                    f"{out}: cannot write the converted tokenizer ({exc}); delete it and retry"
-                ) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ from typing import Any
 from mmzoo.errors import MmzooError
 from mmzoo.eval.datasets import Dataset, Question, score_question
 from mmzoo.eval.report import result_rows, summarize, write_reports
+from mmzoo.files import atomic_file
 
 GenerateFn = Callable[[Sequence[Question]], list[str]]
 
@@ -64,9 +65,8 @@ def claim_cache(out_dir: Path, run: dict[str, Any]) -> None:
                 f"{out_dir}/predictions*.jsonl to answer every question again"
             )
         return
-    tmp = path.with_name(f".{RUN_FILE}.tmp")
-    tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        f.write(json.dumps(run, indent=1) + "\n")
 
 
 def shard(pending: Sequence[Question], rank: int, world: int) -> list[Question]:
