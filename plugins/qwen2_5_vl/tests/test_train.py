@@ -714,6 +714,15 @@ def test_unusable_learning_rate(lr, tmp_path, capsys):
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()  # nothing done
 
 
+def test_keep_last_below_one_is_an_error_before_any_work(tmp_path, capsys):
+    args = ["train", *SMALL, "--train.steps", "1", "--train.keep_last", "0"]
+    assert main([*args, "--train.output_dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        "mmzoo: error: train.keep_last must be at least 1 (or null to keep all), got 0\n"
+    )
+    assert not (tmp_path / "run").exists()  # checked before training, not at the first save
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
     args = ["train", *SMALL, "--train.output_dir", str(tmp_path), "--resume"]
     assert main(args) == 2
