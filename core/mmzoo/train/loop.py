@@ -530,11 +530,11 @@ class _Checkpoints:
         self.every = run.cfg.train.save_every
         self.last: Path | None = latest_checkpoint(run.output) if resume else None
 
-    def save(self) -> Path:
+    def save(self) -> None:
         """Save the step ``run.state`` is at, unless the newest checkpoint already holds it."""
         run = self.run
         if self.last is not None and self.last.name == iteration_name(run.state["step"]):
-            return self.last  # e.g. resuming a finished run: nothing new to save
+            return  # e.g. resuming a finished run: nothing new to save
         contents = TrainingCheckpoint(
             run.model,
             run.optimizer,
@@ -544,7 +544,6 @@ class _Checkpoints:
             media=run.cfg.data.media,
         )
         self.last = save_training_checkpoint(run.output, run.state["step"], contents, run.save_options)
-        return self.last
 
     def save_if_due(self) -> None:
         """Save on the ``train.save_every`` cadence; the last step is saved when the loop ends."""
