@@ -30,7 +30,9 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,74 +183,94 @@ def check_same(mmzoo_samples, hf_samples) -> str:
     return f"yes (same input_ids and grids; pixel_values max abs diff {worst:.1e})"
 
 
-def main() -> None:
+@dataclass
+class Bench:
+    """What every run needs: the model family, its 7b config (no model is built), the tokenizer and
+    the transformers baseline sized as mmzoo's media processor."""
+
+    spec: Any
+    model_config: Any
+    tokenizer: Any
+    baseline: TransformersPath
+
+    def mmzoo(self, data: Path, cache_dir: Path | None) -> dict:
+        return run_mmzoo(self.spec, self.model_config, self.tokenizer, data, cache_dir)
+
+
+class Best:
+    """The fastest repetition of each row, and whether mmzoo's first repetition matched the baseline."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+        self.same: dict[str, str] = {}
+
+    def keep(self, name: str, result: dict) -> None:
+        total = result.get("seconds") or result["prepare"] + result["materialise"]
+        result = {k: v for k, v in result.items() if k != "samples"} | {"total": total}
+        if name not in self.rows or total < self.rows[name]["total"]:
+            self.rows[name] = result
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=200, help="image/text records (default 200)")
     parser.add_argument("--videos", type=int, default=0, help="video records, mmzoo only (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="record generation seed (default 0)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions, fastest kept (default 3)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    spec = mmzoo.get_model("qwen2_5_vl")
-    model_config = spec.variant("7b")  # the config only: no model is built
-    tokenizer = default_qwen_tokenizer()
-    root = Path(tempfile.mkdtemp(prefix="mmzoo-bench-"))
-    try:
-        data, video_data = make_records(root, args.records, args.videos, args.seed)
-        # Check records up front so both paths see the same good records.
-        n = len(read_records(str(data)))
-        processor = spec.media_processor(model_config)
-        baseline = TransformersPath(spec, tokenizer, processor.min_pixels, processor.max_pixels)
 
-        # Warm-up on a few records (imports, lazy inits, page cache) so first-run numbers measure
-        # preprocessing, not one-time start-up.
-        warm = root / "warm.jsonl"
-        warm.write_text("".join(data.read_text().splitlines(keepends=True)[:4]))
-        run_mmzoo(spec, model_config, tokenizer, warm, None)
-        baseline(warm)
-        if video_data:
-            run_mmzoo(spec, model_config, tokenizer, video_data, None)
+def warm_up(bench: Bench, root: Path, data: Path, video_data: Path | None) -> None:
+    """A few records through each path (imports, lazy inits, page cache), so first-run numbers
+    measure preprocessing, not one-time start-up."""
+    warm = root / "warm.jsonl"
+    warm.write_text("".join(data.read_text().splitlines(keepends=True)[:4]))
+    bench.mmzoo(warm, None)
+    bench.baseline(warm)
+    if video_data:
+        bench.mmzoo(video_data, None)
 
-        # Repetitions are interleaved and each row keeps its fastest one: on a shared VM, other
-        # load only ever adds time.
-        best: dict[str, dict] = {}
-        same: dict[str, str] = {}
 
-        def keep(name: str, result: dict) -> None:
-            total = result.get("seconds") or result["prepare"] + result["materialise"]
-            result = {k: v for k, v in result.items() if k != "samples"} | {"total": total}
-            if name not in best or total < best[name]["total"]:
-                best[name] = result
+def repetition(
+    bench: Bench, best: Best, root: Path, rep: int, data: Path, video_data: Path | None
+) -> tuple[int, int]:
+    """One repetition of every row; returns (images, text-only records) the baseline saw."""
+    # Samples are compared with the baseline's, then dropped: at most two sets of pixel values
+    # (~3 GB each at the defaults) are alive at once.
+    hf = bench.baseline(data)
+    best.keep("hf", hf)
+    counts = (
+        sum(len(s.get("image_grid_thw", ())) for s in hf["samples"]),
+        sum("image_grid_thw" not in s for s in hf["samples"]),
+    )
+    cache = root / f"cache-{rep}"  # empty for this repetition's first run
+    for name, cache_dir in (("no cache", None), ("first", cache), ("cached", cache)):
+        result = bench.mmzoo(data, cache_dir)
+        if rep == 0:
+            best.same[name] = check_same(result["samples"], hf["samples"])
+        best.keep(name, result)
+        del result
+    del hf
+    if video_data:
+        video_cache = root / f"video-cache-{rep}"
+        best.keep("video first", bench.mmzoo(video_data, video_cache))
+        best.keep("video cached", bench.mmzoo(video_data, video_cache))
+    return counts
 
-        # Stderr of build_dataset (progress lines) is dropped: the table is the output.
-        with contextlib.redirect_stderr(io.StringIO()):
-            for rep in range(args.repeat):
-                # Samples are compared with the baseline's, then dropped: at most two sets of
-                # pixel values (~3 GB each at the defaults) are alive at once.
-                hf = baseline(data)
-                keep("hf", hf)
-                counts = (
-                    sum(len(s.get("image_grid_thw", ())) for s in hf["samples"]),
-                    sum("image_grid_thw" not in s for s in hf["samples"]),
-                )
-                cache = root / f"cache-{rep}"  # empty for this repetition's first run
-                for name, cache_dir in (("no cache", None), ("first", cache), ("cached", cache)):
-                    result = run_mmzoo(spec, model_config, tokenizer, data, cache_dir)
-                    if rep == 0:
-                        same[name] = check_same(result["samples"], hf["samples"])
-                    keep(name, result)
-                    del result
-                del hf
-                if video_data:
-                    video_cache = root / f"video-cache-{rep}"
-                    keep("video first", run_mmzoo(spec, model_config, tokenizer, video_data, video_cache))
-                    keep("video cached", run_mmzoo(spec, model_config, tokenizer, video_data, video_cache))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
-    hf_total = best["hf"]["total"]
+RUNS = (  # (row label, name of the kept result)
+    ("without cache (cache_dir=None)", "no cache"),
+    ("first run, empty cache", "first"),
+    ("cached run", "cached"),
+)
+
+
+def print_report(
+    args: argparse.Namespace, best: Best, records: int, counts: tuple[int, int], processor: Any
+) -> None:
+    """The date, machine and records lines, the table, then whether the outputs agree."""
     n_images, n_text = counts
-    hf_rate = n / hf_total
+    hf_rate = records / best.rows["hf"]["total"]
 
     def row(path: str, records: int, seconds: float, relative: str | None = None) -> str:
         rate = records / seconds
@@ -262,32 +284,54 @@ def main() -> None:
         f"{torch.get_num_threads()}; fastest of {args.repeat} interleaved repetitions"
     )
     print(
-        f"Records: {n} image/text records ({n - n_text} with images, {n_images} images in all; "
+        f"Records: {records} image/text records ({records - n_text} with images, {n_images} images in all; "
         f"{n_text} text-only), seed {args.seed}; qwen2_5_vl 7b config, seq_length 4096, "
         f"min/max pixels {processor.min_pixels}/{processor.max_pixels}"
     )
     print()
     print("| path | records | seconds | samples/s | relative to transformers |")
     print("|---|---|---|---|---|")
-    print(row("transformers: PIL + Qwen2VLImageProcessorPil + tokenizer (every epoch)", n, hf_total))
-    runs = (
-        ("without cache (cache_dir=None)", "no cache"),
-        ("first run, empty cache", "first"),
-        ("cached run", "cached"),
-    )
-    for label, name in runs:
-        result = best[name]
+    hf_path = "transformers: PIL + Qwen2VLImageProcessorPil + tokenizer (every epoch)"
+    print(row(hf_path, records, best.rows["hf"]["total"]))
+    for label, name in RUNS:
+        result = best.rows[name]
         step = "(one step)"
-        print(row(f"mmzoo {label}: prepare (build_dataset)", n, result["prepare"], step))
-        print(row(f"mmzoo {label}: materialise (dataset[i])", n, result["materialise"], step))
-        print(row(f"**mmzoo {label}: total**", n, result["total"]))
-    if video_data:
+        print(row(f"mmzoo {label}: prepare (build_dataset)", records, result["prepare"], step))
+        print(row(f"mmzoo {label}: materialise (dataset[i])", records, result["materialise"], step))
+        print(row(f"**mmzoo {label}: total**", records, result["total"]))
+    if args.videos:
         for label, name in (("first run", "video first"), ("cached run", "video cached")):
             path = f"mmzoo video records only, {label}: total"
-            print(row(path, args.videos, best[name]["total"], "n/a (no baseline)"))
+            print(row(path, args.videos, best.rows[name]["total"], "n/a (no baseline)"))
     print()
-    for label, name in runs:
-        print(f"Same outputs as transformers, mmzoo {label}: {same[name]}")
+    for label, name in RUNS:
+        print(f"Same outputs as transformers, mmzoo {label}: {best.same[name]}")
+
+
+def main() -> None:
+    args = parse_args()
+    spec = mmzoo.get_model("qwen2_5_vl")
+    model_config = spec.variant("7b")  # the config only: no model is built
+    tokenizer = default_qwen_tokenizer()
+    root = Path(tempfile.mkdtemp(prefix="mmzoo-bench-"))
+    try:
+        data, video_data = make_records(root, args.records, args.videos, args.seed)
+        # Check records up front so both paths see the same good records.
+        records = len(read_records(str(data)))
+        processor = spec.media_processor(model_config)
+        baseline = TransformersPath(spec, tokenizer, processor.min_pixels, processor.max_pixels)
+        bench = Bench(spec, model_config, tokenizer, baseline)
+        warm_up(bench, root, data, video_data)
+        # Repetitions are interleaved and each row keeps its fastest one: on a shared VM, other
+        # load only ever adds time. Stderr of build_dataset (progress lines) is dropped: the
+        # table is the output.
+        best = Best()
+        with contextlib.redirect_stderr(io.StringIO()):
+            for rep in range(args.repeat):
+                counts = repetition(bench, best, root, rep, data, video_data)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print_report(args, best, records, counts, processor)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -168,28 +169,19 @@ def reset_peak() -> bool:
     return True
 
 
-class Path_:
-    """One benchmarked path: its model and optimizer, its batches and how it computes the loss."""
+@dataclass
+class TrainPath:
+    """One benchmarked path: its model and optimizer, its batches, how it computes the loss, its timings."""
 
-    def __init__(
-        self,
-        label: str,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        batches: list[dict[str, torch.Tensor]],
-        loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-    ) -> None:
-        self.label, self.model, self.optimizer, self.batches, self.loss = (
-            label,
-            model,
-            optimizer,
-            batches,
-            loss,
-        )
-        self.best = float("inf")
-        self.adamw = 0.0
-        self.peak_kib: int | None = None
-        self.first_loss: float | None = None
+    label: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: list[dict[str, torch.Tensor]]
+    loss: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    best: float = float("inf")  # seconds of the fastest repetition
+    adamw: float = 0.0  # of which in the AdamW step
+    peak_kib: int | None = None
+    first_loss: float | None = None
 
     def step(self, i: int, lr: float) -> tuple[float, float]:
         """One training step on micro-batch ``i``; (loss, seconds in the AdamW step)."""
@@ -216,7 +208,18 @@ class Path_:
             self.peak_kib = max(self.peak_kib or 0, peak - before)
 
 
-def main() -> None:
+@dataclass
+class Workload:
+    """The samples, cut into micro-batches, and each path's collated form of them."""
+
+    samples: list[dict]
+    groups: list[list[dict]]  # ``--batch`` samples each
+    hf_batches: list[dict[str, torch.Tensor]]
+    packed: list[dict[str, torch.Tensor]]
+    padded: list[dict[str, torch.Tensor]]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--samples", type=int, default=16, help="samples (default 16)")
@@ -242,10 +245,11 @@ def main() -> None:
     add("--vision-heads", type=int, default=4, help="vision heads (default 4)")
     add("--vision-ffn", type=int, default=512, help="vision FFN size (default 512)")
     add("--fullatt", type=int, nargs="+", default=[1, 3], help="full-attention blocks (default 1 3)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    wall = time.perf_counter()
+    return parser.parse_args()
 
+
+def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """transformers' model from the flags, and mmzoo's loaded from its saved copy (same weights)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(args.seed)
@@ -256,14 +260,24 @@ def main() -> None:
         mm_model = mmzoo.load_model(root).train()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    attn = hf_model.config._attn_implementation
+    return hf_model, mm_model
 
+
+def make_workload(args: argparse.Namespace, mm_config) -> Workload:
     samples = make_samples(args.samples, args.min_len, args.max_len, args.seed)
     groups = [samples[i : i + args.batch] for i in range(0, len(samples), args.batch)]
-    mm_groups = [[mm_sample(mm_model.config, s) for s in group] for group in groups]
-    hf_batches = [hf_batch(group) for group in groups]
-    packed = [collate_packed(group) for group in mm_groups]
-    padded = [collate_padded(group, PAD) for group in mm_groups]
+    mm_groups = [[mm_sample(mm_config, s) for s in group] for group in groups]
+    return Workload(
+        samples=samples,
+        groups=groups,
+        hf_batches=[hf_batch(group) for group in groups],
+        packed=[collate_packed(group) for group in mm_groups],
+        padded=[collate_padded(group, PAD) for group in mm_groups],
+    )
+
+
+def make_paths(args: argparse.Namespace, hf_model, mm_model, work: Workload) -> list[TrainPath]:
+    """The benchmarked paths, transformers' first (the baseline)."""
 
     def hf_loss(batch):
         return hf_model(**batch).loss
@@ -274,27 +288,23 @@ def main() -> None:
     # One optimizer for the mmzoo rows: they time the same model; AdamW's state is the same size.
     hf_opt = torch.optim.AdamW(hf_model.parameters(), lr=0.0)
     mm_opt = torch.optim.AdamW(mm_model.parameters(), lr=0.0)
+    attn = hf_model.config._attn_implementation
+    hf_label = f"transformers Qwen2_5_VLForConditionalGeneration, padded ({attn})"
     paths = [
-        Path_(
-            f"transformers Qwen2_5_VLForConditionalGeneration, padded ({attn})",
-            hf_model,
-            hf_opt,
-            hf_batches,
-            hf_loss,
-        ),
-        Path_("mmzoo packed (cu_seqlens), target-only logits", mm_model, mm_opt, packed, mm_loss),
-        Path_("mmzoo padded (no packing), target-only logits", mm_model, mm_opt, padded, mm_loss),
+        TrainPath(hf_label, hf_model, hf_opt, work.hf_batches, hf_loss),
+        TrainPath("mmzoo packed (cu_seqlens), target-only logits", mm_model, mm_opt, work.packed, mm_loss),
+        TrainPath("mmzoo padded (no packing), target-only logits", mm_model, mm_opt, work.padded, mm_loss),
     ]
     if not args.no_full_logits:
-        full = Path_(
-            "mmzoo packed, full-logits loss (return_logits=True)",
-            mm_model,
-            mm_opt,
-            packed,
-            lambda b: full_logits_loss(mm_model, b),
+        full_label = "mmzoo packed, full-logits loss (return_logits=True)"
+        paths.append(
+            TrainPath(full_label, mm_model, mm_opt, work.packed, lambda b: full_logits_loss(mm_model, b))
         )
-        paths.append(full)
+    return paths
 
+
+def run(args: argparse.Namespace, paths: list[TrainPath]) -> None:
+    """Warm-up steps at lr 0, then the timed repetitions, interleaved across the paths."""
     # Warm-up at lr 0: weights stay as loaded, so every path's first loss is on the same weights.
     for path in paths:
         for i in range(args.warmup):
@@ -305,17 +315,19 @@ def main() -> None:
         for path in paths:
             path.timed(args.steps, args.lr)
 
-    timed = [i % len(groups) for i in range(args.steps)]
-    real = sum(len(s["input_ids"]) for i in timed for s in groups[i])
-    slots = sum(b["input_ids"].numel() for i, b in enumerate(hf_batches) if i in timed)
+
+def print_setup(args: argparse.Namespace, work: Workload, mm_model) -> int:
+    """The date, machine, model and samples lines; returns the real tokens of the timed steps."""
+    timed = [i % len(work.groups) for i in range(args.steps)]
+    real = sum(len(s["input_ids"]) for i in timed for s in work.groups[i])
+    slots = sum(b["input_ids"].numel() for i, b in enumerate(work.hf_batches) if i in timed)
     targets = sum(
-        int((shift_labels(packed[i]["labels"][0], packed[i]["cu_seqlens"]) >= 0).sum()) for i in timed
+        int((shift_labels(work.packed[i]["labels"][0], work.packed[i]["cu_seqlens"]) >= 0).sum())
+        for i in timed
     )
+    samples = work.samples
     text_only = sum("pixel_values" not in s for s in samples)
     lengths = [len(s["input_ids"]) for s in samples]
-    base = paths[0].first_loss
-    diffs = [abs(p.first_loss - base) for p in paths[1:]]
-
     print(f"Date: {datetime.date.today().isoformat()}")
     print(
         f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}, "
@@ -337,6 +349,11 @@ def main() -> None:
         f"{args.steps} timed steps = {real} real tokens ({targets} trained targets; transformers' padded "
         f"rows hold {slots} token slots, {slots / real:.2f}x)"
     )
+    return real
+
+
+def print_table(args: argparse.Namespace, paths: list[TrainPath], real: int) -> None:
+    """One row per path, throughput relative to transformers' (the first)."""
     print()
     print(
         "| path | s/step | of which AdamW | tokens/s | peak RSS delta (GiB) | relative to transformers "
@@ -353,12 +370,31 @@ def main() -> None:
             f"| {path.label} | {path.best / args.steps:.2f} | {path.adamw / args.steps:.2f} | {rate:.0f} "
             f"| {peak} | {ratio:.2f}x | {fwd_bwd:.2f}x |"
         )
+
+
+def print_losses(paths: list[TrainPath]) -> None:
+    """Every path's first loss, on the same weights and samples, against transformers'."""
     print()
     short = ("transformers", "mmzoo packed", "mmzoo padded", "mmzoo full logits")
     losses = ", ".join(f"{name} {p.first_loss:.6f}" for name, p in zip(short, paths, strict=False))
+    base = paths[0].first_loss
+    diffs = [abs(p.first_loss - base) for p in paths[1:]]
     ok = "yes" if max(diffs) < 1e-4 else "NO"
     print(f"First-step losses (micro-batch 0, same initial weights): {losses}")
     print(f"Agree to 1e-4: {ok} (max |difference| from transformers {max(diffs):.1e})")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
+    hf_model, mm_model = build_models(args)
+    work = make_workload(args, mm_model.config)
+    paths = make_paths(args, hf_model, mm_model, work)
+    run(args, paths)
+    real = print_setup(args, work, mm_model)
+    print_table(args, paths, real)
+    print_losses(paths)
     print(f"Wall time: {time.perf_counter() - wall:.0f} s")
 
 

@@ -14,7 +14,13 @@ import torch
 import mmzoo
 from mmzoo.checkpoint.mm import TRACKER
 from mmzoo.train import checkpoint as ckpt
-from mmzoo.train.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from mmzoo.train.checkpoint import (
+    SaveOptions,
+    TrainingCheckpoint,
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 
 # Placeholder ids above the 0..999 range example_batch draws its words from, so they never collide.
 TINY = dict(
@@ -35,6 +41,10 @@ def make(seed: int, params=None):
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4))
     return model, optimizer, scheduler
+
+
+def contents(model, optimizer, scheduler, state=None) -> TrainingCheckpoint:
+    return TrainingCheckpoint(model, optimizer, scheduler, state or {}, variant="tiny")
 
 
 def seed_all(seed: int) -> None:
@@ -67,7 +77,7 @@ def test_resume_is_bitwise_exact(tmp_path):
         losses.append(train_step(model, optimizer, scheduler, step))
         if step + 1 == 3:
             state = {"step": 3, "epoch": 0, "position": 3, "tokens_seen": 123}
-            save_training_checkpoint(tmp_path, 3, model, optimizer, scheduler, state, variant="tiny")
+            save_training_checkpoint(tmp_path, 3, contents(model, optimizer, scheduler, state))
             at_save = {k: v.clone() for k, v in model.state_dict().items()}
 
     out = tmp_path / "iter_0000003"
@@ -104,7 +114,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model, optimizer, scheduler = make(0)
     train_step(model, optimizer, scheduler, 0)
-    save_training_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"step": 1}, variant="tiny")
+    save_training_checkpoint(tmp_path, 1, contents(model, optimizer, scheduler, {"step": 1}))
     train_step(model, optimizer, scheduler, 1)
 
     def crash(optimizer, model, shard):
@@ -113,7 +123,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "_write_optimizer", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        save_training_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"step": 2}, variant="tiny")
+        save_training_checkpoint(tmp_path, 2, contents(model, optimizer, scheduler, {"step": 2}))
     monkeypatch.undo()
     assert names(tmp_path) == ["iter_0000001", TRACKER]
     assert latest_checkpoint(tmp_path) == tmp_path / "iter_0000001"
@@ -126,14 +136,14 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     stale = tmp_path / f".iter_0000002.tmp-{killed.pid}-deadbeef@{socket.gethostname()}" / "mp_rank_00"
     stale.mkdir(parents=True)
     (stale / "model.safetensors").write_bytes(b"partial")
-    save_training_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"step": 2}, variant="tiny")
+    save_training_checkpoint(tmp_path, 2, contents(model, optimizer, scheduler, {"step": 2}))
     assert names(tmp_path) == ["iter_0000001", "iter_0000002", TRACKER]
 
 
 def test_bad_trainer_state_changes_nothing(tmp_path):
     model, optimizer, scheduler = make(0)
     with pytest.raises(mmzoo.MmzooError, match="trainer_state.json.*only JSON values"):
-        save_training_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"x": object()}, variant="tiny")
+        save_training_checkpoint(tmp_path, 1, contents(model, optimizer, scheduler, {"x": object()}))
     assert names(tmp_path) == []
     assert latest_checkpoint(tmp_path) is None
     assert latest_checkpoint(tmp_path / "missing") is None
@@ -141,19 +151,20 @@ def test_bad_trainer_state_changes_nothing(tmp_path):
 
 def test_keep_last(tmp_path):
     model, optimizer, scheduler = make(0)
+    keep_two = SaveOptions(keep_last=2)
     for step in range(1, 5):
-        save_training_checkpoint(tmp_path, step, model, optimizer, scheduler, {}, variant="tiny", keep_last=2)
+        save_training_checkpoint(tmp_path, step, contents(model, optimizer, scheduler), keep_two)
     assert names(tmp_path) == ["iter_0000003", "iter_0000004", TRACKER]
     assert (tmp_path / TRACKER).read_text() == "4"
     with pytest.raises(mmzoo.MmzooError, match="keep_last must be at least 1"):
-        save_training_checkpoint(tmp_path, 5, model, optimizer, scheduler, {}, variant="tiny", keep_last=0)
+        SaveOptions(keep_last=0)
 
 
 def test_weights_only_checkpoint(tmp_path):
     model, optimizer, scheduler = make(0)
     train_step(model, optimizer, scheduler, 0)
-    options = dict(variant="tiny", save_optimizer=False, save_rng=False)
-    out = save_training_checkpoint(tmp_path, 1, model, optimizer, scheduler, {"step": 1}, **options)
+    options = SaveOptions(save_optimizer=False, save_rng=False)
+    out = save_training_checkpoint(tmp_path, 1, contents(model, optimizer, scheduler, {"step": 1}), options)
     assert names(out / "mp_rank_00") == ["mm_meta.json", "model.safetensors"]
 
     fresh, optimizer2, scheduler2 = make(3)
@@ -172,7 +183,7 @@ def test_weights_only_checkpoint(tmp_path):
 def test_optimizer_mismatch_is_named(tmp_path):
     model, optimizer, scheduler = make(0)
     train_step(model, optimizer, scheduler, 0)
-    save_training_checkpoint(tmp_path, 1, model, optimizer, scheduler, {}, variant="tiny")
+    save_training_checkpoint(tmp_path, 1, contents(model, optimizer, scheduler))
     # Same model, but the vision tower is frozen (left out of the optimizer).
     fresh, optimizer2, scheduler2 = make(
         0, params=lambda m: [p for n, p in m.named_parameters() if not n.startswith("image_encoder.encoder.")]

@@ -60,30 +60,31 @@ class TextDecoder(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
-        c = config
-        self.embedding = _Embedding(c.vocab_size, c.hidden_size)
+        self.embedding = _Embedding(config.vocab_size, config.hidden_size)
         layers = [
             TransformerLayer(
                 self_attention=SelfAttention(
-                    c.hidden_size,
-                    c.num_heads,
-                    c.num_kv_heads,
-                    c.head_dim,
-                    qkv_bias=c.qkv_bias,
+                    config.hidden_size,
+                    config.num_heads,
+                    config.num_kv_heads,
+                    config.head_dim,
+                    qkv_bias=config.qkv_bias,
                     proj_bias=False,
                     causal=True,
                 ),
-                mlp=GatedMLP(c.hidden_size, c.ffn_hidden_size, bias=False),
-                hidden_size=c.hidden_size,
-                eps=c.rms_norm_eps,
+                mlp=GatedMLP(config.hidden_size, config.ffn_hidden_size, bias=False),
+                hidden_size=config.hidden_size,
+                eps=config.rms_norm_eps,
             )
-            for _ in range(c.num_layers)
+            for _ in range(config.num_layers)
         ]
-        self.decoder = _Block(layers, c.hidden_size, c.rms_norm_eps)
+        self.decoder = _Block(layers, config.hidden_size, config.rms_norm_eps)
         self.output_layer = (
-            None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
-        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.mrope_section)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
         self.recompute: RecomputeConfig | None = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -115,14 +116,14 @@ class TextDecoder(nn.Module):
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` rows of up to ``capacity`` tokens."""
-        c = self.config
+        config = self.config
         weight = self.embedding.word_embeddings.weight
         return KVCache(
-            c.num_layers,
+            config.num_layers,
             batch,
             capacity,
-            c.num_kv_heads,
-            c.head_dim,
+            config.num_kv_heads,
+            config.head_dim,
             dtype=weight.dtype,
             device=weight.device,
         )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import mmzoo_kernels as K
+import mmzoo_kernels
 
 if TYPE_CHECKING:
     from mmzoo.nn.kv_cache import LayerCache
@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return K.rms_norm(x, self.weight, self.eps)
+        return mmzoo_kernels.rms_norm(x, self.weight, self.eps)
 
 
 class SelfAttention(nn.Module):
@@ -79,14 +79,14 @@ class SelfAttention(nn.Module):
         q = qkv[:, :, :per_group].reshape(tokens, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = qkv[:, :, per_group]  # (T, Hkv, D)
         v = qkv[:, :, per_group + 1]
-        q = K.rotary(q, cos, sin)
-        k = K.rotary(k, cos, sin)
+        q = mmzoo_kernels.rotary(q, cos, sin)
+        k = mmzoo_kernels.rotary(k, cos, sin)
         if cache is not None and cache.decoding:
             out = cache.attend(q, k, v, self.head_dim**-0.5)
         elif self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(K.attention, q, k, v, cu_seqlens, self.causal, use_reentrant=False)
+            out = checkpoint(mmzoo_kernels.attention, q, k, v, cu_seqlens, self.causal, use_reentrant=False)
         else:
-            out = K.attention(q, k, v, cu_seqlens, self.causal)  # (T, Hq, D)
+            out = mmzoo_kernels.attention(q, k, v, cu_seqlens, self.causal)  # (T, Hq, D)
             if cache is not None:
                 cache.store(k, v, cu_seqlens)
         return self.linear_proj(out.reshape(tokens, self.num_heads * self.head_dim))
@@ -101,7 +101,7 @@ class GatedMLP(nn.Module):
         self.linear_fc2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(K.swiglu(self.linear_fc1(x)))
+        return self.linear_fc2(mmzoo_kernels.swiglu(self.linear_fc1(x)))
 
 
 class TransformerLayer(nn.Module):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,56 +181,78 @@ def remove_checkpoints(output_dir: str | Path) -> None:
         _remove(iteration)
 
 
+@dataclass
+class TrainingCheckpoint:
+    """What a training checkpoint holds.
+
+    Attributes:
+        model: a :class:`mmzoo.VLModel` (its state dict names are the mm names).
+        optimizer: its state is saved keyed by parameter name.
+        scheduler: an LR scheduler with a JSON-able ``state_dict()`` (LambdaLR is), or ``None``.
+        trainer_state: JSON-able loop state (step, epoch, position in the epoch, tokens seen, ...).
+        variant: the registry variant the model's config started from (``None``: none).
+        media: the media processor options the model was trained with (``data.media``);
+            ``mmzoo infer`` and ``mmzoo eval`` size media the same way by default.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    trainer_state: dict[str, Any] = field(default_factory=dict)
+    variant: str | None = None
+    media: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """How checkpoints are written (``train.save_optimizer``, ``train.save_rng``, ``train.keep_last``).
+
+    Attributes:
+        save_optimizer: write the optimizer state (needed to resume exactly).
+        save_rng: write the RNG states.
+        keep_last: keep this many ``iter_*`` directories (the new one included); ``None``: all.
+    """
+
+    save_optimizer: bool = True
+    save_rng: bool = True
+    keep_last: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            keep = self.keep_last
+            raise MmzooError(f"train.keep_last must be at least 1 (or null to keep all), got {keep}")
+
+
 def save_training_checkpoint(
-    output_dir: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    trainer_state: dict[str, Any],
-    *,
-    variant: str | None,
-    save_optimizer: bool = True,
-    save_rng: bool = True,
-    keep_last: int | None = None,
-    media: dict[str, Any] | None = None,
+    output_dir: str | Path, step: int, contents: TrainingCheckpoint, options: SaveOptions = SaveOptions()
 ) -> Path:
     """Write ``output_dir/iter_{step:07d}`` atomically, point the tracker at it, prune old ones.
 
     Args:
         output_dir: run directory (created if missing).
         step: optimizer steps taken; names the directory.
-        model: a :class:`mmzoo.VLModel` (its state dict names are the mm names).
-        optimizer: its state is saved keyed by parameter name.
-        scheduler: an LR scheduler with a JSON-able ``state_dict()`` (LambdaLR is), or ``None``.
-        trainer_state: JSON-able loop state (step, epoch, position in the epoch, tokens seen, ...).
-        variant: the registry variant the model's config started from (``None``: none).
-        save_optimizer: write the optimizer state (needed to resume exactly).
-        save_rng: write the RNG states.
-        keep_last: keep this many ``iter_*`` directories (the new one included); ``None``: all.
-        media: the media processor options the model was trained with (``data.media``);
-            ``mmzoo infer`` and ``mmzoo eval`` size media the same way by default.
+        contents: the model, optimizer, scheduler and loop state to save.
+        options: what to include and how many checkpoints to keep.
 
     Returns:
         The new iteration directory.
     """
-    if keep_last is not None and keep_last < 1:
-        raise MmzooError(f"keep_last must be at least 1 (or None to keep all), got {keep_last}")
     root = Path(output_dir)
+    model = contents.model
     with staged_iteration(root, step) as tmp:
-        shard = write_model_shard(model, tmp, variant=variant)  # type: ignore[arg-type]
-        if save_optimizer:
-            _write_optimizer(optimizer, model, shard)
-        if scheduler is not None:
-            write_json(tmp / SCHEDULER, scheduler.state_dict())
-        if save_rng:
+        shard = write_model_shard(model, tmp, variant=contents.variant)  # type: ignore[arg-type]
+        if options.save_optimizer:
+            _write_optimizer(contents.optimizer, model, shard)
+        if contents.scheduler is not None:
+            write_json(tmp / SCHEDULER, contents.scheduler.state_dict())
+        if options.save_rng:
             _write_rng(shard)
-        write_json(tmp / TRAINER_STATE, trainer_state)
-        if media is not None:
-            write_json(tmp / MEDIA, media)
+        write_json(tmp / TRAINER_STATE, contents.trainer_state)
+        if contents.media is not None:
+            write_json(tmp / MEDIA, contents.media)
     final = root / iteration_name(step)
-    if keep_last is not None:
-        _prune(root, keep_last, final)
+    if options.keep_last is not None:
+        _prune(root, options.keep_last, final)
     return final
 
 
@@ -317,6 +340,8 @@ def load_training_checkpoint(
 
 
 __all__ = [
+    "SaveOptions",
+    "TrainingCheckpoint",
     "latest_checkpoint",
     "load_training_checkpoint",
     "remove_checkpoints",

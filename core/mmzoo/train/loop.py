@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from mmzoo.model import VLModel
 from mmzoo.nn.recompute import set_recompute
 from mmzoo.registry import ModelSpec, get_model
 from mmzoo.train.checkpoint import (
+    SaveOptions,
+    TrainingCheckpoint,
     latest_checkpoint,
     load_training_checkpoint,
     remove_checkpoints,
@@ -73,6 +75,9 @@ class TrainResult:
     hf_dir: Path | None = None
 
 
+# --- set-up: settings, paths, model, data, optimizer, resume -------------------------------------
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then an Ascend NPU, then the CPU; a named device must exist."""
     npu = getattr(torch, "npu", None)
@@ -87,11 +92,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -102,15 +102,16 @@ def build(cfg: Config, spec: ModelSpec) -> tuple[VLModel, Any]:
     """The model (loaded or randomly initialised) and its tokenizer."""
     from mmzoo.data.tokenizer import load_tokenizer
 
-    m = cfg.model
-    if m.load:
-        model = load_model(m.load)
+    model_cfg = cfg.model
+    if model_cfg.load:
+        model = load_model(model_cfg.load)
         if model.name != spec.name:
             raise MmzooError(f"model.load holds a '{model.name}' model but model.name is '{spec.name}'")
     else:
-        model = build_model(spec.name, m.variant, **m.overrides)
-    tokenizer_dir = m.tokenizer or (
-        m.load if m.load and (Path(m.load) / "tokenizer_config.json").is_file() else None
+        model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides)
+    load = model_cfg.load
+    tokenizer_dir = model_cfg.tokenizer or (
+        load if load and (Path(load) / "tokenizer_config.json").is_file() else None
     )
     if tokenizer_dir:
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -146,14 +147,14 @@ def _check_save_hf(hf: Path, output: Path) -> None:
         raise MmzooError(f"train.save_hf: {hf} holds train.output_dir {output}; give a directory outside it")
 
 
-def _prepare_output(t: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
+def _prepare_output(train_cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
     """Check the paths the run writes before any work; returns the output directory (created).
 
     An output directory that holds an earlier run needs ``resume`` or ``overwrite``.
     """
     if resume and overwrite:
         raise MmzooError("give either --resume (continue the run) or --overwrite (start over), not both")
-    output = Path(t.output_dir).absolute()
+    output = Path(train_cfg.output_dir).absolute()
     if output.exists() and not output.is_dir():
         raise MmzooError(f"train.output_dir: {output} is a file; give a directory path")
     try:
@@ -162,8 +163,8 @@ def _prepare_output(t: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
         raise MmzooError(f"train.output_dir: cannot create {output} ({exc.strerror})") from exc
     if not os.access(output, os.W_OK):
         raise MmzooError(f"train.output_dir: {output} is not writable")
-    if t.save_hf:
-        _check_save_hf(Path(t.save_hf).absolute(), output)
+    if train_cfg.save_hf:
+        _check_save_hf(Path(train_cfg.save_hf).absolute(), output)
     checkpoint = latest_checkpoint(output)
     if resume and checkpoint is None:
         raise MmzooError(f"--resume: no checkpoint in {output} (no {TRACKER})")
@@ -187,6 +188,394 @@ def _start_over(output: Path) -> None:
     shutil.rmtree(output / TENSORBOARD, ignore_errors=True)
 
 
+def _check_resumed_length(state: dict[str, Any], total: int) -> None:
+    """A resumed run of another length splices two learning-rate schedules: warn (or fail if done)."""
+    if state["step"] > total:
+        raise MmzooError(
+            f"--resume: the checkpoint is at step {state['step']}, past this run's {total} steps; "
+            "raise train.steps (or train.epochs)"
+        )
+    saved = state.get("total_steps")
+    if saved is not None and saved != total:
+        print(
+            f"mmzoo: warning: the resumed run was {saved} steps long and this one is {total}: the learning "
+            f"rate followed the {saved}-step schedule up to step {state['step']} and follows the "
+            f"{total}-step one from there",
+            file=sys.stderr,
+        )
+
+
+@dataclass
+class _Run:
+    """What set-up builds: the run's configuration, model, data, optimizer and trainer state."""
+
+    cfg: Config  # with ``data.data: demo`` resolved to the bundled file
+    output: Path
+    device: torch.device
+    spec: ModelSpec
+    model: VLModel
+    tokenizer: Any
+    variant: str | None  # the registry variant the weights started from
+    dataset: VLDataset
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_epoch: list[int]  # optimizer steps of each epoch
+    total: int  # optimizer steps of the whole run
+    save_options: SaveOptions
+    kernels: dict[str, str]  # op -> backend in use on the training device
+    state: dict[str, Any] = field(default_factory=dict)  # step, epoch, position, tokens, samples
+
+
+def _training_device(train_cfg: TrainConfig) -> torch.device:
+    device = resolve_device(train_cfg.device)
+    if train_cfg.precision == "fp16" and device.type not in FP16_DEVICES:
+        raise MmzooError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 here")
+    return device
+
+
+def _configure_kernels(cfg: Config, device: torch.device) -> dict[str, str]:
+    """The ``kernels`` section applied on ``device``, before any work: op -> backend."""
+    try:
+        return mmzoo_kernels.configure(device=device.type, **vars(cfg.kernels))
+    except mmzoo_kernels.KernelError as exc:
+        raise MmzooError(str(exc)) from exc
+
+
+def _prepare_model(model: VLModel, cfg: Config, spec: ModelSpec, device: torch.device) -> None:
+    """Freeze the configured groups, turn on activation recompute, move to ``device`` in train mode."""
+    freeze(model, cfg.model.freeze, spec.freeze_groups)
+    set_recompute(model.image_encoder.encoder, cfg.model.recompute_vision)
+    set_recompute(model.text_decoder, cfg.model.recompute_text)
+    model.to(device).train()
+
+
+def _set_up(cfg: Config, *, resume: bool, overwrite: bool, out: Callable[[str], None]) -> _Run:
+    """Check the settings and paths, then build the model, data, optimizer and schedule, and resume."""
+    train_cfg = cfg.train
+    _check_lr(train_cfg.lr)
+    save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
+    output = _prepare_output(train_cfg, resume=resume, overwrite=overwrite)
+    seed_everything(train_cfg.seed)
+    device = _training_device(train_cfg)
+    kernels = _configure_kernels(cfg, device)
+    spec = get_model(cfg.model.name)
+    if cfg.data.data == "demo":
+        cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
+    model, tokenizer = build(cfg, spec)
+    # A loaded model is the variant its config equals, if any; model.variant names only random inits.
+    variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
+    dataset = build_dataset(spec, model.config, tokenizer, cfg.data)
+    _prepare_model(model, cfg, spec, device)
+    optimizer = make_optimizer(model, train_cfg, device)
+    per_epoch = steps_per_epoch(dataset, train_cfg)
+    total = train_cfg.steps if train_cfg.steps > 0 else sum(per_epoch)
+    scheduler = make_scheduler(optimizer, train_cfg, total)
+    run = _Run(
+        cfg=cfg,
+        output=output,
+        device=device,
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        variant=variant,
+        dataset=dataset,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        per_epoch=per_epoch,
+        total=total,
+        save_options=save_options,
+        kernels=kernels,
+    )
+    run.state = _resume_or_start_over(run, resume=resume, overwrite=overwrite, out=out)
+    return run
+
+
+def _resume_or_start_over(
+    run: _Run, *, resume: bool, overwrite: bool, out: Callable[[str], None]
+) -> dict[str, Any]:
+    """The trainer state to start from: the latest checkpoint's (``resume``) or a fresh one."""
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "samples": 0}
+    if resume:
+        checkpoint = latest_checkpoint(run.output)
+        assert checkpoint is not None  # _prepare_output checked it
+        train_cfg = run.cfg.train
+        state = load_training_checkpoint(
+            checkpoint,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            load_optimizer=train_cfg.load_optimizer,
+            load_rng=train_cfg.load_rng,
+        )
+        out(f"resumed from {checkpoint} at step {state['step']}")
+        _check_resumed_length(state, run.total)
+    elif overwrite:
+        _start_over(run.output)
+    state["total_steps"] = run.total
+    return state
+
+
+def _announce(run: _Run, out: Callable[[str], None]) -> None:
+    """The lines that open a run: model, trainable parameters, kernels, steps and output directory."""
+    load = run.cfg.model.load
+    origin = f"{run.variant or 'no registered variant'}" + (f", from {load}" if load else "")
+    out(f"model {run.spec.name} ({origin}) on {run.device}, {len(run.dataset)} samples")
+    out("\n".join(trainable_summary(run.model, run.spec.freeze_groups)))
+    out("kernels: " + ", ".join(f"{op}={backend}" for op, backend in run.kernels.items()))
+    fewest, most = min(run.per_epoch), max(run.per_epoch)
+    each = f"{fewest}" if fewest == most else f"{fewest}-{most}"
+    out(f"training {run.total - run.state['step']} steps ({each} per epoch), output in {run.output}")
+
+
+# --- the data order: micro-batches grouped into optimizer steps ----------------------------------
+
+
+def _steps(dataset: VLDataset, cfg: Config, epoch: int, position: int) -> Iterator[list[MicroBatch]]:
+    """The micro-batches of each optimizer step, forever, starting at ``position`` of ``epoch``.
+
+    A step takes ``grad_accum`` micro-batches, fewer at the end of an epoch: steps never span
+    two epochs, so ``train.epochs`` epochs are exactly the steps :func:`steps_per_epoch` counts.
+    """
+    train_cfg = cfg.train
+    while True:
+        plan = dataset.batches(train_cfg.micro_batch_size, train_cfg.seed, epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=plan[position:],
+            collate_fn=dataset.collate,
+            num_workers=cfg.data.num_workers,
+        )
+        group: list[MicroBatch] = []
+        for indices, batch in zip(plan[position:], loader, strict=True):
+            position += 1
+            # Tokens of the samples themselves: not the collator's dummy image, not padding.
+            group.append(MicroBatch(epoch, position, batch, sum(dataset.lengths[i] for i in indices)))
+            if len(group) == train_cfg.grad_accum or position == len(plan):
+                yield group
+                group = []
+        epoch, position = epoch + 1, 0
+
+
+def steps_per_epoch(dataset: VLDataset, train_cfg: TrainConfig) -> list[int]:
+    """Optimizer steps of each epoch the run covers: ``train.epochs`` epochs, or as many as
+    ``train.steps`` reaches into. Packing after the shuffle changes the rows per epoch, so each is counted."""
+    steps, epochs = train_cfg.steps, train_cfg.epochs
+    if steps <= 0 and epochs < 1:
+        raise MmzooError(f"train.epochs={epochs} with train.steps={steps}: set one of them to at least 1")
+    counts: list[int] = []
+    while (sum(counts) < steps) if steps > 0 else (len(counts) < epochs):
+        micro_batches = len(dataset.batches(train_cfg.micro_batch_size, train_cfg.seed, len(counts)))
+        counts.append(math.ceil(micro_batches / train_cfg.grad_accum))
+    return counts
+
+
+# --- one optimizer step: gradient accumulation, clipping, the update -----------------------------
+
+
+@dataclass
+class _Accumulated:
+    """One step's gradients, accumulated over its micro-batches and clipped, before the update."""
+
+    loss: float  # summed over the micro-batches
+    grad_norm: float  # before clipping
+    tokens: int  # the samples' tokens
+    samples: int  # samples with targets (the collator's dummy media sample has none)
+
+
+class _Updater:
+    """Takes optimizer steps: accumulates gradients, clips them, then applies or drops the update.
+
+    With ``train.precision=fp16`` a loss scaler scales the backward pass and skips updates whose
+    gradients overflowed.
+    """
+
+    def __init__(self, run: _Run) -> None:
+        train_cfg = run.cfg.train
+        self.model, self.optimizer, self.scheduler = run.model, run.optimizer, run.scheduler
+        self.device = run.device
+        self.reduction = train_cfg.loss_reduction
+        self.clip = train_cfg.clip_grad if train_cfg.clip_grad > 0 else float("inf")
+        self.scaler = torch.amp.GradScaler(run.device.type) if train_cfg.precision == "fp16" else None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.precision)
+        self.params = [p for p in run.model.parameters() if p.requires_grad]
+
+    def accumulate(self, group: list[MicroBatch]) -> _Accumulated:
+        """Forward and backward over the step's micro-batches, then unscale and clip the gradients."""
+        counts = [batch_target_counts(micro_batch.batch) for micro_batch in group]
+        targets, samples = (sum(column) for column in zip(*counts, strict=True))
+        reduction = LossReduction(self.reduction, len(group), targets, samples)
+        loss = torch.zeros((), device=self.device)
+        for micro_batch in group:
+            loss += self._forward_backward(micro_batch.batch, reduction)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        tokens = sum(micro_batch.tokens for micro_batch in group)
+        return _Accumulated(loss.item(), grad_norm.item(), tokens, samples)
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor], reduction: LossReduction) -> torch.Tensor:
+        """Add one micro-batch's gradients; returns its loss (detached)."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = self.model(**batch, loss_reduction=reduction, return_logits=False).loss
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return loss.detach()
+
+    def finite(self, step: _Accumulated) -> bool:
+        """Whether the update may go ahead.
+
+        With fp16 loss scaling an infinite gradient norm is an overflow the scaler handles (it
+        skips the update and lowers the scale); a non-finite loss is not.
+        """
+        return math.isfinite(step.loss) and (self.scaler is not None or math.isfinite(step.grad_norm))
+
+    def finish(self, *, apply: bool) -> None:
+        """Apply the gradients (or drop them), advance the learning-rate schedule, clear the gradients."""
+        if apply:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler:
+            self.scaler.update()  # after a drop: clears the unscale_ record (and lowers the scale)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# --- metrics and progress ------------------------------------------------------------------------
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class _Progress:
+    """Bookkeeping of the run: metrics rows, the progress bar and lines, the closing summary."""
+
+    def __init__(self, run: _Run) -> None:
+        train_cfg = run.cfg.train
+        self.total, self.log_every = run.total, train_cfg.log_every
+        self.first_step = run.state["step"]
+        self.metrics = MetricsLog(run.output, train_cfg.tensorboard, start_step=self.first_step)
+        self.losses: list[float] = []
+        self.tokens = 0  # this run's (a resumed run counts from 0; the trainer state from the start)
+        self.started = time.monotonic()
+        # The bar redraws in place on a terminal; logs get the per-step lines (with ETA) only.
+        self.bar = tqdm(
+            total=run.total,
+            initial=self.first_step,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not sys.stderr.isatty(),
+        )
+
+    def record(self, state: dict[str, Any], step: _Accumulated, lr: float, seconds: float) -> dict[str, Any]:
+        """Count an applied step (``state`` is at it already) and write its metrics row; returns the row."""
+        state["tokens"] += step.tokens
+        state["samples"] += step.samples
+        self.tokens += step.tokens
+        self.losses.append(step.loss)
+        row = {
+            "step": state["step"],
+            "loss": step.loss,
+            "lr": lr,
+            "grad_norm": step.grad_norm,
+            "tokens": step.tokens,
+            "tokens_per_s": step.tokens / seconds,
+            "samples_per_s": step.samples / seconds,
+            "seconds": seconds,
+            "epoch": state["epoch"],
+        }
+        self.metrics.log(row)
+        return row
+
+    def show(self, row: dict[str, Any]) -> None:
+        """Advance the bar; every ``train.log_every`` steps (and at the last) print the row with an ETA."""
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+        step = row["step"]
+        if step % self.log_every == 0 or step == self.total:
+            eta = (time.monotonic() - self.started) / (step - self.first_step) * (self.total - step)
+            tqdm.write(
+                f"step {step:>5}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                f"grad_norm {row['grad_norm']:.3f}  {row['tokens_per_s']:,.0f} tok/s  eta {_clock(eta)}",
+                file=sys.stdout,
+            )
+
+    def skipped(self, step: int, loss: float) -> None:
+        self.bar.update(1)
+        tqdm.write(f"step {step}/{self.total}: non-finite loss {loss}, update skipped")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+    def summary(self, seconds: float, checkpoint: Path | None, hf_dir: Path | None) -> list[str]:
+        """The closing lines: steps, tokens and throughput, then where everything was written."""
+        losses, tokens = self.losses, self.tokens
+        lines = [
+            f"done: {len(losses)} steps, {tokens:,} tokens in {seconds:.1f}s "
+            f"({tokens / max(seconds, 1e-9):,.0f} tok/s)"
+            + (f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""),
+            f"checkpoint: {checkpoint}",
+            f"metrics:    {self.metrics.path}",
+        ]
+        if self.metrics.tensorboard_dir:
+            lines.append(f"tensorboard: {self.metrics.tensorboard_dir}")
+        if hf_dir:
+            lines.append(f"hf export:  {hf_dir}")
+        return lines
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+class _Checkpoints:
+    """The run's saves: every ``train.save_every`` steps, at the end, and on Ctrl-C."""
+
+    def __init__(self, run: _Run, *, resume: bool) -> None:
+        self.run = run
+        self.every = run.cfg.train.save_every
+        self.last: Path | None = latest_checkpoint(run.output) if resume else None
+
+    def save(self) -> None:
+        """Save the step ``run.state`` is at, unless the newest checkpoint already holds it."""
+        run = self.run
+        if self.last is not None and self.last.name == iteration_name(run.state["step"]):
+            return  # e.g. resuming a finished run: nothing new to save
+        contents = TrainingCheckpoint(
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            dict(run.state),
+            variant=run.variant,
+            media=run.cfg.data.media,
+        )
+        self.last = save_training_checkpoint(run.output, run.state["step"], contents, run.save_options)
+
+    def save_if_due(self) -> None:
+        """Save on the ``train.save_every`` cadence; the last step is saved when the loop ends."""
+        step = self.run.state["step"]
+        if self.every and step % self.every == 0 and step < self.run.total:
+            self.save()
+
+
+def _export_hf(run: _Run, hf_dir: str) -> Path:
+    """``train.save_hf``: the trained model as a Hugging Face checkpoint, its config from ``model.load``'s."""
+    from mmzoo.checkpoint.hf_export import save_hf
+
+    load = run.cfg.model.load
+    template = load if load and (Path(load) / "config.json").is_file() else None
+    return save_hf(run.model, hf_dir, tokenizer=run.tokenizer, template_dir=template, overwrite=True)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
 @contextmanager
 def _interrupts_held() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
@@ -207,86 +596,53 @@ def _interrupts_held() -> Iterator[None]:
         signal.raise_signal(signal.SIGINT)  # to the handler that was there: KeyboardInterrupt
 
 
-def _check_resumed_length(state: dict[str, Any], total: int) -> None:
-    """A resumed run of another length splices two learning-rate schedules: warn (or fail if done)."""
-    if state["step"] > total:
-        raise MmzooError(
-            f"--resume: the checkpoint is at step {state['step']}, past this run's {total} steps; "
-            "raise train.steps (or train.epochs)"
-        )
-    saved = state.get("total_steps")
-    if saved is not None and saved != total:
-        print(
-            f"mmzoo: warning: the resumed run was {saved} steps long and this one is {total}: the learning "
-            f"rate followed the {saved}-step schedule up to step {state['step']} and follows the "
-            f"{total}-step one from there",
-            file=sys.stderr,
-        )
+def _nonfinite(step: _Accumulated, number: int, last_saved: Path | None) -> MmzooError:
+    """The error that stops a run at a non-finite step (``train.on_nonfinite=stop``)."""
+    where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+    return MmzooError(
+        f"non-finite loss ({step.loss}) or gradient norm ({step.grad_norm}) at step {number}; {where}. "
+        "Lower train.lr, check the data, or set train.on_nonfinite=skip"
+    )
 
 
-def _steps(dataset: VLDataset, cfg: Config, epoch: int, position: int) -> Iterator[list[MicroBatch]]:
-    """The micro-batches of each optimizer step, forever, starting at ``position`` of ``epoch``.
+def _take_steps(run: _Run, updater: _Updater, progress: _Progress, checkpoints: _Checkpoints) -> None:
+    """Optimizer steps until the run's last; ``run.state`` moves to a step once its update is done.
 
-    A step takes ``grad_accum`` micro-batches, fewer at the end of an epoch: steps never span
-    two epochs, so ``train.epochs`` epochs are exactly the steps :func:`steps_per_epoch` counts.
+    A Ctrl-C before that saves the previous step, whose weights, optimizer and data position
+    agree; the update and its bookkeeping run with Ctrl-C held back (:func:`_interrupts_held`).
     """
-    t = cfg.train
-    while True:
-        plan = dataset.batches(t.micro_batch_size, t.seed, epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=plan[position:],
-            collate_fn=dataset.collate,
-            num_workers=cfg.data.num_workers,
-        )
-        group: list[MicroBatch] = []
-        for indices, batch in zip(plan[position:], loader, strict=True):
-            position += 1
-            # Tokens of the samples themselves: not the collator's dummy image, not padding.
-            group.append(MicroBatch(epoch, position, batch, sum(dataset.lengths[i] for i in indices)))
-            if len(group) == t.grad_accum or position == len(plan):
-                yield group
-                group = []
-        epoch, position = epoch + 1, 0
-
-
-def steps_per_epoch(dataset: VLDataset, t: TrainConfig) -> list[int]:
-    """Optimizer steps of each epoch the run covers: ``t.epochs`` epochs, or as many as ``t.steps``
-    reaches into. Packing after the shuffle changes the rows per epoch, so each is counted."""
-    if t.steps <= 0 and t.epochs < 1:
-        raise MmzooError(f"train.epochs={t.epochs} with train.steps={t.steps}: set one of them to at least 1")
-    counts: list[int] = []
-    while (sum(counts) < t.steps) if t.steps > 0 else (len(counts) < t.epochs):
-        micro_batches = len(dataset.batches(t.micro_batch_size, t.seed, len(counts)))
-        counts.append(math.ceil(micro_batches / t.grad_accum))
-    return counts
-
-
-def _forward_backward(
-    model: VLModel,
-    micro_batches: list[dict[str, torch.Tensor]],
-    reduction: LossReduction,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-) -> torch.Tensor:
-    """Accumulate gradients over one optimizer step's micro-batches; returns the summed loss."""
-    step_loss = torch.zeros((), device=device)
-    for batch in micro_batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-        ):
-            loss = model(**batch, loss_reduction=reduction, return_logits=False).loss
-        (scaler.scale(loss) if scaler else loss).backward()
-        step_loss += loss.detach()
-    return step_loss
+    state = run.state
+    batches = _steps(run.dataset, run.cfg, state["epoch"], state["position"])
+    while state["step"] < run.total:
+        started = time.monotonic()
+        group = next(batches)
+        step = updater.accumulate(group)
+        finished = {"step": state["step"] + 1, "epoch": group[-1].epoch, "position": group[-1].position}
+        if not updater.finite(step):
+            if run.cfg.train.on_nonfinite == "stop":
+                raise _nonfinite(step, finished["step"], checkpoints.last)
+            with _interrupts_held():
+                updater.finish(apply=False)
+                state.update(finished)
+            progress.skipped(state["step"], step.loss)
+            continue
+        lr = run.scheduler.get_last_lr()[0]
+        with _interrupts_held():
+            updater.finish(apply=True)
+            state.update(finished)
+            row = progress.record(state, step, lr, seconds=time.monotonic() - started)
+        progress.show(row)
+        checkpoints.save_if_due()
 
 
 def train(
     cfg: Config, *, resume: bool = False, overwrite: bool = False, out: Callable[[str], None] = print
 ) -> TrainResult:
     """Run training as configured; returns what was written. Errors are :class:`MmzooError`.
+
+    Phases: set-up (:func:`_set_up`), optimizer steps (:func:`_take_steps`, each one
+    :class:`_Updater` step with :class:`_Progress` bookkeeping and :class:`_Checkpoints` saves),
+    the final save (or the Ctrl-C one), then the Hugging Face export and the summary.
 
     Args:
         cfg: the configuration.
@@ -295,209 +651,30 @@ def train(
             without it (or ``resume``) a directory holding a run is an error.
         out: receives the progress lines.
     """
-    t = cfg.train
-    _check_lr(t.lr)
-    output = _prepare_output(t, resume=resume, overwrite=overwrite)
-    seed_everything(t.seed)
-    device = resolve_device(t.device)
-    if t.precision == "fp16" and device.type not in FP16_DEVICES:
-        raise MmzooError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 here")
-    spec = get_model(cfg.model.name)
-    if cfg.data.data == "demo":
-        cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
-    model, tokenizer = build(cfg, spec)
-    # A loaded model is the variant its config equals, if any; model.variant names only random inits.
-    variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
-    dataset = build_dataset(spec, model.config, tokenizer, cfg.data)
-
-    freeze(model, cfg.model.freeze, spec.freeze_groups)
-    set_recompute(model.image_encoder.encoder, cfg.model.recompute_vision)
-    set_recompute(model.text_decoder, cfg.model.recompute_text)
-    model.to(device).train()
-    optimizer = make_optimizer(model, t, device)
-    per_epoch = steps_per_epoch(dataset, t)
-    total = t.steps if t.steps > 0 else sum(per_epoch)
-    scheduler = make_scheduler(optimizer, t, total)
-
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "tokens": 0, "samples": 0}
-    if resume:
-        checkpoint = latest_checkpoint(output)
-        assert checkpoint is not None  # _prepare_output checked it
-        state = load_training_checkpoint(
-            checkpoint, model, optimizer, scheduler, load_optimizer=t.load_optimizer, load_rng=t.load_rng
-        )
-        out(f"resumed from {checkpoint} at step {state['step']}")
-        _check_resumed_length(state, total)
-    elif overwrite:
-        _start_over(output)
-    state["total_steps"] = total
-
-    origin = f"{variant or 'no registered variant'}" + (f", from {cfg.model.load}" if cfg.model.load else "")
-    out(f"model {spec.name} ({origin}) on {device}, {len(dataset)} samples")
-    out("\n".join(trainable_summary(model, spec.freeze_groups)))
-    kernels = mmzoo_kernels.configure(device=device.type, **vars(cfg.kernels))
-    out("kernels: " + ", ".join(f"{op}={backend}" for op, backend in kernels.items()))
-    fewest, most = min(per_epoch), max(per_epoch)
-    each = f"{fewest}" if fewest == most else f"{fewest}-{most}"
-    out(f"training {total - state['step']} steps ({each} per epoch), output in {output}")
-
-    metrics = MetricsLog(output, t.tensorboard, start_step=state["step"])
-    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps = _steps(dataset, cfg, state["epoch"], state["position"])
-    losses: list[float] = []
-    last_saved: Path | None = latest_checkpoint(output) if resume else None
-    started = time.monotonic()
-    run_tokens = 0
-    # The bar redraws in place on a terminal; logs get the per-step lines (with ETA) only.
-    bar = tqdm(
-        total=total,
-        initial=state["step"],
-        desc="train",
-        unit="step",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=not sys.stderr.isatty(),
-    )
-    first_step = state["step"]
-
-    def save() -> Path:
-        if last_saved is not None and last_saved.name == iteration_name(state["step"]):
-            return last_saved  # e.g. resuming a finished run: nothing new to save
-        return save_training_checkpoint(
-            output,
-            state["step"],
-            model,
-            optimizer,
-            scheduler,
-            dict(state),
-            variant=variant,
-            save_optimizer=t.save_optimizer,
-            save_rng=t.save_rng,
-            keep_last=t.keep_last,
-            media=cfg.data.media,
-        )
-
+    run = _set_up(cfg, resume=resume, overwrite=overwrite, out=out)
+    _announce(run, out)
+    updater, progress = _Updater(run), _Progress(run)
+    checkpoints = _Checkpoints(run, resume=resume)
     interrupted = False
     try:
-        while state["step"] < total:
-            step_start = time.monotonic()
-            group = next(steps)
-            counts = [batch_target_counts(m.batch) for m in group]
-            reduction = LossReduction(
-                t.loss_reduction, len(group), sum(c[0] for c in counts), sum(c[1] for c in counts)
-            )
-            # Samples with targets: the collator's dummy media sample (no labels) is not one.
-            samples = sum(c[1] for c in counts)
-            step_loss = _forward_backward(
-                model, [m.batch for m in group], reduction, device, autocast_dtype, scaler
-            )
-            tokens = sum(m.tokens for m in group)
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, t.clip_grad if t.clip_grad > 0 else float("inf")
-            )
-            value, norm = step_loss.item(), grad_norm.item()
-            step = state["step"] + 1
-            # ``state`` moves to this step only once its update is done: a Ctrl-C before that
-            # saves the previous step, whose weights, optimizer and data position agree.
-            finished = {"step": step, "epoch": group[-1].epoch, "position": group[-1].position}
-            # With fp16 loss scaling an infinite gradient norm is an overflow the scaler handles
-            # (it skips the update and lowers the scale); a non-finite loss is not.
-            if not math.isfinite(value) or (scaler is None and not math.isfinite(norm)):
-                if t.on_nonfinite == "stop":
-                    where = (
-                        f"the last good checkpoint is {last_saved}"
-                        if last_saved
-                        else "no checkpoint was saved yet"
-                    )
-                    raise MmzooError(
-                        f"non-finite loss ({value}) or gradient norm ({norm}) at step {step}; "
-                        f"{where}. "
-                        "Lower train.lr, check the data, or set train.on_nonfinite=skip"
-                    )
-                with _interrupts_held():
-                    if scaler:
-                        scaler.update()  # clears the unscale_ record (and lowers the scale)
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    state.update(finished)
-                bar.update(1)
-                tqdm.write(f"step {state['step']}/{total}: non-finite loss {value}, update skipped")
-                continue
-            lr = scheduler.get_last_lr()[0]
-            with _interrupts_held():
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.update(finished)
-
-                seconds = time.monotonic() - step_start
-                state["tokens"] += tokens
-                state["samples"] += samples
-                run_tokens += tokens
-                losses.append(value)
-                row = {
-                    "step": state["step"],
-                    "loss": value,
-                    "lr": lr,
-                    "grad_norm": norm,
-                    "tokens": tokens,
-                    "tokens_per_s": tokens / seconds,
-                    "samples_per_s": samples / seconds,
-                    "seconds": seconds,
-                    "epoch": state["epoch"],
-                }
-                metrics.log(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if state["step"] % t.log_every == 0 or state["step"] == total:
-                done = state["step"] - first_step
-                eta = (time.monotonic() - started) / done * (total - state["step"])
-                tqdm.write(
-                    f"step {state['step']:>5}/{total}  loss {value:.4f}  lr {lr:.2e}  grad_norm {norm:.3f}  "
-                    f"{tokens / seconds:,.0f} tok/s  eta {_clock(eta)}",
-                    file=sys.stdout,
-                )
-            if t.save_every and state["step"] % t.save_every == 0 and state["step"] < total:
-                last_saved = save()
-        last_saved = save()
+        _take_steps(run, updater, progress, checkpoints)
+        checkpoints.save()
     except KeyboardInterrupt:
         interrupted = True
-        bar.close()
-        out(f"interrupted at step {state['step']}: saving a checkpoint")
-        if state["step"]:
-            last_saved = save()
+        progress.bar.close()
+        out(f"interrupted at step {run.state['step']}: saving a checkpoint")
+        if run.state["step"]:
+            checkpoints.save()
     except torch.OutOfMemoryError as exc:
         raise MmzooError(OOM_HELP) from exc
     finally:
-        bar.close()
-        metrics.close()
-
-    elapsed = time.monotonic() - started
-    hf_dir = None
-    if t.save_hf and not interrupted:
-        from mmzoo.checkpoint.hf_export import save_hf
-
-        template = (
-            cfg.model.load if cfg.model.load and (Path(cfg.model.load) / "config.json").is_file() else None
-        )
-        hf_dir = save_hf(model, t.save_hf, tokenizer=tokenizer, template_dir=template, overwrite=True)
-    out(
-        f"done: {len(losses)} steps, {run_tokens:,} tokens in {elapsed:.1f}s "
-        f"({run_tokens / max(elapsed, 1e-9):,.0f} tok/s)"
-        + (f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "")
+        progress.close()
+    seconds = time.monotonic() - progress.started
+    export = run.cfg.train.save_hf
+    hf_dir = _export_hf(run, export) if export and not interrupted else None
+    for line in progress.summary(seconds, checkpoints.last, hf_dir):
+        out(line)
+    losses = progress.losses
+    return TrainResult(
+        run.output, checkpoints.last, len(losses), progress.tokens, seconds, losses, interrupted, hf_dir
     )
-    out(f"checkpoint: {last_saved}")
-    out(f"metrics:    {metrics.path}")
-    if metrics.tensorboard_dir:
-        out(f"tensorboard: {metrics.tensorboard_dir}")
-    if hf_dir:
-        out(f"hf export:  {hf_dir}")
-    return TrainResult(output, last_saved, len(losses), run_tokens, elapsed, losses, interrupted, hf_dir)

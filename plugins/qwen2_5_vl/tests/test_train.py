@@ -706,12 +706,37 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
     assert file.read_text() == "keep" and not (tmp_path / "hf" / "run" / "metrics.jsonl").exists()
 
 
+def test_an_unusable_kernel_is_an_error_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MMZOO_CACHE", str(tmp_path / "cache"))
+    args = [
+        "train",
+        *SMALL,
+        "--train.output_dir",
+        str(tmp_path / "run"),
+        "--data.cache_dir",
+        str(tmp_path / "prep"),
+    ]
+    assert main([*args, "--kernels.attention", "flash"]) == 2
+    err = capsys.readouterr().err
+    assert err == "mmzoo: error: kernels.attention: backend 'flash' is unavailable on cpu: runs on cuda, not cpu\n"
+    assert not (tmp_path / "prep").exists()  # no preprocessing ran
+
+
 @pytest.mark.parametrize("lr", ["1e38", "inf", "nan", "-1e-4", "1.5"])
 def test_unusable_learning_rate(lr, tmp_path, capsys):
     assert main(["train", "--train.lr", lr, "--train.output_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"mmzoo: error: train.lr: {float(lr):g} is not a usable learning rate;")
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()  # nothing done
+
+
+def test_keep_last_below_one_is_an_error_before_any_work(tmp_path, capsys):
+    args = ["train", *SMALL, "--train.steps", "1", "--train.keep_last", "0"]
+    assert main([*args, "--train.output_dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        "mmzoo: error: train.keep_last must be at least 1 (or null to keep all), got 0\n"
+    )
+    assert not (tmp_path / "run").exists()  # checked before training, not at the first save
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):

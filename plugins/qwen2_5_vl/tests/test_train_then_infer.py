@@ -17,7 +17,7 @@ import mmzoo
 from mmzoo.cli import build_parser, main
 from mmzoo.commands.infer import load_chat
 from mmzoo.config import DEMO_OVERRIDES
-from mmzoo.train.checkpoint import save_training_checkpoint
+from mmzoo.train.checkpoint import TrainingCheckpoint, save_training_checkpoint
 from mmzoo.train.loop import DEMO_DATA
 
 
@@ -51,7 +51,7 @@ def test_infer_sizes_media_as_training_did_unless_told_otherwise(tmp_path, capsy
     trained = DEMO_OVERRIDES["data"]["media"]  # what `mmzoo train` on the demo saves
     model = mmzoo.build_model("qwen2_5_vl", "tiny")
     optimizer = torch.optim.AdamW(model.parameters())
-    save_training_checkpoint(tmp_path, 1, model, optimizer, None, {}, variant="tiny", media=trained)
+    save_training_checkpoint(tmp_path, 1, TrainingCheckpoint(model, optimizer, variant="tiny", media=trained))
     video = DEMO_DATA.parent / "pan.mp4"
     in_training = mmzoo.get_model("qwen2_5_vl").media_processor(model.config, **trained)
 
