@@ -718,7 +718,9 @@ def test_an_unusable_kernel_is_an_error_before_any_work(tmp_path, capsys, monkey
     ]
     assert main([*args, "--kernels.attention", "flash"]) == 2
     err = capsys.readouterr().err
-    assert err.endswith("error: kernels.attention: backend 'flash' is unavailable on cpu: runs on cuda, not cpu\n")
+    assert err == (
+        "mmzoo: error: kernels.attention: backend 'flash' is unavailable on cpu: runs on cuda, not cpu\n"
+    )
     assert not (tmp_path / "prep").exists()  # no preprocessing ran
 
 
