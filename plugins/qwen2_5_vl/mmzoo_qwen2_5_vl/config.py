@@ -210,57 +210,57 @@ def config_to_hf(config: Qwen2_5_VLConfig) -> dict[str, Any]:
     }
 
 
-def _text_to_hf(t: DecoderConfig) -> dict[str, Any]:
-    if not t.qkv_bias:
+def _text_to_hf(text: DecoderConfig) -> dict[str, Any]:
+    if not text.qkv_bias:
         raise ValueError(
             "text qkv_bias=False cannot be exported: transformers' Qwen2.5-VL always has q/k/v biases"
         )
-    if t.mrope_section is None:
+    if text.mrope_section is None:
         raise ValueError("text mrope_section is None; Qwen2.5-VL needs multimodal rotary sections")
     return {
         "model_type": "qwen2_5_vl_text",
-        "vocab_size": t.vocab_size,
-        "hidden_size": t.hidden_size,
-        "intermediate_size": t.ffn_hidden_size,
-        "num_hidden_layers": t.num_layers,
-        "num_attention_heads": t.num_heads,
-        "num_key_value_heads": t.num_kv_heads,
+        "vocab_size": text.vocab_size,
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.ffn_hidden_size,
+        "num_hidden_layers": text.num_layers,
+        "num_attention_heads": text.num_heads,
+        "num_key_value_heads": text.num_kv_heads,
         "hidden_act": "silu",
-        "rms_norm_eps": t.rms_norm_eps,
+        "rms_norm_eps": text.rms_norm_eps,
         "max_position_embeddings": 128000,  # as the published checkpoints; default rope ignores it
         "rope_parameters": {
             "rope_type": "default",
-            "rope_theta": t.rope_theta,
-            "mrope_section": list(t.mrope_section),
+            "rope_theta": text.rope_theta,
+            "mrope_section": list(text.mrope_section),
         },
-        "tie_word_embeddings": t.tie_word_embeddings,
+        "tie_word_embeddings": text.tie_word_embeddings,
         # Real ids only when the vocabulary holds them (tests shrink it).
-        "bos_token_id": _in_vocab(151643, t.vocab_size),
-        "eos_token_id": _in_vocab(151645, t.vocab_size),
+        "bos_token_id": _in_vocab(151643, text.vocab_size),
+        "eos_token_id": _in_vocab(151645, text.vocab_size),
     }
 
 
-def _vision_to_hf(v: VisionConfig) -> dict[str, Any]:
-    if v.rms_norm_eps != 1e-6:
+def _vision_to_hf(vision: VisionConfig) -> dict[str, Any]:
+    if vision.rms_norm_eps != 1e-6:
         raise ValueError(
-            f"vision rms_norm_eps {v.rms_norm_eps} cannot be exported: transformers fixes it at 1e-6"
+            f"vision rms_norm_eps {vision.rms_norm_eps} cannot be exported: transformers fixes it at 1e-6"
         )
     return {
         "model_type": "qwen2_5_vl_vision",
-        "depth": v.depth,
-        "hidden_size": v.hidden_size,
-        "intermediate_size": v.ffn_hidden_size,
-        "num_heads": v.num_heads,
-        "out_hidden_size": v.out_hidden_size,
-        "fullatt_block_indexes": list(v.fullatt_block_indexes),
-        "window_size": v.window_size,
-        "patch_size": v.patch_size,
-        "temporal_patch_size": v.temporal_patch_size,
-        "spatial_merge_size": v.spatial_merge_size,
-        "in_channels": v.in_channels,
-        "tokens_per_second": v.tokens_per_second,
+        "depth": vision.depth,
+        "hidden_size": vision.hidden_size,
+        "intermediate_size": vision.ffn_hidden_size,
+        "num_heads": vision.num_heads,
+        "out_hidden_size": vision.out_hidden_size,
+        "fullatt_block_indexes": list(vision.fullatt_block_indexes),
+        "window_size": vision.window_size,
+        "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "spatial_merge_size": vision.spatial_merge_size,
+        "in_channels": vision.in_channels,
+        "tokens_per_second": vision.tokens_per_second,
         "hidden_act": "silu",
-        "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+        "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta},
     }
 
 

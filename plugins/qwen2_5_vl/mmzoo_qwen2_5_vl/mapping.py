@@ -42,9 +42,9 @@ def _text(mm: str, hf: tuple[str, ...], **kw) -> Rule:
 
 def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
     """The mapping for one config (layer counts, head counts, tied embeddings)."""
-    v, t = config.vision, config.text
-    vit_qkv = QKV(v.num_heads, v.num_heads, v.head_dim, fused_source=True)
-    llm_qkv = QKV(t.num_heads, t.num_kv_heads, t.head_dim)
+    vision, text = config.vision, config.text
+    vit_qkv = QKV(vision.num_heads, vision.num_heads, vision.head_dim, fused_source=True)
+    llm_qkv = QKV(text.num_heads, text.num_kv_heads, text.head_dim)
     gate_up = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
     q_k_v = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     table = [
@@ -80,12 +80,12 @@ def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
         Rule("text_decoder.decoder.final_layernorm.weight", ("model.norm.weight",), place="last"),
         # Tied embeddings: some checkpoints still carry lm_head.weight; it equals the embedding.
         Rule(None, ("lm_head.weight",), optional=True)
-        if t.tie_word_embeddings
+        if text.tie_word_embeddings
         else Rule(OUTPUT, ("lm_head.weight",), tp=COLUMN, place="last"),
     ]
     # With tied embeddings a last pipeline stage other than the first holds its own copy of the
     # embedding as output_layer (Megatron's shared embedding).
-    tied = (TiedCopy(OUTPUT, EMBEDDING, tp=COLUMN, place="last"),) if t.tie_word_embeddings else ()
+    tied = (TiedCopy(OUTPUT, EMBEDDING, tp=COLUMN, place="last"),) if text.tie_word_embeddings else ()
     return WeightMapping.expand(
-        table, {"vision": v.depth, "text": t.num_layers}, HF_ALIASES, tied, LEGACY_MM_PREFIXES
+        table, {"vision": vision.depth, "text": text.num_layers}, HF_ALIASES, tied, LEGACY_MM_PREFIXES
     )

@@ -31,11 +31,11 @@ def build_text_decoder(config):
 def example_batch(config, seed: int = 0) -> dict:
     """Text, one image (2x2 windows, one partial) and one 2-frame video, with labels."""
     g = torch.Generator().manual_seed(seed)
-    v = config.vision
+    vision = config.vision
     image, video = (1, 10, 12), (2, 4, 4)
 
     def run(token: int, grid: tuple[int, int, int]) -> list[int]:
-        count = grid[0] * grid[1] * grid[2] // v.spatial_merge_size**2
+        count = grid[0] * grid[1] * grid[2] // vision.spatial_merge_size**2
         return [config.vision_start_token_id] + [token] * count + [config.vision_end_token_id]
 
     special = min(
@@ -53,9 +53,9 @@ def example_batch(config, seed: int = 0) -> dict:
     labels[0, : len(ids) - 5] = -100
     return {
         "input_ids": input_ids,
-        "pixel_values": torch.randn(image[0] * image[1] * image[2], v.patch_dim, generator=g),
+        "pixel_values": torch.randn(image[0] * image[1] * image[2], vision.patch_dim, generator=g),
         "image_grid_thw": torch.tensor([image]),
-        "pixel_values_videos": torch.randn(video[0] * video[1] * video[2], v.patch_dim, generator=g),
+        "pixel_values_videos": torch.randn(video[0] * video[1] * video[2], vision.patch_dim, generator=g),
         "video_grid_thw": torch.tensor([video]),
         "second_per_grid_ts": torch.tensor([1.0]),
         "labels": labels,

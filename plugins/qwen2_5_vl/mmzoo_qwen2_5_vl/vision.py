@@ -83,10 +83,12 @@ class VisionRotary(nn.Module):
 class PatchEmbed(nn.Module):
     """Conv3d with kernel = stride = (2, 14, 14) over flattened patches, computed as one matmul."""
 
-    def __init__(self, c: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        kernel = (c.temporal_patch_size, c.patch_size, c.patch_size)
-        self.proj = nn.Conv3d(c.in_channels, c.hidden_size, kernel_size=kernel, stride=kernel, bias=False)
+        kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
+        self.proj = nn.Conv3d(
+            config.in_channels, config.hidden_size, kernel_size=kernel, stride=kernel, bias=False
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight.flatten(1)  # (C, 3 * 2 * 14 * 14): same order as a flattened patch
@@ -111,34 +113,34 @@ class VisionEncoder(nn.Module):
     restored afterwards, so the projector sees the input order.
     """
 
-    def __init__(self, c: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.config = c
-        self.patch_embed = PatchEmbed(c)
-        self.rotary = VisionRotary(c.head_dim, c.rope_theta)
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.rotary = VisionRotary(config.head_dim, config.rope_theta)
         self.blocks = _Blocks(
             [
                 TransformerLayer(
                     self_attention=SelfAttention(
-                        c.hidden_size,
-                        c.num_heads,
-                        c.num_heads,
-                        c.head_dim,
+                        config.hidden_size,
+                        config.num_heads,
+                        config.num_heads,
+                        config.head_dim,
                         qkv_bias=True,
                         proj_bias=True,
                         causal=False,
                     ),
-                    mlp=GatedMLP(c.hidden_size, c.ffn_hidden_size, bias=True),
-                    hidden_size=c.hidden_size,
-                    eps=c.rms_norm_eps,
+                    mlp=GatedMLP(config.hidden_size, config.ffn_hidden_size, bias=True),
+                    hidden_size=config.hidden_size,
+                    eps=config.rms_norm_eps,
                 )
-                for _ in range(c.depth)
+                for _ in range(config.depth)
             ]
         )
         self.recompute: RecomputeConfig | None = None
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        c = self.config
+        config = self.config
         grid_thw = grid_thw.cpu()
         expected = int(grid_thw.prod(-1).sum())
         if pixel_values.shape[0] != expected:
@@ -147,20 +149,22 @@ class VisionEncoder(nn.Module):
             )
         x = self.patch_embed(pixel_values)
         tokens, width = x.shape
-        unit = c.spatial_merge_size**2
+        unit = config.spatial_merge_size**2
         order, cu_window = window_index(
-            grid_thw, c.spatial_merge_size, c.window_size // c.patch_size // c.spatial_merge_size
+            grid_thw,
+            config.spatial_merge_size,
+            config.window_size // config.patch_size // config.spatial_merge_size,
         )
         cu_full = frame_seqlens(grid_thw)
         device = x.device
         order, cu_window, cu_full = order.to(device), cu_window.to(device), cu_full.to(device)
 
-        def to_windows(t: torch.Tensor) -> torch.Tensor:
-            return t.view(tokens // unit, unit, -1)[order].view(tokens, -1)
+        def to_windows(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(tokens // unit, unit, -1)[order].view(tokens, -1)
 
-        cos, sin = self.rotary(patch_positions(grid_thw, c.spatial_merge_size).to(device), x.dtype)
+        cos, sin = self.rotary(patch_positions(grid_thw, config.spatial_merge_size).to(device), x.dtype)
         x, cos, sin = to_windows(x), to_windows(cos), to_windows(sin)
-        full = set(c.fullatt_block_indexes)
+        full = set(config.fullatt_block_indexes)
         x = run_layers(
             self.blocks.layers,
             x,
@@ -187,12 +191,12 @@ class PatchMerger(nn.Module):
     """RMSNorm, 2x2 neighbouring patches concatenated, then the MLP (``encoder``, as MindSpeed-MM
     names it) to LLM width."""
 
-    def __init__(self, c: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        merged = c.hidden_size * c.spatial_merge_size**2
+        merged = config.hidden_size * config.spatial_merge_size**2
         self.merged = merged
-        self.layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.encoder = MergerMLP(merged, c.out_hidden_size)
+        self.layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.encoder = MergerMLP(merged, config.out_hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.layernorm(x).view(-1, self.merged))  # (N / 4, 4 * C)
