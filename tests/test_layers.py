@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("registry", ("mmzoo.plugins", "mmzoo_kernels.plugin", "mmzoo.registry", "mmzoo.build")),
     ("convert", ("mmzoo.convert",)),
     ("checkpoint", ("mmzoo.checkpoint", "mmzoo.api")),
-    ("work", ("mmzoo.data", "mmzoo.train", "mmzoo.infer", "mmzoo.eval")),
+    ("work", ("mmzoo.data", "mmzoo.distributed", "mmzoo.train", "mmzoo.infer", "mmzoo.eval")),
     ("interface", ("mmzoo.commands", "mmzoo.cli")),
 ]
 FACADE = "mmzoo"  # the package's __init__: the public names, above everything it re-exports

@@ -1,4 +1,4 @@
-"""``load_model``: an mmzoo model from a Hugging Face directory or an mm checkpoint."""
+"""The Python API's loading: an mmzoo model from a Hugging Face directory or an mm checkpoint."""
 
 from __future__ import annotations
 
@@ -6,9 +6,19 @@ from pathlib import Path
 
 import torch
 
-from mmzoo.checkpoint.hf import load_hf_model
-from mmzoo.checkpoint.mm import is_mm_checkpoint, load_mm_model
+from mmzoo.checkpoint.dcp import dcp_iteration, open_dcp_weights
+from mmzoo.checkpoint.hf import open_hf_weights
+from mmzoo.checkpoint.mm import is_mm_checkpoint, open_mm_weights
+from mmzoo.checkpoint.weights import Weights, load_weights
 from mmzoo.model import VLModel
+
+
+def open_weights(path: str | Path, dtype: torch.dtype | str | None = None) -> Weights:
+    """The weights of a Hugging Face directory, an mm checkpoint or a DCP training checkpoint,
+    read one tensor at a time."""
+    if dcp_iteration(path) is not None:
+        return open_dcp_weights(path, dtype)
+    return open_mm_weights(path, dtype) if is_mm_checkpoint(path) else open_hf_weights(path, dtype)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:
@@ -17,14 +27,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLMo
     A Hugging Face directory: the family is chosen from ``architectures`` in config.json and
     both key layouts transformers has written are read. An mm checkpoint (a root holding
     ``latest_checkpointed_iteration.txt``, an ``iter_*``/``release`` directory, or its
-    ``mp_rank_00`` shard) goes to :func:`mmzoo.checkpoint.mm.load_mm_model`. Either
-    way tensors are streamed from the checkpoint files straight into the model's parameters
-    (never a second full copy).
+    ``mp_rank_00`` shard) of any tensor/pipeline split; the DCP checkpoint of a run on many
+    ranks (its run directory or ``iter_*`` directory). Either way the model is built once and
+    tensors are streamed from the checkpoint files straight into its parameters.
 
     Args:
         path: checkpoint directory (HF: config.json + safetensors, sharded or not; or mm).
         dtype: parameter dtype; ``None`` means float32, ``"auto"`` the checkpoint's own dtype.
     """
-    if is_mm_checkpoint(path):
-        return load_mm_model(path, dtype)
-    return load_hf_model(path, dtype)
+    return load_weights(open_weights(path, dtype))

@@ -171,6 +171,26 @@ class KernelsConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Training on many ranks (``torchrun``): FSDP2 shards parameters, gradients and optimizer
+    state over the data-parallel ranks; one process ignores this section.
+
+    Attributes:
+        dp_shard: data-parallel (FSDP) ranks; 0: every rank of the run.
+        offload: keep parameters, gradients and optimizer state in CPU memory between uses (for
+            few devices; slower).
+        reshard_after_forward: free each layer's gathered parameters after its forward (less
+            memory; gathers them again for backward).
+        timeout_s: seconds a collective may wait for the other ranks before the run fails.
+    """
+
+    dp_shard: int = 0
+    offload: bool = False
+    reshard_after_forward: bool = True
+    timeout_s: int = 1800
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``mmzoo train`` needs. The defaults are the embedded CPU demo."""
 
@@ -178,6 +198,7 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     kernels: KernelsConfig = KernelsConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
 
 # The embedded default: a tiny model on the bundled demo data, about a minute on a laptop CPU.

@@ -117,8 +117,13 @@ class VLModel(nn.Module):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings ``(B, S, H)`` with media features scattered into their placeholders."""
+        """Token embeddings ``(B, S, H)`` with media features scattered into their placeholders.
+
+        Images and videos go through the vision encoder in one call: under FSDP every rank must
+        run it the same number of times per micro-batch, whatever media its batch holds.
+        """
         embeds = self.text_decoder.embed(input_ids)
+        media: list[tuple[torch.Tensor, torch.Tensor, int, str]] = []
         for pixels, grid, token_id, kind in (
             (pixel_values, image_grid_thw, self.image_token_id, "image"),
             (pixel_values_videos, video_grid_thw, self.video_token_id, "video"),
@@ -126,7 +131,14 @@ class VLModel(nn.Module):
             if pixels is not None:
                 if grid is None:
                     raise MmzooError(f"{kind} pixels were given without their {kind}_grid_thw")
-                embeds = self._scatter(embeds, input_ids, token_id, self.encode_media(pixels, grid), kind)
+                media.append((pixels, grid, token_id, kind))
+        if not media:
+            return embeds
+        features = self.encode_media(torch.cat([m[0] for m in media]), torch.cat([m[1] for m in media]))
+        patches = [m[0].shape[0] for m in media]
+        sizes = [n * features.shape[0] // sum(patches) for n in patches]  # the encoder merges evenly
+        for (_, _, token_id, kind), part in zip(media, features.split(sizes), strict=True):
+            embeds = self._scatter(embeds, input_ids, token_id, part, kind)
         return embeds
 
     def forward(

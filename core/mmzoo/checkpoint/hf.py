@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmzoo.build import compose
+from mmzoo.checkpoint.weights import Weights
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile
-from mmzoo.model import VLModel
 from mmzoo.registry import model_for_architecture
 
 
@@ -111,8 +111,8 @@ def _resolve_dtype(dtype: torch.dtype | str | None, checkpoint: HFCheckpoint) ->
     return resolved
 
 
-def load_hf_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:
-    """A model from a Hugging Face directory, tensors streamed into a meta-built model.
+def open_hf_weights(path: str | Path, dtype: torch.dtype | str | None = None) -> Weights:
+    """The mm tensors of a Hugging Face directory, produced by the family's mapping on demand.
 
     The family comes from ``architectures`` in config.json; both key layouts transformers has
     written are read. Names are checked before any tensor is read.
@@ -123,9 +123,7 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | str | None = None) -> V
         config = spec.config_from_hf(checkpoint.config)
     except (KeyError, TypeError, ValueError) as exc:
         raise MmzooError(f"{checkpoint.path / 'config.json'}: cannot read it as {spec.name}: {exc}") from exc
-    torch_dtype = _resolve_dtype(dtype, checkpoint)
     mapping = spec.weight_mapping(config)
-
     canonical = {mapping.canonical_hf_name(k): k for k in checkpoint.keys()}
     missing, unexpected = mapping.check_hf_names(set(canonical))
     where = checkpoint.path
@@ -140,26 +138,11 @@ def load_hf_model(path: str | Path, dtype: torch.dtype | str | None = None) -> V
             f"{' ...' if len(unexpected) > 8 else ''}; does config.json match the weights?"
         )
 
-    with torch.device("meta"):
-        model = compose(spec, config)
-    model = model.to(torch_dtype).to_empty(device="cpu")
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    for name, tensor in mapping.to_mm(lambda n: checkpoint.get(canonical[n]), set(canonical)):
-        param = params.get(name)
-        if param is None:
-            raise MmzooError(f"{spec.name} mapping produced '{name}', which the model does not have")
-        if param.shape != tensor.shape:
-            raise MmzooError(
-                f"{where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
-                f"the model built "
-                f"from config.json expects {tuple(param.shape)}; does config.json match the weights?"
-            )
-        with torch.no_grad():
-            param.copy_(tensor)
-        loaded.add(name)
-    checkpoint.close()
-    not_loaded = sorted(set(params) - loaded)
-    if not_loaded:
-        raise MmzooError(f"{where}: no weights for {', '.join(not_loaded[:8])} in the checkpoint")
-    return model
+    def items() -> Iterator[tuple[str, torch.Tensor]]:
+        try:
+            yield from mapping.to_mm(lambda n: checkpoint.get(canonical[n]), set(canonical))
+        finally:
+            checkpoint.close()
+
+    hint = "does config.json match the weights?"
+    return Weights(spec, config, where, _resolve_dtype(dtype, checkpoint), items, hint)

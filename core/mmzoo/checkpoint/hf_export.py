@@ -8,17 +8,19 @@ time, so peak memory is the model plus one shard. The directory is written with
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmzoo.checkpoint.sources import TensorSource, TensorSpec
 from mmzoo.convert.mapping import Rule, WeightMapping
 from mmzoo.errors import MmzooError
 from mmzoo.files import atomic_directory, save_safetensors
 from mmzoo.model import VLModel
-from mmzoo.registry import get_model
+from mmzoo.registry import ModelSpec, get_model
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -39,8 +41,29 @@ TEMPLATE_FILES = (
 )
 
 
-def save_hf(
-    model: VLModel,
+class _ModelTensors:
+    """A model's state dict as a tensor source (see :class:`mmzoo.checkpoint.sources.TensorSource`)."""
+
+    def __init__(self, model: VLModel) -> None:
+        self.tensors = {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
+        self.names = list(self.tensors)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.tensors[name].dtype, tuple(self.tensors[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def save_hf(model: VLModel, out_dir: str | Path, **options: Any) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint; the options are :func:`export_hf`'s."""
+    return export_hf(_ModelTensors(model), get_model(model.name), model.config, out_dir, **options)
+
+
+def export_hf(
+    source: TensorSource,
+    spec: ModelSpec,
+    config: Any,
     out_dir: str | Path,
     *,
     tokenizer: Any = None,
@@ -49,17 +72,19 @@ def save_hf(
     template_dir: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` as a Hugging Face checkpoint (config.json + safetensors + tokenizer files).
+    """Write the mm tensors of ``source`` as a Hugging Face checkpoint (config.json + safetensors +
+    tokenizer files), reading one tensor at a time: at most one output shard is in memory.
 
     Weights use the on-disk layout transformers writes (e.g. ``visual.*``, ``model.*``,
     ``lm_head.weight``, the latter absent when embeddings are tied). Over ``max_shard_bytes``
     they are split into ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``.
 
     Args:
-        model: the model; its family (``model.name``) must provide ``config_to_hf``.
+        source: full mm tensors by name (a model's, or a checkpoint's read from disk).
+        spec, config: the family and its config (``spec`` must provide ``config_to_hf``).
         out_dir: the checkpoint directory to create.
         tokenizer: written with ``tokenizer.save_pretrained`` when given.
-        dtype: dtype of the written weights (default: the model's); also config.json's ``dtype``.
+        dtype: dtype of the written weights (default: the source's); also config.json's ``dtype``.
         max_shard_bytes: largest shard size; a single tensor group above it gets its own shard.
         template_dir: a checkpoint directory whose processor, tokenizer and generation files
             (:data:`TEMPLATE_FILES`) are copied when not already written.
@@ -70,27 +95,25 @@ def save_hf(
 
     Raises:
         MmzooError: ``out_dir`` exists (without ``overwrite``), the family cannot export, or
-            the mapping does not cover the model's parameters.
+            the mapping does not cover the source's tensors.
     """
     out = Path(out_dir)
     _check_target(out, overwrite)
     if max_shard_bytes <= 0:
         raise MmzooError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    spec = get_model(model.name)
     if spec.config_to_hf is None:
         raise MmzooError(
             f"model '{spec.name}' cannot be exported to Hugging Face format: its plugin gives no config_to_hf"
         )
-    tensors = {name: t.detach() for name, t in model.state_dict(keep_vars=True).items()}
-    out_dtype = _resolve_dtype(dtype, tensors)
-    mapping = spec.weight_mapping(model.config)
-    _check_coverage(mapping, tensors, spec.name)
-    config = dict(spec.config_to_hf(model.config))
-    config["dtype"] = str(out_dtype).removeprefix("torch.")
+    out_dtype = _resolve_dtype(dtype, source)
+    mapping = spec.weight_mapping(config)
+    _check_coverage(mapping, source.names, spec.name)
+    hf_config = dict(spec.config_to_hf(config))
+    hf_config["dtype"] = str(out_dtype).removeprefix("torch.")
 
     with atomic_directory(out, replace=overwrite) as tmp:
-        _write_json(tmp / "config.json", config)
-        _write_weights(tmp, mapping, tensors, out_dtype, max_shard_bytes)
+        _write_json(tmp / "config.json", hf_config)
+        _write_weights(tmp, mapping, source, out_dtype, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if template_dir is not None:
@@ -105,21 +128,21 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise MmzooError(f"{out}: exists and is not a directory; it cannot be overwritten with a checkpoint")
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+def _resolve_dtype(dtype: torch.dtype | str | None, source: TensorSource) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
-        return next(t.dtype for t in tensors.values() if t.is_floating_point())
+        return next(d for d in (source.spec(n)[0] for n in source.names) if d.is_floating_point)
     resolved = getattr(torch, str(dtype), None)
     if not isinstance(resolved, torch.dtype):
         raise MmzooError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16 or float16")
     return resolved
 
 
-def _check_coverage(mapping: WeightMapping, tensors: dict[str, torch.Tensor], family: str) -> None:
+def _check_coverage(mapping: WeightMapping, names: list[str], family: str) -> None:
     mapped = set(mapping.mm_names())
-    unmapped = sorted(set(tensors) - mapped)
-    absent = sorted(mapped - set(tensors))
+    unmapped = sorted(set(names) - mapped)
+    absent = sorted(mapped - set(names))
     if unmapped or absent:
         raise MmzooError(
             f"{family} weight mapping does not match the model: unmapped parameters "
@@ -153,12 +176,12 @@ def plan_shards(rules: list[Rule], sizes: dict[str, int], max_shard_bytes: int) 
 def _write_weights(
     tmp: Path,
     mapping: WeightMapping,
-    tensors: dict[str, torch.Tensor],
+    source: TensorSource,
     dtype: torch.dtype,
     max_shard_bytes: int,
 ) -> None:
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = {name: t.numel() * itemsize for name, t in tensors.items()}
+    sizes = {name: math.prod(source.spec(name)[1]) * itemsize for name in source.names}
     shards = plan_shards(mapping.rules, sizes, max_shard_bytes)
     n = len(shards)
     weight_map: dict[str, str] = {}
@@ -168,7 +191,7 @@ def _write_weights(
         # beyond the dtype/device/layout conversion of each.
         shard = {
             name: t.to(device="cpu", dtype=dtype).contiguous()
-            for name, t in WeightMapping(rules).to_hf(tensors.__getitem__)
+            for name, t in WeightMapping(rules).to_hf(source.get)
         }
         save_safetensors(shard, tmp / file)
         weight_map.update(dict.fromkeys(shard, file))

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from mmzoo.build import apply_overrides, compose
+from mmzoo.build import apply_overrides
 from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS
 from mmzoo.checkpoint.mm_meta import infer_meta
 from mmzoo.checkpoint.sources import FORMAT_VERSION, META, WEIGHTS, MMSource
+from mmzoo.checkpoint.weights import Weights, load_weights
 from mmzoo.convert.parallel import LAYOUTS, depths
 from mmzoo.errors import MmzooError
 from mmzoo.files import (
@@ -337,34 +338,31 @@ def open_mm(path: str | Path, hf_dir: str | Path | None = None) -> tuple[dict[st
     return meta, spec, config, source
 
 
-def load_mm_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:
-    """Build the model an mm checkpoint describes and stream its weights in.
+def open_mm_weights(
+    path: str | Path, dtype: torch.dtype | str | None = None, hf_dir: str | Path | None = None
+) -> Weights:
+    """The weights of an mm checkpoint as full mm tensors, merged from their shards on demand.
 
     Any tensor/pipeline-parallel split, either layout (fused, canonical) and either weights
-    file (safetensors, MindSpeed-MM's ``model_optim_rng.pt``) is merged back into one model,
-    one tensor at a time.
+    file (safetensors, MindSpeed-MM's ``model_optim_rng.pt``) is merged back one tensor at a time.
 
     Args:
         path: checkpoint root (the tracker picks the iteration), an ``iter_*``/``release``
             directory, or one of its shard directories.
         dtype: parameter dtype; ``None`` means float32, ``"auto"`` the checkpoint's own dtype.
+        hf_dir: an HF directory whose config.json describes a checkpoint without mm_meta.json.
     """
-    meta, spec, config, source = open_mm(path)
-    with torch.device("meta"):
-        model = compose(spec, config)
-    model = model.to(_dtype(dtype, source)).to_empty(device="cpu")
-    params = dict(model.named_parameters())
-    if set(params) != set(source.names):
-        raise MmzooError(
-            f"{source.iteration}: the {meta['model']} mapping does not match the model built from its meta"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            tensor = source.get(name)
-            if tensor.shape != param.shape:
-                raise MmzooError(
-                    f"{source.iteration}: shape mismatch for {name}: checkpoint gives "
-                    f"{tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
-                )
-            param.copy_(tensor)
-    return model
+    _, spec, config, source = open_mm(path, hf_dir)
+
+    def items() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in source.names:
+            yield name, source.get(name)
+
+    return Weights(
+        spec, config, source.iteration, _dtype(dtype, source), items, "is the checkpoint complete?"
+    )
+
+
+def load_mm_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:
+    """Build the model an mm checkpoint describes and stream its weights in (see :func:`open_mm_weights`)."""
+    return load_weights(open_mm_weights(path, dtype))

@@ -125,7 +125,8 @@ def _read_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, sh
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def _write_rng(shard: Path) -> None:
+def write_rng(shard: Path) -> None:
+    """This process's torch, CUDA, numpy and Python RNG states into ``shard/rng.{safetensors,json}``."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     tensors.update({f"cuda_{i}": s for i, s in enumerate(cuda)})
@@ -146,7 +147,8 @@ def _write_rng(shard: Path) -> None:
     write_json(shard / f"{RNG}.json", info)
 
 
-def _read_rng(shard: Path) -> None:
+def read_rng(shard: Path) -> None:
+    """Restore the RNG states :func:`write_rng` saved."""
     info = read_json(shard / f"{RNG}.json")
     with SafetensorsFile(shard / f"{RNG}.safetensors") as f:
         torch.set_rng_state(f.get_tensor("torch_cpu"))
@@ -167,7 +169,8 @@ def _remove(iteration: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def _prune(root: Path, keep_last: int, current: Path) -> None:
+def prune(root: Path, keep_last: int, current: Path) -> None:
+    """Delete the oldest ``iter_*`` directories but ``current`` so that ``keep_last`` remain."""
     others = [p for _, p in iteration_dirs(root) if p != current]
     for old in others[: max(0, len(others) - (keep_last - 1))]:
         _remove(old)
@@ -246,13 +249,13 @@ def save_training_checkpoint(
         if contents.scheduler is not None:
             write_json(tmp / SCHEDULER, contents.scheduler.state_dict())
         if options.save_rng:
-            _write_rng(shard)
+            write_rng(shard)
         write_json(tmp / TRAINER_STATE, contents.trainer_state)
         if contents.media is not None:
             write_json(tmp / MEDIA, contents.media)
     final = root / iteration_name(step)
     if options.keep_last is not None:
-        _prune(root, options.keep_last, final)
+        prune(root, options.keep_last, final)
     return final
 
 
@@ -333,7 +336,7 @@ def load_training_checkpoint(
         scheduler.load_state_dict(schedule)
     if load_rng:
         if (shard / f"{RNG}.json").is_file():
-            _read_rng(shard)
+            read_rng(shard)
         else:
             warnings.warn(f"{directory}: no RNG state saved; random streams start afresh", stacklevel=2)
     return trainer_state

@@ -1,0 +1,84 @@
+"""A checkpoint's weights as a stream of full mm tensors, and the model they fill.
+
+Readers of every format (HF directories, mm shards of any split) give :class:`Weights`; a model
+built on the meta device is filled from it one tensor at a time, whether its parameters are
+plain tensors or FSDP shards (``DTensor``): each process then holds its parameters plus one
+tensor, never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mmzoo.build import compose
+from mmzoo.errors import MmzooError
+from mmzoo.model import VLModel
+
+
+@dataclass
+class Weights:
+    """The weights of one checkpoint.
+
+    Attributes:
+        spec: the family's registry entry.
+        config: the family config the checkpoint describes.
+        where: the checkpoint, for error messages.
+        dtype: the parameter dtype to build the model in.
+        items: a function giving ``(mm name, full tensor)`` pairs, one tensor read at a time.
+        hint: what to check when a shape does not match.
+    """
+
+    spec: Any
+    config: Any
+    where: Path
+    dtype: torch.dtype
+    items: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    hint: str = ""
+
+    def empty_model(self) -> VLModel:
+        """The model the weights describe, built on the meta device (no memory yet)."""
+        with torch.device("meta"):
+            return compose(self.spec, self.config).to(self.dtype)
+
+
+@torch.no_grad()
+def fill_parameters(model: torch.nn.Module, weights: Weights) -> None:
+    """Copy every tensor of ``weights`` into the parameter of the same name, one at a time.
+
+    A parameter sharded by FSDP (a ``DTensor``) takes only its own shard of the tensor. Names
+    the weights lack or the model lacks, and shapes that differ, are MmzooErrors.
+    """
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in weights.items():
+        param = params.get(name)
+        if param is None:
+            raise MmzooError(f"{weights.where}: '{name}' is not a parameter of the {weights.spec.name} model")
+        if param.shape != tensor.shape:
+            raise MmzooError(
+                f"{weights.where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
+                f"the model expects {tuple(param.shape)}; {weights.hint}"
+            )
+        if isinstance(param, DTensor):
+            # Each rank cuts its own shard from the full tensor: no communication, no full copy kept.
+            shard = distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(tensor)
+        loaded.add(name)
+    not_loaded = sorted(set(params) - loaded)
+    if not_loaded:
+        raise MmzooError(f"{weights.where}: no weights for {', '.join(not_loaded[:8])} in the checkpoint")
+
+
+def load_weights(weights: Weights, device: str | torch.device = "cpu") -> VLModel:
+    """The model ``weights`` describe, built once on ``device`` and filled one tensor at a time."""
+    model = weights.empty_model().to_empty(device=device)
+    fill_parameters(model, weights)
+    return model

@@ -1,0 +1,128 @@
+"""Saving and resuming a run on many ranks with DCP (layout in :mod:`mmzoo.checkpoint.dcp`).
+
+Every rank writes its shards of the model and optimizer state and its RNG states into one
+staging directory that rank 0 created; rank 0 adds the JSON files and, once every rank has
+succeeded, renames the directory into place and then points the tracker at it. A rank killed
+mid-save leaves the previous checkpoint as it was. DCP reshards on load, so a checkpoint resumes
+on any number of ranks, or in one process.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from mmzoo.checkpoint.dcp import DCP_META, MODEL, OPTIMIZER, dcp_meta, read_dcp_meta
+from mmzoo.checkpoint.mm import iteration_name, read_json, staged_iteration, write_json
+from mmzoo.distributed.env import World, agree, barrier
+from mmzoo.errors import MmzooError
+from mmzoo.train.checkpoint import (
+    MEDIA,
+    SCHEDULER,
+    TRAINER_STATE,
+    SaveOptions,
+    TrainingCheckpoint,
+    prune,
+    read_rng,
+    write_rng,
+)
+
+
+def _rank_dir(iteration: Path, rank: int) -> Path:
+    return iteration / "rng" / f"rank_{rank:05d}"
+
+
+def _state(contents: TrainingCheckpoint, with_optimizer: bool) -> dict[str, Any]:
+    model_state, optimizer_state = get_state_dict(contents.model, contents.optimizer)
+    return {MODEL: model_state, OPTIMIZER: optimizer_state} if with_optimizer else {MODEL: model_state}
+
+
+def _write(world: World, tmp: Path, contents: TrainingCheckpoint, options: SaveOptions) -> None:
+    """Every rank's part of a save into the staging directory ``tmp``; failures raise on all ranks."""
+    error: Exception | None = None
+    try:
+        dcp.save(_state(contents, options.save_optimizer), checkpoint_id=str(tmp))
+        if options.save_rng:
+            rank_dir = _rank_dir(tmp, world.rank)
+            rank_dir.mkdir(parents=True, exist_ok=True)
+            write_rng(rank_dir)
+        if world.main:
+            model = contents.model
+            write_json(tmp / DCP_META, dcp_meta(model, variant=contents.variant, world_size=world.size))
+            if contents.scheduler is not None:
+                write_json(tmp / SCHEDULER, contents.scheduler.state_dict())
+            write_json(tmp / TRAINER_STATE, contents.trainer_state)
+            if contents.media is not None:
+                write_json(tmp / MEDIA, contents.media)
+    except Exception as exc:
+        error = exc
+    agree(world, error)
+
+
+def save_dcp_checkpoint(
+    world: World, output_dir: str | Path, step: int, contents: TrainingCheckpoint, options: SaveOptions
+) -> Path:
+    """Save ``output_dir/iter_{step:07d}`` from every rank (all must call it); returns the directory."""
+    root = Path(output_dir)
+    if world.main:
+        with staged_iteration(root, step) as tmp:
+            shared: list[Any] = [str(tmp)]
+            dist.broadcast_object_list(shared, src=0)
+            _write(world, tmp, contents, options)
+    else:
+        shared = [None]
+        dist.broadcast_object_list(shared, src=0)
+        _write(world, Path(shared[0]), contents, options)
+    barrier(world)  # the directory and the tracker are in place before any rank goes on
+    final = root / iteration_name(step)
+    if world.main and options.keep_last is not None:
+        prune(root, options.keep_last, final)
+    return final
+
+
+def load_dcp_checkpoint(
+    world: World,
+    iteration: Path,
+    contents: TrainingCheckpoint,
+    *,
+    load_optimizer: bool = True,
+    load_rng: bool = True,
+) -> dict[str, Any]:
+    """Restore a DCP checkpoint into ``contents``' model, optimizer and scheduler, on any number of
+    ranks (every rank calls it); returns the saved trainer state."""
+    meta = read_dcp_meta(iteration)
+    if meta["model"] != contents.model.name:  # type: ignore[union-attr]
+        raise MmzooError(f"{iteration}: holds a '{meta['model']}' model, not '{contents.model.name}'")
+    state = _state(contents, load_optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(iteration))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        what = "no optimizer state (pass train.load_optimizer=false)" if load_optimizer else "damage"
+        raise MmzooError(f"{iteration}: cannot load it ({exc}); does it hold {what}?") from exc
+    set_state_dict(
+        contents.model,
+        contents.optimizer,
+        model_state_dict=state[MODEL],
+        optim_state_dict=state.get(OPTIMIZER, {}),
+    )
+    if contents.scheduler is not None:
+        contents.scheduler.load_state_dict(read_json(iteration / SCHEDULER))
+    rank_dir = _rank_dir(iteration, world.rank)
+    if load_rng and (rank_dir / "rng.json").is_file():
+        read_rng(rank_dir)
+    elif load_rng and world.main:
+        warnings.warn(
+            f"{iteration}: no RNG state for rank {world.rank}; random streams start afresh", stacklevel=2
+        )
+    return read_json(iteration / TRAINER_STATE)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP sharded ``model``'s parameters."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
