@@ -140,13 +140,15 @@ def build_dataset(
     model_config: Any,
     tokenizer: Any,
     data: DataConfig,
-    log: Callable[[str], None] = _log,
+    log: Callable[[str], None] | None = None,
 ) -> VLDataset:
     """Read, check and prepare every data file (from the cache where possible).
 
     Bad records are skipped and summarised, one line per reason; ``data.strict`` stops at the
-    first. A dataset left empty is an error naming the reasons.
+    first. A dataset left empty is an error naming the reasons. Progress and skips go to
+    ``log`` (default: standard error).
     """
+    log = log or _log
     files = [f.strip() for f in data.data.split(",") if f.strip()]
     if not files:
         raise MmzooError("data.data is empty: give one or more JSON/JSONL files, comma-separated")

@@ -7,11 +7,13 @@ whose collectives are no-ops, so the single-process run does exactly what it did
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -169,3 +171,52 @@ def _attempt(work: Callable[[], T]) -> tuple[T | None, Exception | None]:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+class StopRequests:
+    """Ctrl-C (SIGINT) or SIGTERM on any rank stops every rank at the same step boundary.
+
+    On many ranks a signal only notes the request; :meth:`check`, called by every rank between
+    steps, asks all ranks (one all-reduce) and raises ``KeyboardInterrupt`` on all of them at
+    once, so they save together. One process keeps Python's own Ctrl-C.
+    """
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.seen = False
+        self._previous: dict[int, Any] = {}
+        if world.distributed and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.seen = True
+
+    def check(self) -> None:
+        if self.world.distributed and any_rank(self.world, self.seen):
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+FAILURE_KEY = "mmzoo/failure"
+
+
+def first_failure(world: World, error: BaseException) -> BaseException:
+    """The error a failing rank should report: the first failure any rank published (as an
+    MmzooError), else ``error``, which is then published for the others.
+
+    A rank that fails makes the others fail in their next collective; they report its message,
+    not their own lost connection.
+    """
+    if not (world.distributed and dist.is_initialized()):
+        return error
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        mine = f"rank {world.rank}: {error}"
+        first = store.compare_set(FAILURE_KEY, "", mine).decode()
+    except Exception:  # the store is gone with rank 0: keep this rank's own error
+        return error
+    return error if first == mine else MmzooError(first)

@@ -53,6 +53,7 @@ def shard_model(
     *,
     mp_policy: MixedPrecisionPolicy | None = None,
     offload: bool = False,
+    reshard_after_forward: bool = True,
 ) -> None:
     """Apply ``fully_shard`` per layer, then to the root, in place; gradients are summed over ranks.
 
@@ -61,11 +62,18 @@ def shard_model(
         mesh: the data-parallel mesh.
         mp_policy: mixed precision (:func:`mixed_precision`), ``None`` for fp32 throughout.
         offload: keep parameters, gradients and optimizer state in CPU memory between uses.
+        reshard_after_forward: free each layer's gathered parameters after its forward.
     """
     policy = mp_policy or MixedPrecisionPolicy()
     offload_policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     for layer in layer_units(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload_policy)
+        fully_shard(
+            layer,
+            mesh=mesh,
+            mp_policy=policy,
+            offload_policy=offload_policy,
+            reshard_after_forward=reshard_after_forward,
+        )
     fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload_policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -18,14 +18,30 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import mmzoo_kernels
-from mmzoo.api import load_model
+from mmzoo.api import load_model, open_weights
 from mmzoo.build import build_model
+from mmzoo.checkpoint.dcp import DCP_META
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
+from mmzoo.checkpoint.weights import fill_parameters
 from mmzoo.config import Config, TrainConfig
 from mmzoo.data.dataset import VLDataset, build_dataset
+from mmzoo.distributed.checkpoint import load_dcp_checkpoint, save_dcp_checkpoint
+from mmzoo.distributed.env import (
+    StopRequests,
+    World,
+    all_sum,
+    checked,
+    close_process_group,
+    first_failure,
+    init_process_group,
+    node_first,
+    world_from_env,
+)
+from mmzoo.distributed.fsdp import data_parallel_mesh, mixed_precision, shard_model
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
@@ -53,12 +69,25 @@ FP16_DEVICES = ("cuda",)
 
 @dataclass
 class MicroBatch:
-    """One collated micro-batch and where it leaves the data order."""
+    """One collated micro-batch of this rank."""
 
-    epoch: int
-    position: int  # micro-batches of ``epoch`` done after this one
     batch: dict[str, torch.Tensor]
     tokens: int  # the samples' tokens (the dummy image and padding are not counted)
+
+
+@dataclass
+class StepData:
+    """This rank's micro-batches of one optimizer step, and where the step leaves the data order.
+
+    A step is a block of up to ``grad_accum * ranks`` micro-batches of the epoch's plan; rank r
+    takes every ranks-th one from the r-th, and a rank short of micro-batches at the end of an
+    epoch gets loss-free ones (the dummy image alone), so every rank runs the same forwards.
+    """
+
+    micro_batches: list[MicroBatch]
+    count: int  # the step's micro-batches with samples, over all ranks
+    epoch: int
+    position: int  # micro-batches of ``epoch`` done after this step, over all ranks
 
 
 @dataclass
@@ -99,29 +128,64 @@ def seed_everything(seed: int) -> None:
 
 
 def build(cfg: Config, spec: ModelSpec) -> tuple[VLModel, Any]:
-    """The model (loaded or randomly initialised) and its tokenizer."""
-    from mmzoo.data.tokenizer import load_tokenizer
-
+    """The model (loaded or randomly initialised, on the CPU) and its tokenizer."""
     model_cfg = cfg.model
     if model_cfg.load:
         model = load_model(model_cfg.load)
-        if model.name != spec.name:
-            raise MmzooError(f"model.load holds a '{model.name}' model but model.name is '{spec.name}'")
+        _check_family(model.name, spec)
     else:
         model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides)
-    load = model_cfg.load
-    tokenizer_dir = model_cfg.tokenizer or (
+    return model, load_tokenizer_for(cfg, spec)
+
+
+def _check_family(name: str, spec: ModelSpec) -> None:
+    if name != spec.name:
+        raise MmzooError(f"model.load holds a '{name}' model but model.name is '{spec.name}'")
+
+
+def load_tokenizer_for(cfg: Config, spec: ModelSpec) -> Any:
+    """``model.tokenizer``, else the tokenizer files beside ``model.load``, else the family's."""
+    from mmzoo.data.tokenizer import load_tokenizer
+
+    load = cfg.model.load
+    tokenizer_dir = cfg.model.tokenizer or (
         load if load and (Path(load) / "tokenizer_config.json").is_file() else None
     )
     if tokenizer_dir:
-        tokenizer = load_tokenizer(tokenizer_dir)
-    elif spec.default_tokenizer is not None:
-        tokenizer = spec.default_tokenizer()
+        return load_tokenizer(tokenizer_dir)
+    if spec.default_tokenizer is not None:
+        return spec.default_tokenizer()
+    raise MmzooError(
+        f"model '{spec.name}' has no built-in tokenizer; set model.tokenizer to a checkpoint directory"
+    )
+
+
+def _sharded_model(cfg: Config, spec: ModelSpec, world: World, device: torch.device) -> VLModel:
+    """The model sharded over the ranks with FSDP2, frozen and recompute set before sharding.
+
+    From a checkpoint it is built on the meta device, sharded, and each rank copies only its
+    shards from the checkpoint, one full tensor at a time. A random init is built whole on every
+    rank (the same seed gives the same weights) and then sharded: that is for small variants.
+    """
+    model_cfg, train_cfg = cfg.model, cfg.train
+    mesh = data_parallel_mesh(world, device)
+    policy, parallel = mixed_precision(train_cfg.precision, device), cfg.parallel
+    options = {"offload": parallel.offload, "reshard_after_forward": parallel.reshard_after_forward}
+    if model_cfg.load:
+        with checked(world):
+            weights = open_weights(model_cfg.load)
+            _check_family(weights.spec.name, spec)
+        model = weights.empty_model()
+        _freeze_and_recompute(model, cfg, spec)
+        shard_model(model, mesh, mp_policy=policy, **options)
+        model.to_empty(device=device)
+        with checked(world):
+            fill_parameters(model, weights)
     else:
-        raise MmzooError(
-            f"model '{spec.name}' has no built-in tokenizer; set model.tokenizer to a checkpoint directory"
-        )
-    return model, tokenizer
+        model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides)
+        _freeze_and_recompute(model, cfg, spec)
+        shard_model(model.to(device), mesh, mp_policy=policy, **options)
+    return model.train()
 
 
 def _check_lr(lr: float) -> None:
@@ -147,14 +211,17 @@ def _check_save_hf(hf: Path, output: Path) -> None:
         raise MmzooError(f"train.save_hf: {hf} holds train.output_dir {output}; give a directory outside it")
 
 
-def _prepare_output(train_cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path:
+def _prepare_output(train_cfg: TrainConfig, *, resume: bool, overwrite: bool, check: bool = True) -> Path:
     """Check the paths the run writes before any work; returns the output directory (created).
 
-    An output directory that holds an earlier run needs ``resume`` or ``overwrite``.
+    An output directory that holds an earlier run needs ``resume`` or ``overwrite``. Without
+    ``check`` (ranks other than 0) only the path is returned.
     """
+    output = Path(train_cfg.output_dir).absolute()
+    if not check:
+        return output
     if resume and overwrite:
         raise MmzooError("give either --resume (continue the run) or --overwrite (start over), not both")
-    output = Path(train_cfg.output_dir).absolute()
     if output.exists() and not output.is_dir():
         raise MmzooError(f"train.output_dir: {output} is a file; give a directory path")
     try:
@@ -210,6 +277,7 @@ class _Run:
     """What set-up builds: the run's configuration, model, data, optimizer and trainer state."""
 
     cfg: Config  # with ``data.data: demo`` resolved to the bundled file
+    world: World
     output: Path
     device: torch.device
     spec: ModelSpec
@@ -241,37 +309,61 @@ def _configure_kernels(cfg: Config, device: torch.device) -> dict[str, str]:
         raise MmzooError(str(exc)) from exc
 
 
-def _prepare_model(model: VLModel, cfg: Config, spec: ModelSpec, device: torch.device) -> None:
-    """Freeze the configured groups, turn on activation recompute, move to ``device`` in train mode."""
+def _freeze_and_recompute(model: VLModel, cfg: Config, spec: ModelSpec) -> None:
     freeze(model, cfg.model.freeze, spec.freeze_groups)
     set_recompute(model.image_encoder.encoder, cfg.model.recompute_vision)
     set_recompute(model.text_decoder, cfg.model.recompute_text)
-    model.to(device).train()
 
 
-def _set_up(cfg: Config, *, resume: bool, overwrite: bool, out: Callable[[str], None]) -> _Run:
+def _model_and_tokenizer(
+    cfg: Config, spec: ModelSpec, world: World, device: torch.device
+) -> tuple[VLModel, Any]:
+    """The model on ``device`` in train mode (sharded on many ranks) and its tokenizer."""
+    if world.distributed:
+        return _sharded_model(cfg, spec, world, device), load_tokenizer_for(cfg, spec)
+    model, tokenizer = build(cfg, spec)
+    _freeze_and_recompute(model, cfg, spec)
+    return model.to(device).train(), tokenizer
+
+
+def _check_parallel(cfg: Config, world: World) -> None:
+    """The ``parallel`` section against the ranks ``torchrun`` started."""
+    dp_shard = cfg.parallel.dp_shard
+    if dp_shard not in (0, world.size):
+        raise MmzooError(
+            f"parallel.dp_shard={dp_shard} but the run has {world.size} ranks; set it to {world.size} or 0"
+        )
+    if world.distributed and cfg.train.precision == "fp16":
+        raise MmzooError("train.precision=fp16 is not supported on many ranks; use bf16")
+
+
+def _set_up(cfg: Config, world: World, *, resume: bool, overwrite: bool, out: Callable[[str], None]) -> _Run:
     """Check the settings and paths, then build the model, data, optimizer and schedule, and resume."""
     train_cfg = cfg.train
     _check_lr(train_cfg.lr)
+    _check_parallel(cfg, world)
     save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
-    output = _prepare_output(train_cfg, resume=resume, overwrite=overwrite)
+    device = world.device(_training_device(train_cfg))
+    init_process_group(world, device, cfg.parallel.timeout_s)
+    with checked(world):
+        output = _prepare_output(train_cfg, resume=resume, overwrite=overwrite, check=world.main)
     seed_everything(train_cfg.seed)
-    device = _training_device(train_cfg)
     kernels = _configure_kernels(cfg, device)
     spec = get_model(cfg.model.name)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
-    model, tokenizer = build(cfg, spec)
+    model, tokenizer = _model_and_tokenizer(cfg, spec, world, device)
     # A loaded model is the variant its config equals, if any; model.variant names only random inits.
     variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
-    dataset = build_dataset(spec, model.config, tokenizer, cfg.data)
-    _prepare_model(model, cfg, spec, device)
+    log = None if world.main else _silent  # rank 0 reports the preprocessing and skipped records
+    dataset = node_first(world, lambda: build_dataset(spec, model.config, tokenizer, cfg.data, log))
     optimizer = make_optimizer(model, train_cfg, device)
-    per_epoch = steps_per_epoch(dataset, train_cfg)
+    per_epoch = steps_per_epoch(dataset, train_cfg, world.size)
     total = train_cfg.steps if train_cfg.steps > 0 else sum(per_epoch)
     scheduler = make_scheduler(optimizer, train_cfg, total)
     run = _Run(
         cfg=cfg,
+        world=world,
         output=output,
         device=device,
         spec=spec,
@@ -298,21 +390,30 @@ def _resume_or_start_over(
     if resume:
         checkpoint = latest_checkpoint(run.output)
         assert checkpoint is not None  # _prepare_output checked it
-        train_cfg = run.cfg.train
-        state = load_training_checkpoint(
-            checkpoint,
-            run.model,
-            run.optimizer,
-            run.scheduler,
-            load_optimizer=train_cfg.load_optimizer,
-            load_rng=train_cfg.load_rng,
-        )
+        with checked(run.world):
+            state = _load_checkpoint(run, checkpoint)
         out(f"resumed from {checkpoint} at step {state['step']}")
         _check_resumed_length(state, run.total)
-    elif overwrite:
+    elif overwrite and run.world.main:
         _start_over(run.output)
     state["total_steps"] = run.total
     return state
+
+
+def _load_checkpoint(run: _Run, checkpoint: Path) -> dict[str, Any]:
+    """Restore a training checkpoint: DCP (saved on many ranks) on any number of ranks, the
+    single-process format in one process."""
+    train_cfg = run.cfg.train
+    options = {"load_optimizer": train_cfg.load_optimizer, "load_rng": train_cfg.load_rng}
+    if (checkpoint / DCP_META).is_file():
+        contents = TrainingCheckpoint(run.model, run.optimizer, run.scheduler)
+        return load_dcp_checkpoint(run.world, checkpoint, contents, **options)
+    if run.world.distributed:
+        raise MmzooError(
+            f"{checkpoint} was saved by one process; it resumes in one process. To go on with "
+            f"{run.world.size} ranks, start a new run from its weights (model.load={checkpoint})"
+        )
+    return load_training_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler, **options)
 
 
 def _announce(run: _Run, out: Callable[[str], None]) -> None:
@@ -330,33 +431,41 @@ def _announce(run: _Run, out: Callable[[str], None]) -> None:
 # --- the data order: micro-batches grouped into optimizer steps ----------------------------------
 
 
-def _steps(dataset: VLDataset, cfg: Config, epoch: int, position: int) -> Iterator[list[MicroBatch]]:
-    """The micro-batches of each optimizer step, forever, starting at ``position`` of ``epoch``.
+def _steps(dataset: VLDataset, cfg: Config, world: World, epoch: int, position: int) -> Iterator[StepData]:
+    """This rank's part of each optimizer step, forever, from micro-batch ``position`` of ``epoch``.
 
-    A step takes ``grad_accum`` micro-batches, fewer at the end of an epoch: steps never span
-    two epochs, so ``train.epochs`` epochs are exactly the steps :func:`steps_per_epoch` counts.
+    A step takes ``grad_accum * ranks`` micro-batches, fewer at the end of an epoch: steps never
+    span two epochs, so ``train.epochs`` epochs are exactly the steps :func:`steps_per_epoch`
+    counts. The order is global, so a run resumes on another number of ranks where it stopped.
     """
     train_cfg = cfg.train
+    per_step = train_cfg.grad_accum * world.size
     while True:
         plan = dataset.batches(train_cfg.micro_batch_size, train_cfg.seed, epoch)
+        blocks = [plan[start : start + per_step] for start in range(position, len(plan), per_step)]
+        mine = [_share(block, world) for block in blocks]
         loader = torch.utils.data.DataLoader(
             dataset,
-            batch_sampler=plan[position:],
+            batch_sampler=[indices for share in mine for indices in share],
             collate_fn=dataset.collate,
             num_workers=cfg.data.num_workers,
         )
-        group: list[MicroBatch] = []
-        for indices, batch in zip(plan[position:], loader, strict=True):
-            position += 1
+        batches = iter(loader)
+        for block, share in zip(blocks, mine, strict=True):
+            position += len(block)
             # Tokens of the samples themselves: not the collator's dummy image, not padding.
-            group.append(MicroBatch(epoch, position, batch, sum(dataset.lengths[i] for i in indices)))
-            if len(group) == train_cfg.grad_accum or position == len(plan):
-                yield group
-                group = []
+            micro = [MicroBatch(next(batches), sum(dataset.lengths[i] for i in indices)) for indices in share]
+            yield StepData(micro, len(block), epoch, position)
         epoch, position = epoch + 1, 0
 
 
-def steps_per_epoch(dataset: VLDataset, train_cfg: TrainConfig) -> list[int]:
+def _share(block: list[list[int]], world: World) -> list[list[int]]:
+    """Rank ``world.rank``'s micro-batches of ``block``, padded with empty (loss-free) ones."""
+    share = block[world.rank :: world.size]
+    return share + [[]] * (math.ceil(len(block) / world.size) - len(share))
+
+
+def steps_per_epoch(dataset: VLDataset, train_cfg: TrainConfig, ranks: int = 1) -> list[int]:
     """Optimizer steps of each epoch the run covers: ``train.epochs`` epochs, or as many as
     ``train.steps`` reaches into. Packing after the shuffle changes the rows per epoch, so each is counted."""
     steps, epochs = train_cfg.steps, train_cfg.epochs
@@ -365,7 +474,7 @@ def steps_per_epoch(dataset: VLDataset, train_cfg: TrainConfig) -> list[int]:
     counts: list[int] = []
     while (sum(counts) < steps) if steps > 0 else (len(counts) < epochs):
         micro_batches = len(dataset.batches(train_cfg.micro_batch_size, train_cfg.seed, len(counts)))
-        counts.append(math.ceil(micro_batches / train_cfg.grad_accum))
+        counts.append(math.ceil(micro_batches / (train_cfg.grad_accum * ranks)))
     return counts
 
 
@@ -392,26 +501,34 @@ class _Updater:
     def __init__(self, run: _Run) -> None:
         train_cfg = run.cfg.train
         self.model, self.optimizer, self.scheduler = run.model, run.optimizer, run.scheduler
-        self.device = run.device
+        self.device, self.world = run.device, run.world
         self.reduction = train_cfg.loss_reduction
         self.clip = train_cfg.clip_grad if train_cfg.clip_grad > 0 else float("inf")
         self.scaler = torch.amp.GradScaler(run.device.type) if train_cfg.precision == "fp16" else None
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.precision)
         self.params = [p for p in run.model.parameters() if p.requires_grad]
 
-    def accumulate(self, group: list[MicroBatch]) -> _Accumulated:
-        """Forward and backward over the step's micro-batches, then unscale and clip the gradients."""
-        counts = [batch_target_counts(micro_batch.batch) for micro_batch in group]
-        targets, samples = (sum(column) for column in zip(*counts, strict=True))
-        reduction = LossReduction(self.reduction, len(group), targets, samples)
+    def accumulate(self, step: StepData) -> _Accumulated:
+        """Forward and backward over the step's micro-batches, then unscale and clip the gradients.
+
+        Losses are scaled by the step's counts over all ranks, so the gradients the ranks sum are
+        those of one process running the whole step; the loss and counts returned are global.
+        """
+        counts = [batch_target_counts(micro_batch.batch) for micro_batch in step.micro_batches]
+        mine = [sum(column) for column in zip(*counts, strict=True)]
+        targets, samples = (int(n) for n in all_sum(self.world, *mine))
+        reduction = LossReduction(self.reduction, step.count, targets, samples)
         loss = torch.zeros((), device=self.device)
-        for micro_batch in group:
+        for micro_batch in step.micro_batches:
             loss += self._forward_backward(micro_batch.batch, reduction)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        tokens = sum(micro_batch.tokens for micro_batch in group)
-        return _Accumulated(loss.item(), grad_norm.item(), tokens, samples)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        tokens = sum(micro_batch.tokens for micro_batch in step.micro_batches)
+        total_loss, total_tokens = all_sum(self.world, loss.item(), tokens)
+        return _Accumulated(total_loss, grad_norm.item(), int(total_tokens), samples)
 
     def _forward_backward(self, batch: dict[str, torch.Tensor], reduction: LossReduction) -> torch.Tensor:
         """Add one micro-batch's gradients; returns its loss (detached)."""
@@ -452,13 +569,19 @@ def _clock(seconds: float) -> str:
 
 
 class _Progress:
-    """Bookkeeping of the run: metrics rows, the progress bar and lines, the closing summary."""
+    """Bookkeeping of the run: metrics rows, the progress bar and lines, the closing summary.
+
+    On many ranks only rank 0 writes metrics and prints; the numbers it gets are global.
+    """
 
     def __init__(self, run: _Run) -> None:
         train_cfg = run.cfg.train
         self.total, self.log_every = run.total, train_cfg.log_every
         self.first_step = run.state["step"]
-        self.metrics = MetricsLog(run.output, train_cfg.tensorboard, start_step=self.first_step)
+        self.main, self.device = run.world.main, run.device
+        self.metrics = (
+            MetricsLog(run.output, train_cfg.tensorboard, start_step=self.first_step) if self.main else None
+        )
         self.losses: list[float] = []
         self.tokens = 0  # this run's (a resumed run counts from 0; the trainer state from the start)
         self.started = time.monotonic()
@@ -470,7 +593,7 @@ class _Progress:
             unit="step",
             file=sys.stderr,
             dynamic_ncols=True,
-            disable=not sys.stderr.isatty(),
+            disable=not (self.main and sys.stderr.isatty()),
         )
 
     def record(self, state: dict[str, Any], step: _Accumulated, lr: float, seconds: float) -> dict[str, Any]:
@@ -490,7 +613,10 @@ class _Progress:
             "seconds": seconds,
             "epoch": state["epoch"],
         }
-        self.metrics.log(row)
+        if self.device.type == "cuda":
+            row["memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.metrics is not None:
+            self.metrics.log(row)
         return row
 
     def show(self, row: dict[str, Any]) -> None:
@@ -498,7 +624,7 @@ class _Progress:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}")
         step = row["step"]
-        if step % self.log_every == 0 or step == self.total:
+        if self.main and (step % self.log_every == 0 or step == self.total):
             eta = (time.monotonic() - self.started) / (step - self.first_step) * (self.total - step)
             tqdm.write(
                 f"step {step:>5}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
@@ -508,11 +634,13 @@ class _Progress:
 
     def skipped(self, step: int, loss: float) -> None:
         self.bar.update(1)
-        tqdm.write(f"step {step}/{self.total}: non-finite loss {loss}, update skipped")
+        if self.main:
+            tqdm.write(f"step {step}/{self.total}: non-finite loss {loss}, update skipped")
 
     def close(self) -> None:
         self.bar.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def summary(self, seconds: float, checkpoint: Path | None, hf_dir: Path | None) -> list[str]:
         """The closing lines: steps, tokens and throughput, then where everything was written."""
@@ -522,10 +650,11 @@ class _Progress:
             f"({tokens / max(seconds, 1e-9):,.0f} tok/s)"
             + (f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""),
             f"checkpoint: {checkpoint}",
-            f"metrics:    {self.metrics.path}",
         ]
-        if self.metrics.tensorboard_dir:
-            lines.append(f"tensorboard: {self.metrics.tensorboard_dir}")
+        if self.metrics is not None:
+            lines.append(f"metrics:    {self.metrics.path}")
+            if self.metrics.tensorboard_dir:
+                lines.append(f"tensorboard: {self.metrics.tensorboard_dir}")
         if hf_dir:
             lines.append(f"hf export:  {hf_dir}")
         return lines
@@ -555,7 +684,11 @@ class _Checkpoints:
             variant=run.variant,
             media=run.cfg.data.media,
         )
-        self.last = save_training_checkpoint(run.output, run.state["step"], contents, run.save_options)
+        step, options = run.state["step"], run.save_options
+        if run.world.distributed:
+            self.last = save_dcp_checkpoint(run.world, run.output, step, contents, options)
+        else:
+            self.last = save_training_checkpoint(run.output, step, contents, options)
 
     def save_if_due(self) -> None:
         """Save on the ``train.save_every`` cadence; the last step is saved when the loop ends."""
@@ -564,13 +697,27 @@ class _Checkpoints:
             self.save()
 
 
-def _export_hf(run: _Run, hf_dir: str) -> Path:
-    """``train.save_hf``: the trained model as a Hugging Face checkpoint, its config from ``model.load``'s."""
-    from mmzoo.checkpoint.hf_export import save_hf
+def _export_hf(run: _Run, hf_dir: str, checkpoint: Path | None) -> Path | None:
+    """``train.save_hf``: the trained model as a Hugging Face checkpoint, its config from ``model.load``'s.
+
+    On many ranks rank 0 writes it from the run's last checkpoint, one tensor at a time (no rank
+    ever holds the whole model); the others wait for it.
+    """
+    from mmzoo.checkpoint.dcp import DCPSource
+    from mmzoo.checkpoint.hf_export import export_hf, save_hf
 
     load = run.cfg.model.load
     template = load if load and (Path(load) / "config.json").is_file() else None
-    return save_hf(run.model, hf_dir, tokenizer=run.tokenizer, template_dir=template, overwrite=True)
+    options = {"tokenizer": run.tokenizer, "template_dir": template, "overwrite": True}
+    if not run.world.distributed:
+        return save_hf(run.model, hf_dir, **options)
+    assert checkpoint is not None  # the loop saved the last step
+    written = None
+    with checked(run.world):
+        if run.world.main:
+            model = run.model
+            written = export_hf(DCPSource(checkpoint), run.spec, model.config, hf_dir, **options)
+    return written
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -605,19 +752,23 @@ def _nonfinite(step: _Accumulated, number: int, last_saved: Path | None) -> Mmzo
     )
 
 
-def _take_steps(run: _Run, updater: _Updater, progress: _Progress, checkpoints: _Checkpoints) -> None:
+def _take_steps(
+    run: _Run, updater: _Updater, progress: _Progress, checkpoints: _Checkpoints, stops: StopRequests
+) -> None:
     """Optimizer steps until the run's last; ``run.state`` moves to a step once its update is done.
 
     A Ctrl-C before that saves the previous step, whose weights, optimizer and data position
     agree; the update and its bookkeeping run with Ctrl-C held back (:func:`_interrupts_held`).
+    On many ranks a Ctrl-C on any of them stops all of them before the same step (``stops``).
     """
     state = run.state
-    batches = _steps(run.dataset, run.cfg, state["epoch"], state["position"])
+    batches = _steps(run.dataset, run.cfg, run.world, state["epoch"], state["position"])
     while state["step"] < run.total:
+        stops.check()
         started = time.monotonic()
-        group = next(batches)
-        step = updater.accumulate(group)
-        finished = {"step": state["step"] + 1, "epoch": group[-1].epoch, "position": group[-1].position}
+        data = next(batches)
+        step = updater.accumulate(data)
+        finished = {"step": state["step"] + 1, "epoch": data.epoch, "position": data.position}
         if not updater.finite(step):
             if run.cfg.train.on_nonfinite == "stop":
                 raise _nonfinite(step, finished["step"], checkpoints.last)
@@ -651,13 +802,38 @@ def train(
             without it (or ``resume``) a directory holding a run is an error.
         out: receives the progress lines.
     """
-    run = _set_up(cfg, resume=resume, overwrite=overwrite, out=out)
+    world = world_from_env()
+    say = out if world.main else _silent
+    stops = StopRequests(world)
+    try:
+        return _train(cfg, world, stops, resume=resume, overwrite=overwrite, out=say)
+    except Exception as exc:
+        raise first_failure(world, exc) from exc
+    finally:
+        stops.close()
+        close_process_group()
+
+
+def _silent(line: str) -> None:
+    """Where the progress lines of ranks other than 0 go."""
+
+
+def _train(
+    cfg: Config,
+    world: World,
+    stops: StopRequests,
+    *,
+    resume: bool,
+    overwrite: bool,
+    out: Callable[[str], None],
+) -> TrainResult:
+    run = _set_up(cfg, world, resume=resume, overwrite=overwrite, out=out)
     _announce(run, out)
     updater, progress = _Updater(run), _Progress(run)
     checkpoints = _Checkpoints(run, resume=resume)
     interrupted = False
     try:
-        _take_steps(run, updater, progress, checkpoints)
+        _take_steps(run, updater, progress, checkpoints, stops)
         checkpoints.save()
     except KeyboardInterrupt:
         interrupted = True
@@ -671,7 +847,7 @@ def train(
         progress.close()
     seconds = time.monotonic() - progress.started
     export = run.cfg.train.save_hf
-    hf_dir = _export_hf(run, export) if export and not interrupted else None
+    hf_dir = _export_hf(run, export, checkpoints.last) if export and not interrupted else None
     for line in progress.summary(seconds, checkpoints.last, hf_dir):
         out(line)
     losses = progress.losses
