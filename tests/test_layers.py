@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("convert", ("mmzoo.convert",)),
     ("checkpoint", ("mmzoo.checkpoint", "mmzoo.api")),
     ("work", ("mmzoo.data", "mmzoo.distributed", "mmzoo.train", "mmzoo.infer", "mmzoo.eval")),
-    ("interface", ("mmzoo.commands", "mmzoo.cli")),
+    ("interface", ("mmzoo.commands", "mmzoo.cli", "mmzoo.__main__")),
 ]
 FACADE = "mmzoo"  # the package's __init__: the public names, above everything it re-exports
 GLUE = "mmzoo_kernels.plugin"  # the one kernels module that imports mmzoo (to register through the hook)
