@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from mmzoo.checkpoint.mm import read_json, read_tracker, spec_and_config
 from mmzoo.checkpoint.sources import TensorSpec
@@ -72,6 +69,10 @@ class DCPSource:
     """
 
     def __init__(self, iteration: Path) -> None:
+        # Imported here: torch.distributed.checkpoint takes most of a second to import.
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
         self.iteration = iteration
         try:
             metadata = FileSystemReader(str(iteration)).read_metadata()
@@ -91,6 +92,9 @@ class DCPSource:
         return self._specs[name]
 
     def get(self, name: str) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+
         dtype, shape = self._specs[name]
         tensor = torch.empty(shape, dtype=dtype)
         # no_dist: this process reads alone, even inside a run's process group.

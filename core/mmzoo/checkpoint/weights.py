@@ -8,13 +8,13 @@ tensor, never a second copy of the model.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mmzoo.build import compose
 from mmzoo.errors import MmzooError
@@ -47,6 +47,12 @@ class Weights:
             return compose(self.spec, self.config).to(self.dtype)
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    # A DTensor exists only once torch.distributed.tensor is imported (which takes most of a second).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 @torch.no_grad()
 def fill_parameters(model: torch.nn.Module, weights: Weights) -> None:
     """Copy every tensor of ``weights`` into the parameter of the same name, one at a time.
@@ -65,10 +71,13 @@ def fill_parameters(model: torch.nn.Module, weights: Weights) -> None:
                 f"{weights.where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
                 f"the model expects {tuple(param.shape)}; {weights.hint}"
             )
-        if isinstance(param, DTensor):
+        if _is_dtensor(param):
+            from torch.distributed.tensor import distribute_tensor
+
             # Each rank cuts its own shard from the full tensor: no communication, no full copy kept.
-            shard = distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
+            sharded: Any = param
+            shard = distribute_tensor(tensor, sharded.device_mesh, sharded.placements, src_data_rank=None)
+            sharded.to_local().copy_(shard.to_local())
         else:
             param.copy_(tensor)
         loaded.add(name)

@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -121,8 +120,3 @@ def load_dcp_checkpoint(
             f"{iteration}: no RNG state for rank {world.rank}; random streams start afresh", stacklevel=2
         )
     return read_json(iteration / TRAINER_STATE)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether FSDP sharded ``model``'s parameters."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
