@@ -23,6 +23,7 @@ from launch import SMALL_RUN, metrics, torchrun
 import mmzoo
 from mmzoo.checkpoint.mm import TRACKER
 from mmzoo.train.checkpoint import latest_checkpoint
+from mmzoo.train.loop import OOM_HELP
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +98,8 @@ def inject(fault):
     elif fault == "ctrl-c-torchrun":
         # The ranks run in sessions of their own: a terminal's Ctrl-C reaches torchrun, which forwards it.
         on_call(VLModel, "forward", 2, send(os.getppid(), signal.SIGINT))
+    elif fault == "sigterm-torchrun":  # a job scheduler ending the job
+        on_call(VLModel, "forward", 2, send(os.getppid(), signal.SIGTERM))
     elif fault == "kill-in-save":
         # The second save (step 4), once this rank's DCP shard is written, before its RNG state.
         on_call(checkpoint, "write_rng", 2, send(os.getpid(), signal.SIGKILL))
@@ -210,7 +213,7 @@ def steady(rows: list[dict]) -> list[dict]:
     ("fault", "reported"),
     [
         ("bug", "RuntimeError: injected failure at step 2"),
-        ("oom", "out of memory; lower data.seq_length"),
+        ("oom", OOM_HELP),
     ],
     ids=["bug", "oom"],
 )
@@ -253,15 +256,15 @@ def test_a_rank_failing_before_it_joins_leaves_no_rank_waiting_for_it(tmp_path):
     ranks.assert_prompt()
 
 
-# --- Ctrl-C ------------------------------------------------------------------------------------
+# --- Ctrl-C, SIGTERM ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("fault", "rank"),
-    [("ctrl-c", "1"), ("ctrl-c", "all"), ("ctrl-c-torchrun", "0")],
-    ids=["one-rank", "every-rank", "torchrun"],
+    [("ctrl-c", "1"), ("ctrl-c", "all"), ("ctrl-c-torchrun", "0"), ("sigterm-torchrun", "0")],
+    ids=["one-rank", "every-rank", "torchrun", "sigterm-torchrun"],
 )
-def test_ctrl_c_saves_the_same_step_on_every_rank(fault, rank, reference, tmp_path):
+def test_ctrl_c_or_sigterm_saves_the_same_step_on_every_rank(fault, rank, reference, tmp_path):
     output = tmp_path / "run"
     ranks = run(tmp_path, output, fault=fault, rank=rank)
     # torchrun itself ends with the signal it got; the ranks end normally, having saved.
