@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from mmzoo.errors import MmzooError
+from mmzoo.errors import USER_ERRORS, MmzooError
 
 T = TypeVar("T")
 
@@ -113,24 +113,35 @@ def any_rank(world: World, flag: bool) -> bool:
     return bool(all_sum(world, float(flag))[0]) if world.distributed else flag
 
 
+class RankError(MmzooError):
+    """One rank's failure as every rank reports it: ``rank R: message``."""
+
+
+def describe(error: BaseException) -> str:
+    """``error`` in one line: a user error's message; any other error with its type, which says what broke."""
+    return str(error) if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {error}"
+
+
 def agree(world: World, error: BaseException | None) -> None:
     """Raise on every rank if any rank failed, with the first failing rank's message.
 
-    Called by every rank at the same point; ``error`` is this rank's failure, or ``None``.
+    Called by every rank at the same point; ``error`` is this rank's failure, or ``None``. Every
+    rank raises a :class:`RankError`, except that the failing rank re-raises a bug (not a user
+    error) itself, so its traceback is shown where it happened.
     """
     if not world.distributed:
         if error is not None:
             raise error
         return
     messages: list[str | None] = [None] * world.size
-    dist.all_gather_object(messages, None if error is None else str(error))
+    dist.all_gather_object(messages, None if error is None else describe(error))
     failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
     if not failed:
         return
     rank, message = failed[0]
-    if error is not None and rank == world.rank:
+    if error is not None and rank == world.rank and not isinstance(error, USER_ERRORS):
         raise error
-    raise MmzooError(f"rank {rank}: {message}")
+    raise RankError(f"rank {rank}: {message}") from error
 
 
 @contextmanager
@@ -176,16 +187,21 @@ def barrier(world: World) -> None:
 class StopRequests:
     """Ctrl-C (SIGINT) or SIGTERM on any rank stops every rank at the same step boundary.
 
-    On many ranks a signal only notes the request; :meth:`check`, called by every rank between
-    steps, asks all ranks (one all-reduce) and raises ``KeyboardInterrupt`` on all of them at
-    once, so they save together. One process keeps Python's own Ctrl-C.
+    On many ranks a signal only notes the request once :meth:`listen` was called (when the
+    process group is up; before, a signal ends the process at once, so that torchrun's SIGTERM
+    ends the ranks waiting to join a rank that failed); :meth:`check`, called by every rank
+    between steps, asks all ranks (one all-reduce) and raises ``KeyboardInterrupt`` on all of
+    them at once, so they save together. One process keeps Python's own Ctrl-C.
     """
 
     def __init__(self, world: World) -> None:
         self.world = world
         self.seen = False
         self._previous: dict[int, Any] = {}
-        if world.distributed and threading.current_thread() is threading.main_thread():
+
+    def listen(self) -> None:
+        """Note SIGINT and SIGTERM from now on (many ranks only)."""
+        if self.world.distributed and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._note)
 
@@ -205,18 +221,22 @@ FAILURE_KEY = "mmzoo/failure"
 
 
 def first_failure(world: World, error: BaseException) -> BaseException:
-    """The error a failing rank should report: the first failure any rank published (as an
-    MmzooError), else ``error``, which is then published for the others.
+    """The error a failing rank should report: the first failure any rank published (a
+    :class:`RankError`), else its own, which it publishes for the others.
 
     A rank that fails makes the others fail in their next collective; they report its message,
-    not their own lost connection.
+    not their own lost connection. The first failing rank reports a user error as ``rank R:
+    message`` too, and a bug as itself (its traceback). A :class:`RankError` is already what
+    every rank reports (:func:`agree`) and is returned as it is.
     """
-    if not (world.distributed and dist.is_initialized()):
+    if not (world.distributed and dist.is_initialized()) or isinstance(error, RankError):
         return error
+    mine = f"rank {world.rank}: {describe(error)}"
     try:
         store = dist.distributed_c10d._get_default_store()
-        mine = f"rank {world.rank}: {error}"
         first = store.compare_set(FAILURE_KEY, "", mine).decode()
-    except Exception:  # the store is gone with rank 0: keep this rank's own error
-        return error
-    return error if first == mine else MmzooError(first)
+    except Exception:  # the store went with rank 0 (a run not started by torchrun): report our own
+        first = mine
+    if first != mine:
+        return RankError(first)
+    return RankError(mine) if isinstance(error, USER_ERRORS) else error

@@ -337,14 +337,26 @@ def _check_parallel(cfg: Config, world: World) -> None:
         raise MmzooError("train.precision=fp16 is not supported on many ranks; use bf16")
 
 
-def _set_up(cfg: Config, world: World, *, resume: bool, overwrite: bool, out: Callable[[str], None]) -> _Run:
-    """Check the settings and paths, then build the model, data, optimizer and schedule, and resume."""
+def _set_up(
+    cfg: Config,
+    world: World,
+    stops: StopRequests,
+    *,
+    resume: bool,
+    overwrite: bool,
+    out: Callable[[str], None],
+) -> _Run:
+    """Check the settings and paths, then build the model, data, optimizer and schedule, and resume.
+
+    Stop requests are noted from the moment the ranks have joined the process group.
+    """
     train_cfg = cfg.train
     _check_lr(train_cfg.lr)
     _check_parallel(cfg, world)
     save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
     device = world.device(_training_device(train_cfg))
     init_process_group(world, device, cfg.parallel.timeout_s)
+    stops.listen()
     with checked(world):
         output = _prepare_output(train_cfg, resume=resume, overwrite=overwrite, check=world.main)
     seed_everything(train_cfg.seed)
@@ -808,10 +820,13 @@ def train(
     try:
         return _train(cfg, world, stops, resume=resume, overwrite=overwrite, out=say)
     except Exception as exc:
-        raise first_failure(world, exc) from exc
+        reported = first_failure(world, exc)
+        if reported is exc:
+            raise
+        raise reported from exc
     finally:
-        stops.close()
         close_process_group()
+        stops.close()  # last: the SIGTERM torchrun sends once a rank failed is only noted till here
 
 
 def _silent(line: str) -> None:
@@ -827,7 +842,7 @@ def _train(
     overwrite: bool,
     out: Callable[[str], None],
 ) -> TrainResult:
-    run = _set_up(cfg, world, resume=resume, overwrite=overwrite, out=out)
+    run = _set_up(cfg, world, stops, resume=resume, overwrite=overwrite, out=out)
     _announce(run, out)
     updater, progress = _Updater(run), _Progress(run)
     checkpoints = _Checkpoints(run, resume=resume)
