@@ -257,8 +257,8 @@ def torchrun_jobs(ranks: int, jobs: list[dict], results: Path, timeout: float) -
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """The data file, and a random tiny model as an HF directory and as an mm checkpoint (tp 2, pp 2)."""
-    from mmzoo.checkpoint.conversion import hf_to_mm
     from mmzoo.checkpoint.hf_export import save_hf
+    from mmzoo.cli import main
     from mmzoo.testing import spread_weights_
 
     root = tmp_path_factory.mktemp("distributed")
@@ -266,7 +266,10 @@ def work(tmp_path_factory) -> Path:
     torch.manual_seed(3)
     model = spread_weights_(mmzoo.build_model("qwen2_5_vl", "tiny"), std=0.05)
     save_hf(model, root / "hf")
-    hf_to_mm(root / "hf", root / "mm", tp=2, llm_pp_layers=[1, 1], vit_pp_layers=[4, 0], report=quiet)
+    convert = ["convert", "hf-to-mm", "--hf-dir", str(root / "hf"), "--mm-dir", str(root / "mm")]
+    assert main([*convert, "--tp", "2", "--llm-pp-layers", "1,1", "--vit-pp-layers", "4,0"]) == 0
+    shards = sorted(p.name for p in (root / "mm" / "release").glob("mp_rank_*"))
+    assert shards == [f"mp_rank_{tp:02d}_{pp:03d}" for tp in range(2) for pp in range(2)]
     return root
 
 
