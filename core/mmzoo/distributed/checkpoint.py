@@ -15,7 +15,12 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from mmzoo.checkpoint.dcp import DCP_META, MODEL, OPTIMIZER, dcp_meta, read_dcp_meta
 from mmzoo.checkpoint.mm import iteration_name, read_json, staged_iteration, write_json
@@ -38,8 +43,10 @@ def _rank_dir(iteration: Path, rank: int) -> Path:
 
 
 def _state(contents: TrainingCheckpoint, with_optimizer: bool) -> dict[str, Any]:
+    if not with_optimizer:  # get_state_dict would give an optimizer without state a first step
+        return {MODEL: get_model_state_dict(contents.model)}
     model_state, optimizer_state = get_state_dict(contents.model, contents.optimizer)
-    return {MODEL: model_state, OPTIMIZER: optimizer_state} if with_optimizer else {MODEL: model_state}
+    return {MODEL: model_state, OPTIMIZER: optimizer_state}
 
 
 def _write(world: World, tmp: Path, contents: TrainingCheckpoint, options: SaveOptions) -> None:
@@ -104,12 +111,15 @@ def load_dcp_checkpoint(
     except (RuntimeError, ValueError, KeyError) as exc:
         what = "no optimizer state (pass train.load_optimizer=false)" if load_optimizer else "damage"
         raise MmzooError(f"{iteration}: cannot load it ({exc}); does it hold {what}?") from exc
-    set_state_dict(
-        contents.model,
-        contents.optimizer,
-        model_state_dict=state[MODEL],
-        optim_state_dict=state.get(OPTIMIZER, {}),
-    )
+    if load_optimizer:
+        set_state_dict(
+            contents.model,
+            contents.optimizer,
+            model_state_dict=state[MODEL],
+            optim_state_dict=state[OPTIMIZER],
+        )
+    else:
+        set_model_state_dict(contents.model, state[MODEL])
     if contents.scheduler is not None:
         contents.scheduler.load_state_dict(read_json(iteration / SCHEDULER))
     rank_dir = _rank_dir(iteration, world.rank)

@@ -65,7 +65,8 @@ def shard_model(
         reshard_after_forward: free each layer's gathered parameters after its forward.
     """
     policy = mp_policy or MixedPrecisionPolicy()
-    offload_policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    # Pinned memory needs an accelerator; on the CPU the offload path runs without it (tests).
+    offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if offload else OffloadPolicy()
     for layer in layer_units(model):
         fully_shard(
             layer,
