@@ -125,8 +125,11 @@ def load_dcp_checkpoint(
     rank_dir = _rank_dir(iteration, world.rank)
     if load_rng and (rank_dir / "rng.json").is_file():
         read_rng(rank_dir)
-    elif load_rng and world.main:
+    saved = sum(1 for rank in range(world.size) if (_rank_dir(iteration, rank) / "rng.json").is_file())
+    if load_rng and world.main and saved < world.size:
         warnings.warn(
-            f"{iteration}: no RNG state for rank {world.rank}; random streams start afresh", stacklevel=2
+            f"{iteration}: RNG states of {saved} ranks saved, {world.size} running; "
+            f"the random streams of the other {world.size - saved} start afresh",
+            stacklevel=2,
         )
     return read_json(iteration / TRAINER_STATE)

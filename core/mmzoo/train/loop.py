@@ -368,7 +368,16 @@ def _set_up(
     # A loaded model is the variant its config equals, if any; model.variant names only random inits.
     variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
     log = None if world.main else _silent  # rank 0 reports the preprocessing and skipped records
-    dataset = node_first(world, lambda: build_dataset(spec, model.config, tokenizer, cfg.data, log))
+
+    def prepare() -> VLDataset:
+        return build_dataset(spec, model.config, tokenizer, cfg.data, log)
+
+    # With a cache, local rank 0 fills it first and the others read it; without one, all prepare at once.
+    if cfg.data.cache_dir is not None:
+        dataset = node_first(world, prepare)
+    else:
+        with checked(world):
+            dataset = prepare()
     optimizer = make_optimizer(model, train_cfg, device)
     per_epoch = steps_per_epoch(dataset, train_cfg, world.size)
     total = train_cfg.steps if train_cfg.steps > 0 else sum(per_epoch)
