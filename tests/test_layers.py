@@ -23,7 +23,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("mmzoo.errors", "mmzoo.files", "mmzoo.version", "mmzoo.config", "mmzoo.testing", "mmzoo.hookspecs"),
     ),
     ("nn", ("mmzoo.nn", "mmzoo.loss", "mmzoo.model")),
-    ("registry", ("mmzoo.plugins", "mmzoo_kernels.plugin", "mmzoo.registry", "mmzoo.build")),
+    (
+        "registry",
+        ("mmzoo.protocols", "mmzoo.plugins", "mmzoo_kernels.plugin", "mmzoo.registry", "mmzoo.build"),
+    ),
     ("convert", ("mmzoo.convert",)),
     ("checkpoint", ("mmzoo.checkpoint", "mmzoo.api")),
     ("work", ("mmzoo.data", "mmzoo.distributed", "mmzoo.train", "mmzoo.infer", "mmzoo.eval")),
