@@ -1,5 +1,5 @@
 """transformers' keyword call of Qwen2.5-VL on an mmzoo model, for parity tests and users
-porting code: ``forward(model, input_ids=..., pixel_values=..., image_grid_thw=...)``."""
+porting code: ``hf_forward(model, input_ids=..., pixel_values=..., image_grid_thw=...)``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def media_batch(**kwargs: torch.Tensor | None) -> dict[str, torch.Tensor]:
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
-def forward(
+def hf_forward(
     model: VLModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
 ) -> VLOutput:
     """``model`` called as transformers' ``Qwen2_5_VLForConditionalGeneration`` is: media as

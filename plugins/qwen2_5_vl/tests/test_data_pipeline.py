@@ -165,7 +165,10 @@ def packed_run(model, mixed):
 
 
 def test_mixed_samples_are_what_the_test_expects(mixed):
-    kinds = [(len(image_frames(mixed.prepared(i))), len(video_frames(mixed.prepared(i)))) for i in range(len(mixed))]
+    kinds = [
+        (len(image_frames(mixed.prepared(i))), len(video_frames(mixed.prepared(i))))
+        for i in range(len(mixed))
+    ]
     assert kinds == [(1, 0), (0, 1), (0, 0), (2, 0), (0, 0)]
     assert mixed.batches(shuffle=False) == [[0, 1, 2, 3, 4]]
     video = mixed.prepared(1)
@@ -324,7 +327,11 @@ def test_padded_logits_equal_each_sample_alone(model, mixed, alone, packed_run):
     rows = padded.batches(micro_batch_size=len(padded), shuffle=False)
     assert rows == [[0, 1, 2, 3, 4]]
     batch = padded.collate([padded[i] for i in rows[0]])
-    assert "cu_seqlens" not in batch and "image_grid_thw" in batch["media"] and "video_grid_thw" in batch["media"]
+    assert (
+        "cu_seqlens" not in batch
+        and "image_grid_thw" in batch["media"]
+        and "video_grid_thw" in batch["media"]
+    )
     with torch.no_grad():
         out = model(**batch)
     for r, (logits, _, _) in enumerate(alone):
@@ -492,7 +499,10 @@ def test_cache_hit_decodes_nothing_and_gives_the_same_samples(spec, tok, assets,
     for n, change in enumerate(changes, start=2):
         changed = build(spec, tok, path, cache_dir=str(cache), **change)
         assert len(entries(cache)) == n, change
-    small, large = image_frames(changed.prepared(3))[1], image_frames(first.prepared(3))[1]  # the demo cat photo
+    small, large = (
+        image_frames(changed.prepared(3))[1],
+        image_frames(first.prepared(3))[1],
+    )  # the demo cat photo
     assert small.shape[1] * small.shape[2] <= 32 * 28 * 28 < large.shape[1] * large.shape[2]
     with path.open("a") as f:
         f.write(json.dumps(chat("One more?", "Yes.")) + "\n")

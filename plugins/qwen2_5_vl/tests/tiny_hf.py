@@ -161,8 +161,12 @@ def left_pad(*samples: dict) -> tuple[dict, torch.Tensor]:
     """Samples from :func:`make_sample` left-padded into one batch (pad id 0), and the mask."""
     from mmzoo.data.collate import collate_left_padded
 
-    batch = collate_left_padded([{**s, "input_ids": s["input_ids"][0]} for s in samples], 0)
-    return batch, batch.pop("attention_mask")
+    rows = [
+        {"input_ids": s["input_ids"][0], "media": {k: v for k, v in s.items() if k != "input_ids"}}
+        for s in samples
+    ]
+    batch = collate_left_padded(rows, 0)
+    return {"input_ids": batch["input_ids"], **batch["media"]}, batch["attention_mask"]
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
