@@ -115,29 +115,30 @@ class ModelSpec:
 
 def check_parts(spec: ModelSpec, plugin: str) -> None:
     """Every typed part of ``spec`` has the members its protocol names, else an error naming
-    ``plugin``, the part and what it lacks."""
+    ``plugin``, the part and what it lacks. The media processor is checked on one built for the
+    first variant."""
     if not spec.variants:
         raise MmzooError(f"plugin {plugin} registered model '{spec.name}' with no variants")
+    where = f"plugin {plugin}: model '{spec.name}'"
     first = next(iter(spec.variants.values()))
     parts: list[tuple[str, Any, type]] = [
         (f"variant config {type(first).__name__}", first, protocols.FamilyConfig),
         ("position_ids", spec.position_ids, protocols.PositionIds),
+        ("template", spec.template, protocols.Template),
+        ("media_processor", spec.media_processor, protocols.MediaProcessor),
     ]
-    if spec.template is not None:
-        parts.append(("template", spec.template, protocols.Template))
-    if spec.media_processor is not None:
-        try:
-            processor = spec.media_processor(first)
-        except Exception as exc:
-            raise MmzooError(
-                f"plugin {plugin}: model '{spec.name}': media_processor(config) failed: {exc}"
-            ) from exc
-        parts.append(("media_processor", processor, protocols.MediaProcessor))
     for what, obj, protocol in parts:
+        if obj is None:
+            continue
+        if protocol is protocols.MediaProcessor:
+            try:
+                obj = obj(first)
+            except Exception as exc:
+                raise MmzooError(f"{where}: media_processor(config) failed: {exc}") from exc
         missing = protocols.missing_members(obj, protocol)
         if missing:
             raise MmzooError(
-                f"plugin {plugin}: model '{spec.name}': its {what} lacks {', '.join(missing)} "
+                f"{where}: its {what} lacks {', '.join(missing)} "
                 f"(see mmzoo.protocols.{protocol.__name__} and docs/plugins.md)"
             )
 
