@@ -120,11 +120,11 @@ BROKEN_PARTS = FAKE_PLUGIN.replace(
     [
         # a media processor without dummy(): ranks without media could not run the vision encoder
         (
-            "dict(media_processor=lambda config, **o: type('P', (), "
-            "dict((k, v) for k, v in vars(SPEC.media_processor(config, **o).__class__).items() if k != 'dummy'))())",
+            "dict(media_processor=lambda config, **o: type('P', (), dict((k, v) for k, v in "
+            "vars(SPEC.media_processor(config, **o).__class__).items() if k != 'dummy'))())",
             "its media_processor lacks dummy",
         ),
-        ("dict(position_ids=lambda config, input_ids: None)", "its position_ids lacks parameter attention_mask"),
+        ("dict(position_ids=lambda config, ids: None)", "its position_ids lacks parameter attention_mask"),
         ("dict(template=object())", "its template lacks encode, image_placeholder, name, place_media"),
         ("dict(variants=dict(tiny=object()))", "its variant config object lacks __dataclass_fields__"),
     ],

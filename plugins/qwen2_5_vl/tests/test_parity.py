@@ -198,6 +198,7 @@ def test_image_token_count_mismatch_is_a_clear_error(mm_model):
     batch["input_ids"] = torch.tensor([text(3, 0) + [V_START] + [IMAGE] * 5 + [V_END]])
     with pytest.raises(
         mmzoo.MmzooError,
-        match="placeholders and media features differ: the input ids hold 5 tokens of id 995 but the media give 24",
+        match="placeholders and media features differ: the input ids hold 5 tokens of id 995 but the media "
+        "give 24",
     ):
         hf_forward(mm_model, **batch)
