@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("mmzoo_kernels",)),
     (
         "base",
-        ("mmzoo.errors", "mmzoo.files", "mmzoo.version", "mmzoo.config", "mmzoo.testing", "mmzoo.hookspecs"),
+        ("mmzoo.errors", "mmzoo.files", "mmzoo.version", "mmzoo.config", "mmzoo.hookspecs"),
     ),
     ("nn", ("mmzoo.nn", "mmzoo.loss", "mmzoo.model")),
     (
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("convert", ("mmzoo.convert",)),
     ("checkpoint", ("mmzoo.checkpoint", "mmzoo.api")),
     ("work", ("mmzoo.data", "mmzoo.distributed", "mmzoo.train", "mmzoo.infer", "mmzoo.eval")),
-    ("interface", ("mmzoo.commands", "mmzoo.cli", "mmzoo.__main__")),
+    ("interface", ("mmzoo.commands", "mmzoo.cli", "mmzoo.__main__", "mmzoo.testing")),
 ]
 FACADE = "mmzoo"  # the package's __init__: the public names, above everything it re-exports
 GLUE = "mmzoo_kernels.plugin"  # the one kernels module that imports mmzoo (to register through the hook)

@@ -41,8 +41,8 @@ TOL = dict(atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def mm_model(hf_dir):
-    return mmzoo.load_model(hf_dir).eval()
+def mm_model(pair):
+    return pair.ours
 
 
 def hf_logits(hf_model, batch, attention_mask=None):
