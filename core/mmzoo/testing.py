@@ -116,7 +116,7 @@ def parity_pair(
     torch.manual_seed(seed)
     reference = spread_weights_(model_class(config).eval(), std=std, seed=seed)
     directory = Path(directory)
-    reference.save_pretrained(directory)
+    reference.save_pretrained(directory)  # type: ignore[operator]  # a transformers model
     return ParityPair(reference, load_model(directory).eval(), directory)
 
 
