@@ -231,3 +231,52 @@ def test_only_the_single_process_warning_is_silenced(hf_untied, tmp_path, monkey
         warnings.simplefilter("always")
         source.get(source.names[0])
     assert [str(w.message) for w in caught] == ["another warning"]
+
+
+# --- the checkpoint of a run on 2 ranks ------------------------------------------------------------
+
+
+def _entries(iteration: Path) -> dict[str, tuple]:
+    """DCP's tensor entries of a checkpoint, but the optimizer's parameter groups (which follow
+    the run's optimizer options): name -> (dtype, size, number of chunks)."""
+    metadata = dcp.FileSystemReader(iteration).read_metadata()
+    return {
+        key: (entry.properties.dtype, tuple(entry.size), len(entry.chunks))
+        for key, entry in metadata.state_dict_metadata.items()
+        if hasattr(entry, "chunks") and not key.startswith("optim.param_groups.")
+    }
+
+
+@pytest.mark.slow
+def test_convert_reads_the_checkpoint_of_a_two_rank_run(tmp_path):
+    """One step of 2 ranks at lr 0 from an HF checkpoint: the run's DCP checkpoint converts back to
+    that checkpoint's tensors bit for bit, and resplits to tp=2 x pp=2 and back exactly.
+    :func:`write_dcp` writes the same entries (names, dtypes, sizes), in one chunk each where the
+    2 ranks wrote two."""
+    from launch import SMALL_RUN, torchrun
+
+    from mmzoo.checkpoint.hf_export import save_hf
+    from mmzoo.testing import spread_weights_
+
+    torch.manual_seed(3)
+    hf = save_hf(spread_weights_(mmzoo.build_model("qwen2_5_vl", "tiny"), std=0.05), tmp_path / "hf")
+    run = tmp_path / "run"
+    options = ["--model.load", str(hf), "--train.output_dir", str(run), "--train.steps", "1"]
+    done = torchrun(2, "train", *SMALL_RUN, *options, "--train.lr", "0", timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    iteration = run / iteration_name(1)
+    assert sorted(p.name for p in iteration.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    assert_bitwise(tensors(convert.mm_to_hf(run, tmp_path / "back", **QUIET)), tensors(hf))
+    split = dict(tp=2, vit_pp_layers=[4, 0], llm_pp_layers=[1, 1])  # the tiny variant: 4 + 2 layers
+    resplit = convert.resplit(run, tmp_path / "split", **split, **QUIET)
+    direct = convert.hf_to_mm(hf, tmp_path / "direct", **split, **QUIET)
+    for shard in sorted(p.name for p in (direct / "release").glob("mp_rank_*")):
+        assert_bitwise(tensors(resplit / iteration_name(1) / shard), tensors(direct / "release" / shard))
+    assert_bitwise(tensors(convert.mm_to_hf(resplit, tmp_path / "back2", **QUIET)), tensors(hf))
+
+    ranks, alone = _entries(iteration), _entries(write_dcp(mmzoo.load_model(hf), tmp_path / "alone"))
+    assert ranks.keys() == alone.keys()
+    model = [key for key in ranks if key.startswith(MODEL + ".")]
+    assert model and all(ranks[key][:2] == alone[key][:2] for key in ranks)
+    assert {ranks[key][2] for key in model} == {2} and {alone[key][2] for key in ranks} == {1}
