@@ -1,5 +1,6 @@
 """Training checkpoints of runs on many ranks: ``torch.distributed.checkpoint`` (DCP) directories
-under the mm tracker rule, readable on any number of ranks, or by one process one tensor at a time.
+under the mm tracker rule, readable on any number of ranks, or by one process one tensor at a time
+(``mmzoo.load_model``, and ``mmzoo convert``'s mm-to-hf and resplit).
 
 Layout::
 
