@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from mmzoo.checkpoint.sources import TensorSpec, listing
 from mmzoo.checkpoint.weights import Weights
 from mmzoo.convert.parallel import FUSED
 from mmzoo.errors import MmzooError
+
+if TYPE_CHECKING:
+    from mmzoo.checkpoint.dcp_reader import Reader
 
 DCP_META = "dcp_meta.json"
 DCP_FORMAT_VERSION = 1
@@ -72,6 +75,22 @@ def read_dcp_meta(iteration: Path) -> dict[str, Any]:
     return meta
 
 
+def _open_reader(iteration: Path) -> Reader:
+    """The checkpoint's :class:`~mmzoo.checkpoint.dcp_reader.Reader`; a missing or unreadable
+    ``.metadata`` is an MmzooError."""
+    from mmzoo.checkpoint.dcp_reader import Reader  # imports torch.distributed.checkpoint
+
+    file = iteration / METADATA
+    if not file.is_file():
+        raise MmzooError(f"{file}: missing; the checkpoint is incomplete (a partial copy?)")
+    try:
+        return Reader(iteration)
+    except Exception as exc:  # unpickling damaged bytes can raise almost any exception type
+        raise MmzooError(
+            f"{file}: cannot read it ({type(exc).__name__}: {exc}); the checkpoint is damaged"
+        ) from exc
+
+
 class DCPSource:
     """The full model tensors of a DCP training checkpoint, each read alone by this process, from
     however many ranks' chunks it was saved in.
@@ -84,10 +103,8 @@ class DCPSource:
         # Imported here: torch.distributed.checkpoint takes most of a second to import.
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        from mmzoo.checkpoint.dcp_reader import Reader
-
         self.iteration = iteration
-        self._reader = Reader(iteration)
+        self._reader = _open_reader(iteration)
         prefix = MODEL + "."
         self._specs: dict[str, TensorSpec] = {
             key[len(prefix) :]: (entry.properties.dtype, tuple(entry.size))
@@ -114,7 +131,22 @@ class DCPSource:
                     f"{self.iteration}: shape mismatch for {name}: checkpoint gives {shape}, the "
                     f"model expects {tuple(expected[name].shape)}; {hint}"
                 )
-        self._reader.check_files(MODEL + ".")
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Every data file holding model entries is there and as long as ``.metadata`` says (a
+        rank's file lost or cut short is an MmzooError)."""
+        ends: dict[str, int] = {}
+        for index, info in self._reader.metadata.storage_data.items():
+            if index.fqn.startswith(MODEL + "."):
+                ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for relative, end in sorted(ends.items()):
+            file = self.iteration / relative
+            if not file.is_file():
+                raise MmzooError(f"{file}: missing; {METADATA} lists weights in it (incomplete checkpoint)")
+            size = file.stat().st_size
+            if size < end:
+                raise MmzooError(f"{file}: {size} bytes, but {METADATA} needs {end}; the file is truncated")
 
     def spec(self, name: str) -> TensorSpec:
         return self._specs[name]

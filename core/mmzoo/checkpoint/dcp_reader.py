@@ -17,7 +17,6 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
-from mmzoo.checkpoint.dcp import METADATA
 from mmzoo.errors import MmzooError
 
 # dcp.load(no_dist=True) says so on every call; reading in one process is the intent here.
@@ -25,43 +24,20 @@ _SINGLE_PROCESS = re.escape("torch.distributed is disabled, unavailable or unini
 
 
 class Reader(FileSystemReader):
-    """A ``FileSystemReader`` that unpickles ``.metadata`` once (``dcp.load`` asks for it on every
-    call, and it lists every entry of the model and the optimizer).
+    """A ``FileSystemReader`` that unpickles ``.metadata`` once, here (``dcp.load`` asks for it on
+    every call, and it lists every entry of the model and the optimizer).
 
     Args:
-        iteration: the DCP directory; a missing or unreadable ``.metadata`` is an MmzooError.
+        iteration: the DCP directory.
     """
 
     def __init__(self, iteration: Path) -> None:
         super().__init__(str(iteration))
         self.iteration = iteration
-        file = iteration / METADATA
-        if not file.is_file():
-            raise MmzooError(f"{file}: missing; the checkpoint is incomplete (a partial copy?)")
-        try:
-            self.metadata = super().read_metadata()
-        except Exception as exc:  # unpickling damaged bytes can raise almost any exception type
-            raise MmzooError(
-                f"{file}: cannot read it ({type(exc).__name__}: {exc}); the checkpoint is damaged"
-            ) from exc
+        self.metadata = super().read_metadata()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         return self.metadata
-
-    def check_files(self, prefix: str) -> None:
-        """Every data file holding an entry whose name starts with ``prefix`` is there and at least
-        as long as ``.metadata`` says (a rank's file lost or cut short is an MmzooError)."""
-        ends: dict[str, int] = {}
-        for index, info in self.metadata.storage_data.items():
-            if index.fqn.startswith(prefix):
-                ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
-        for relative, end in sorted(ends.items()):
-            file = self.iteration / relative
-            if not file.is_file():
-                raise MmzooError(f"{file}: missing; {METADATA} lists weights in it (incomplete checkpoint)")
-            size = file.stat().st_size
-            if size < end:
-                raise MmzooError(f"{file}: {size} bytes, but {METADATA} needs {end}; the file is truncated")
 
     def load(self, group: str, name: str, tensor: torch.Tensor) -> None:
         """Fill ``tensor`` in place with the entry ``name`` of the saved state dict's ``group``
