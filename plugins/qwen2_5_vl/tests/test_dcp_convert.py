@@ -22,6 +22,7 @@ from mmzoo.checkpoint import conversion as convert
 from mmzoo.checkpoint.dcp import DCP_META, MODEL, DCPSource, dcp_meta
 from mmzoo.checkpoint.mm import TRACKER, iteration_name, write_json, write_tracker
 from mmzoo.cli import main
+from mmzoo.commands.mm_convert import main as mm_convert_main
 from mmzoo.distributed.checkpoint import _state
 from mmzoo.errors import MmzooError
 from mmzoo.train.checkpoint import TrainingCheckpoint
@@ -91,7 +92,7 @@ def test_resplit_of_a_dcp_checkpoint_round_trips(run, tmp_path):
     assert_bitwise(tensors(convert.mm_to_hf(whole, tmp_path / "back2", **QUIET)), tensors(hf))
 
 
-def test_mmzoo_convert_reads_a_dcp_run(hf_untied, tmp_path):
+def test_the_clis_read_a_dcp_run(hf_untied, tmp_path):
     write_dcp(mmzoo.load_model(hf_untied), tmp_path / "run")
     to_hf = ["convert", "mm-to-hf", "--mm-dir", str(tmp_path / "run"), "--hf-dir", str(tmp_path / "hf")]
     assert main(to_hf) == 0
@@ -100,6 +101,12 @@ def test_mmzoo_convert_reads_a_dcp_run(hf_untied, tmp_path):
     assert main([*resplit, "--tp", "2", "--format", "megatron"]) == 0
     shard = tmp_path / "mm" / iteration_name(STEP) / "mp_rank_01"
     assert sorted(p.name for p in shard.iterdir()) == ["mm_meta.json", "model_optim_rng.pt"]
+    # mm-convert, MindSpeed-MM's form, reads it too (its layout is the fused one).
+    canonical = "--cfg.common_model_config.enable_canonical_hf_struct"
+    to_hf = ["Qwen2_5_VLConverter", "mm_to_hf", "--cfg.mm_dir", str(tmp_path / "run")]
+    assert mm_convert_main([*to_hf, "--cfg.save_hf_dir", str(tmp_path / "hf2"), canonical, "false"]) == 0
+    assert_bitwise(tensors(tmp_path / "hf2"), tensors(hf_untied))
+    assert mm_convert_main([*to_hf, "--cfg.save_hf_dir", str(tmp_path / "hf3"), canonical, "true"]) == 2
 
 
 # --- damaged and partial checkpoints ---------------------------------------------------------------
