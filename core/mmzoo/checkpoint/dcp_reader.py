@@ -49,7 +49,8 @@ class Reader(FileSystemReader):
                 dcp.load({group: {name: tensor}}, storage_reader=self, no_dist=True)
             except CheckpointException as exc:  # a BaseException, wrapping each rank's error
                 error = next(iter(exc.failures.values()))[0]
+                detail = " ".join(str(error).split())  # one line
                 raise MmzooError(
-                    f"{self.iteration}: cannot read {name} ({type(error).__name__}: {error}); "
+                    f"{self.iteration}: cannot read {name} ({type(error).__name__}: {detail}); "
                     "the checkpoint is damaged"
                 ) from error
