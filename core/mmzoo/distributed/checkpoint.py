@@ -114,9 +114,9 @@ def load_dcp_checkpoint(
             warnings.filterwarnings("ignore", message=SINGLE_PROCESS, category=UserWarning)
             dcp.load(state, checkpoint_id=str(iteration))
     except (CheckpointException, RuntimeError, ValueError, KeyError) as exc:
-        if isinstance(exc, CheckpointException):  # a BaseException wrapping each rank's error
-            exc = next(iter(exc.failures.values()))[0]
-        detail = " ".join(str(exc).split())  # one line
+        # CheckpointException: a BaseException wrapping each rank's error
+        error = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) else exc
+        detail = " ".join(str(error).split())  # one line
         what = "no optimizer state (pass train.load_optimizer=false)" if load_optimizer else "damage"
         raise MmzooError(f"{iteration}: cannot load it ({detail}); does it hold {what}?") from exc
     if load_optimizer:
