@@ -45,6 +45,7 @@ from mmzoo.distributed.fsdp import data_parallel_mesh, mixed_precision, shard_mo
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
+from mmzoo.nn.init import materialize
 from mmzoo.nn.recompute import set_recompute
 from mmzoo.registry import ModelSpec, get_model
 from mmzoo.train.checkpoint import (
@@ -178,7 +179,7 @@ def _sharded_model(cfg: Config, spec: ModelSpec, world: World, device: torch.dev
         model = weights.empty_model()
         _freeze_and_recompute(model, cfg, spec)
         shard_model(model, mesh, mp_policy=policy, **options)
-        model.to_empty(device=device)
+        materialize(model, device)
         with checked(world):
             fill_parameters(model, weights)
     else:
