@@ -1,4 +1,5 @@
-"""Module state outside the weights: buffers after meta-device loading (every loading path)."""
+"""Initialisation: random init by module type and the family's hook; buffers after meta-device
+loading (every loading path)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from extras_family import NAME, PLUGIN_BODY, SMALL
+from extras_family import CLS_VALUE, NAME, PLUGIN_BODY, SCALE_VALUE, SMALL
 from throwaway_plugin import install
 from torch import nn
 
@@ -17,6 +18,7 @@ from mmzoo.checkpoint.conversion import hf_to_mm
 from mmzoo.checkpoint.hf_export import save_hf
 from mmzoo.config import load_config
 from mmzoo.distributed.env import World
+from mmzoo.nn import RMSNorm
 from mmzoo.nn.init import materialize
 from mmzoo.testing import free_port
 from mmzoo.train.loop import _sharded_model
@@ -128,3 +130,27 @@ def test_a_non_persistent_buffer_needs_reset_parameters():
         mmzoo.MmzooError, match=r"_Cache '1' has non-persistent buffers table but no reset_parameters"
     ):
         materialize(model, "cpu")
+
+
+def _weights(model: nn.Module, kind: type) -> torch.Tensor:
+    return torch.cat([m.weight.flatten() for m in model.modules() if type(m) is kind])
+
+
+def _biases(model: nn.Module, kinds: tuple[type, ...]) -> torch.Tensor:
+    return torch.cat(
+        [m.bias.flatten() for m in model.modules() if isinstance(m, kinds) and m.bias is not None]
+    )
+
+
+def test_random_init_by_module_type_then_the_family_hook(extras):
+    torch.manual_seed(0)
+    model = mmzoo.build_model(NAME, **SMALL)
+    for kind in (nn.Linear, nn.Embedding, nn.Conv2d, nn.Conv3d):
+        # torch's own inits (kaiming uniform, normal(0, 1)) are 4x to 50x wider at these sizes
+        assert _weights(model, kind).std().item() == pytest.approx(0.02, rel=0.05), kind
+    assert not _biases(model, (nn.Linear, nn.Conv2d, nn.LayerNorm)).any()
+    for kind in (nn.LayerNorm, RMSNorm):
+        assert torch.equal(_weights(model, kind), torch.ones_like(_weights(model, kind))), kind
+    extras_ = model.image_encoder.projector.extras
+    assert (extras_.scale.gamma == SCALE_VALUE).all()  # its reset_parameters ran
+    assert (extras_.cls_token == CLS_VALUE).all()  # the family's init_weights hook ran, after

@@ -46,6 +46,10 @@ class ModelSpec:
         expand_media: ``(tokenizer, image_grids, video_grids, merge_size) -> expand(kind, i)``
             giving the token ids that replace the i-th ``<image>``/``<video>`` placeholder.
         default_tokenizer: ``() -> tokenizer`` used when no checkpoint gives one (demo, tests).
+        init_weights: ``(model, config) -> None``, run (under ``no_grad``) after the random init by
+            module type (:func:`mmzoo.nn.init.init_weights`) to set what that leaves: parameters
+            registered directly on a module (class token, position embeddings, layer scale), or
+            a layer that needs another init; ``None`` when the type rules suffice.
     """
 
     name: str
@@ -66,6 +70,7 @@ class ModelSpec:
     default_tokenizer: Callable[[], Any] | None = None
     config_to_hf: Callable[[Any], dict] | None = None
     description: str = ""
+    init_weights: Callable[[nn.Module, Any], None] | None = None
 
     PARTS = (
         "build_vision_encoder",

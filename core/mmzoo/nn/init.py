@@ -1,4 +1,9 @@
-"""Module state outside the checkpoint: buffers of a model materialised from the meta device.
+"""Initialising modules: random weights by module type, and the buffers of a model materialised
+from the meta device.
+
+:func:`init_weights` initialises as transformers' ``_init_weights`` does, by module type; a family
+sets anything else (a class token, position embeddings, layer scales) in its
+``ModelSpec.init_weights`` hook, which runs after it.
 
 A model built on the meta device and materialised with ``to_empty`` holds uninitialised memory in
 every tensor. Parameters and persistent buffers are then copied from a checkpoint; non-persistent
@@ -14,6 +19,40 @@ import torch
 from torch import nn
 
 from mmzoo.errors import MmzooError
+from mmzoo.nn.layers import RMSNorm
+
+# Weights drawn from normal(0, std), biases zero.
+NORMAL_INIT = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Weights one, biases zero.
+UNIT_INIT = (nn.LayerNorm, nn.RMSNorm, RMSNorm)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Random init by module type: :data:`NORMAL_INIT` weights normal(0, ``std``) (an embedding's
+    padding row zero), :data:`UNIT_INIT` weights one, their biases zero; any other module with a
+    ``reset_parameters()`` runs it. Parameters registered directly on other modules keep what
+    their constructor gave them."""
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if isinstance(module, (*NORMAL_INIT, *UNIT_INIT)):
+            _init_by_type(module, std)
+        elif callable(reset):
+            reset()
+
+
+def _init_by_type(module: nn.Module, std: float) -> None:
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, torch.Tensor):  # a norm without elementwise affine
+        return
+    if isinstance(module, UNIT_INIT):
+        nn.init.ones_(weight)
+    else:
+        nn.init.normal_(weight, std=std)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            weight[module.padding_idx].zero_()
+    if isinstance(bias, torch.Tensor):
+        nn.init.zeros_(bias)
 
 
 def _own_buffers(module: nn.Module, persistent: bool) -> list[str]:
