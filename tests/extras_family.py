@@ -3,18 +3,23 @@ have, registered as a plugin (see ``throwaway_plugin.install``).
 
 ``Extras`` holds a non-persistent buffer (``ones``, recomputed by ``reset_parameters``), a
 persistent buffer (``marker``, in the checkpoint), layers the random init knows by type (Conv2d,
-LayerNorm), one it knows by its ``reset_parameters`` (:class:`Scale`), and a class token only the
-family's ``init_weights`` hook sets. The weight mapping carries all of them.
+LayerNorm), one it knows by its ``reset_parameters`` (:class:`Scale`), a class token only the
+family's ``init_weights`` hook sets, and a module list named ``layers`` that is no layer stack of
+the weight mapping. The weight mapping carries all of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
+import pytest
 import torch
+from throwaway_plugin import install
 from torch import nn
 
 import mmzoo
+from mmzoo import plugins
 from mmzoo.convert.mapping import Rule
 from mmzoo_qwen2_5_vl.config import config_to_hf
 from mmzoo_qwen2_5_vl.plugin import SPEC as QWEN
@@ -25,7 +30,6 @@ ARCHITECTURE = "ExtrasVLForTests"
 # A small vocabulary keeps checkpoints of the tiny variant small (the placeholder ids do not matter
 # for loading).
 SMALL = {"text": {"vocab_size": 512}}
-PLUGIN_BODY = "from extras_family import mmzoo_register_models\n"
 
 
 CLS_VALUE = 0.25  # what the family's init hook gives the class token
@@ -54,6 +58,7 @@ class Extras(nn.Module):
         self.conv = nn.Conv2d(3, 64, kernel_size=4)  # 3,072 weights: their std is measurable
         self.norm = nn.LayerNorm(hidden)
         self.scale = Scale(hidden)
+        self.layers = nn.ModuleList([nn.Linear(4, 4)])
 
     def reset_parameters(self) -> None:
         self.ones.fill_(1.0)
@@ -72,7 +77,17 @@ class ExtrasMerger(PatchMerger):
         self.extras = Extras(vision.hidden_size)
 
 
-EXTRA_TENSORS = ("marker", "cls_token", "conv.weight", "conv.bias", "norm.weight", "norm.bias", "scale.gamma")
+EXTRA_TENSORS = (
+    "marker",
+    "cls_token",
+    "conv.weight",
+    "conv.bias",
+    "norm.weight",
+    "norm.bias",
+    "scale.gamma",
+    "layers.0.weight",
+    "layers.0.bias",
+)
 
 
 def _mapping(config):
@@ -98,3 +113,25 @@ SPEC = dataclasses.replace(
 @mmzoo.hookimpl
 def mmzoo_register_models(register):
     register(SPEC)
+
+
+@pytest.fixture
+def extras(tmp_path, monkeypatch):
+    """This family installed as a plugin beside the real ones; gives its spec."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    for var in ("MMZOO_PLUGINS", "MMZOO_DISABLE_PLUGIN_AUTOLOAD", "MMZOO_BLOCK_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    plugins.reset()
+    install(
+        site,
+        "extrasplug",
+        "1.0",
+        "extras",
+        "extrasplug_a",
+        "from extras_family import mmzoo_register_models\n",
+    )
+    yield mmzoo.get_model(NAME)
+    sys.modules.pop("extrasplug_a", None)
+    plugins.reset()

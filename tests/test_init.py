@@ -3,17 +3,13 @@ loading (every loading path)."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import torch.distributed as dist
-from extras_family import CLS_VALUE, NAME, PLUGIN_BODY, SCALE_VALUE, SMALL
-from throwaway_plugin import install
+from extras_family import CLS_VALUE, NAME, SCALE_VALUE, SMALL
 from torch import nn
 
 import mmzoo
-from mmzoo import plugins
 from mmzoo.checkpoint.conversion import hf_to_mm
 from mmzoo.checkpoint.hf_export import save_hf
 from mmzoo.config import load_config
@@ -22,21 +18,6 @@ from mmzoo.nn import RMSNorm
 from mmzoo.nn.init import materialize
 from mmzoo.testing import free_port
 from mmzoo.train.loop import _sharded_model
-
-
-@pytest.fixture
-def extras(tmp_path, monkeypatch):
-    """The throwaway ``extras_vl`` family installed as a plugin beside the real ones."""
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    for var in ("MMZOO_PLUGINS", "MMZOO_DISABLE_PLUGIN_AUTOLOAD", "MMZOO_BLOCK_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    plugins.reset()
-    install(site, "extrasplug", "1.0", "extras", "extrasplug_a", PLUGIN_BODY)
-    yield mmzoo.get_model(NAME)
-    sys.modules.pop("extrasplug_a", None)
-    plugins.reset()
 
 
 @pytest.fixture
