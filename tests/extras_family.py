@@ -27,6 +27,7 @@ from mmzoo_qwen2_5_vl.vision import PatchMerger
 
 NAME = "extras_vl"
 ARCHITECTURE = "ExtrasVLForTests"
+CONVERTER = "ExtrasVLConverter"  # lowercased, not the registry name
 # A small vocabulary keeps checkpoints of the tiny variant small (the placeholder ids do not matter
 # for loading).
 SMALL = {"text": {"vocab_size": 512}}
@@ -107,6 +108,7 @@ SPEC = dataclasses.replace(
     weight_mapping=_mapping,
     config_to_hf=lambda config: {**config_to_hf(config), "architectures": [ARCHITECTURE]},
     init_weights=init_weights,
+    mm_converters=(CONVERTER,),
 )
 
 

@@ -85,6 +85,7 @@ SPEC = ModelSpec(
         "projector": ("image_encoder.projector.",),
         "language": ("text_decoder.",),
     },
+    mm_converters=("Qwen2_5_VLConverter",),
 )
 
 
