@@ -52,6 +52,8 @@ class ModelSpec:
             a layer that needs another init; ``None`` when the type rules suffice.
         mm_converters: the MindSpeed-MM converter class names this family answers to in
             ``mm-convert <Converter> ...``, e.g. ``("Qwen2_5_VLConverter",)``.
+        demo_media: media processor options for the bundled demo (small sizes for a CPU run);
+            ``data.media`` is laid over them when ``data.demo_media`` is on (the embedded default).
     """
 
     name: str
@@ -74,6 +76,7 @@ class ModelSpec:
     description: str = ""
     init_weights: Callable[[nn.Module, Any], None] | None = None
     mm_converters: tuple[str, ...] = ()
+    demo_media: Mapping[str, Any] = field(default_factory=dict)
 
     PARTS = (
         "build_vision_encoder",

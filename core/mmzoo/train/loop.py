@@ -27,7 +27,7 @@ from mmzoo.build import build_model
 from mmzoo.checkpoint.dcp import DCP_META
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
 from mmzoo.checkpoint.weights import fill_parameters
-from mmzoo.config import Config, TrainConfig
+from mmzoo.config import Config, TrainConfig, with_derived_defaults
 from mmzoo.data.dataset import VLDataset, build_dataset
 from mmzoo.distributed.checkpoint import load_dcp_checkpoint, save_dcp_checkpoint
 from mmzoo.distributed.env import (
@@ -218,6 +218,7 @@ def _prepare_output(train_cfg: TrainConfig, *, resume: bool, overwrite: bool, ch
     An output directory that holds an earlier run needs ``resume`` or ``overwrite``. Without
     ``check`` (ranks other than 0) only the path is returned.
     """
+    assert train_cfg.output_dir is not None, "with_derived_defaults fills it"
     output = Path(train_cfg.output_dir).absolute()
     if not check:
         return output
@@ -338,6 +339,14 @@ def _check_parallel(cfg: Config, world: World) -> None:
         raise MmzooError("train.precision=fp16 is not supported on many ranks; use bf16")
 
 
+def with_demo_media(cfg: Config, spec: ModelSpec) -> Config:
+    """With ``data.demo_media``: ``data.media`` laid over the family's ``demo_media`` (its own keys win)."""
+    if not cfg.data.demo_media:
+        return cfg
+    media = {**spec.demo_media, **cfg.data.media}
+    return replace(cfg, data=replace(cfg.data, media=media, demo_media=False))
+
+
 def _set_up(
     cfg: Config,
     world: World,
@@ -351,6 +360,7 @@ def _set_up(
 
     Stop requests are noted from the moment the ranks have joined the process group.
     """
+    cfg = with_derived_defaults(cfg)  # a Config built in code rather than by load_config
     train_cfg = cfg.train
     _check_lr(train_cfg.lr)
     _check_parallel(cfg, world)
@@ -363,6 +373,7 @@ def _set_up(
     seed_everything(train_cfg.seed)
     kernels = _configure_kernels(cfg, device)
     spec = get_model(cfg.model.name)
+    cfg = with_demo_media(cfg, spec)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
     model, tokenizer = _model_and_tokenizer(cfg, spec, world, device)
