@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mmzoo.errors import MmzooError
-from mmzoo.nn.layers import RMSNorm
+from mmzoo.nn import RMSNorm
 
 # Weights drawn from normal(0, std), biases zero.
 NORMAL_INIT = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
