@@ -13,7 +13,7 @@ FAKE_PLUGIN = textwrap.dedent(
 
     @mmzoo.hookimpl
     def mmzoo_register_models(register):
-        register(dataclasses.replace(SPEC, name={name!r}, hf_architectures=(), mm_converters=()))
+        register(dataclasses.replace(SPEC, name={name!r}, hf_architectures=()))
     """
 )
 
