@@ -3,9 +3,8 @@ have, registered as a plugin (see ``throwaway_plugin.install``).
 
 ``Extras`` holds a non-persistent buffer (``ones``, recomputed by ``reset_parameters``), a
 persistent buffer (``marker``, in the checkpoint), layers the random init knows by type (Conv2d,
-LayerNorm), one it knows by its ``reset_parameters`` (:class:`Scale`), a class token only the
-family's ``init_weights`` hook sets, and a module list named ``layers`` that is no layer stack of
-the weight mapping. The weight mapping carries all of them.
+LayerNorm), one it knows by its ``reset_parameters`` (:class:`Scale`), and a class token only the
+family's ``init_weights`` hook sets. The weight mapping carries all of them.
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ class Extras(nn.Module):
         self.conv = nn.Conv2d(3, 64, kernel_size=4)  # 3,072 weights: their std is measurable
         self.norm = nn.LayerNorm(hidden)
         self.scale = Scale(hidden)
-        self.layers = nn.ModuleList([nn.Linear(4, 4)])
 
     def reset_parameters(self) -> None:
         self.ones.fill_(1.0)
@@ -86,8 +84,6 @@ EXTRA_TENSORS = (
     "norm.weight",
     "norm.bias",
     "scale.gamma",
-    "layers.0.weight",
-    "layers.0.bias",
 )
 
 

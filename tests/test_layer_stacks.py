@@ -1,15 +1,13 @@
 """Layer stacks come from the family's weight mapping, whatever it names them: each pipeline stage's
-layer counts, the split of an mm checkpoint read without metadata, and the FSDP units."""
+layer counts and the split of an mm checkpoint read without metadata."""
 
 from __future__ import annotations
 
 import pytest
-from extras_family import NAME, SMALL
 
 import mmzoo
 from mmzoo.convert.mapping import COLUMN, GATE_UP, GLU, QKV, Rule, WeightMapping
 from mmzoo.convert.parallel import CANONICAL, FUSED, ParallelLayout, depths
-from mmzoo.distributed.fsdp import layer_units
 
 # Stacks named as InternVL's are in MindSpeed-MM (the ViT's under ``encoder.encoder.layers``).
 VISION = "image_encoder.encoder.encoder.layers.{i}."
@@ -65,16 +63,3 @@ def test_a_layer_group_over_two_stacks_is_an_error():
     mapping = WeightMapping([*mapping.rules, *WeightMapping.expand([other], {"vision": 1}).rules])
     with pytest.raises(mmzoo.MmzooError, match="layer group 'vision' spans two stacks"):
         mapping.layer_prefixes()
-
-
-def test_fsdp_units_are_the_layers_of_the_mapping_s_stacks(extras):
-    """Every layer of each stack, and not another module list named ``layers``."""
-    model = mmzoo.build_model(NAME, **SMALL)
-    units = {id(unit) for unit in layer_units(model)}
-    names = [name for name, module in model.named_modules() if id(module) in units]
-    vision, text = model.config.vision.depth, model.config.text.num_layers
-    assert names == [
-        *(f"image_encoder.encoder.blocks.layers.{i}" for i in range(vision)),
-        *(f"text_decoder.decoder.layers.{i}" for i in range(text)),
-    ]
-    assert len(units) == vision + text

@@ -1,8 +1,8 @@
 """Sharding a model over the data-parallel ranks with FSDP2 (``fully_shard``).
 
-Each transformer layer of every tower (each layer of the stacks the family's weight mapping
-expands over, e.g. ViT blocks and LLM layers) becomes one FSDP unit, then the root takes the rest
-(embeddings, patch embedding, projector, norms, output layer). Gradients are reduced as sums: each rank's loss
+Each transformer layer of every tower (the entries of each ``nn.ModuleList`` named ``layers``,
+e.g. ViT blocks and LLM layers) becomes one FSDP unit, then the root takes the rest (embeddings,
+patch embedding, projector, norms, output layer). Gradients are reduced as sums: each rank's loss
 is already scaled by the step's global counts (:mod:`mmzoo.loss`), so the sum over ranks is the
 step's loss, exactly as one process computes it.
 """
@@ -21,8 +21,6 @@ from torch.distributed.fsdp import (
 )
 
 from mmzoo.distributed.env import World
-from mmzoo.model import VLModel
-from mmzoo.registry import get_model
 
 
 def data_parallel_mesh(world: World, device: torch.device) -> DeviceMesh:
@@ -39,16 +37,18 @@ def mixed_precision(precision: str, device: torch.device) -> MixedPrecisionPolic
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
-def layer_units(model: VLModel) -> list[nn.Module]:
-    """The modules that become one FSDP unit each: the layers of every stack the family's weight
-    mapping names (:meth:`mmzoo.convert.mapping.WeightMapping.layer_prefixes`)."""
-    mapping = get_model(model.name).weight_mapping(model.config)
-    stacks = [model.get_submodule(prefix.removesuffix(".")) for prefix in mapping.layer_prefixes().values()]
-    return [layer for stack in stacks for layer in stack.children()]
+def layer_units(model: nn.Module) -> list[nn.Module]:
+    """The modules that become one FSDP unit each: every entry of an ``nn.ModuleList`` named ``layers``."""
+    return [
+        layer
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] == "layers"
+        for layer in module
+    ]
 
 
 def shard_model(
-    model: VLModel,
+    model: nn.Module,
     mesh: DeviceMesh,
     *,
     mp_policy: MixedPrecisionPolicy | None = None,
