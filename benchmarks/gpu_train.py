@@ -366,7 +366,7 @@ def print_table(results: list[Result], tokens: int, flops: float, peak: float | 
         achieved = flops / r.seconds / 1e12
         mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a"
         print(
-            f"| {r.label} | {r.attention} | {r.seconds:.3f} | {tokens / r.seconds:,.0f} | {achieved:.2f} | "
+            f"| {r.label} | {r.attention} | {r.seconds:.3f} | {tokens / r.seconds:,.0f} | {achieved:.3g} | "
             f"{mfu} | {memory} | {base / r.seconds:.2f}x |"
         )
     losses = ", ".join(f"{r.label.split()[0]} {r.first_loss:.5f}" for r in results)

@@ -9,7 +9,8 @@ global data order, hence every step's samples, is the same. Each world size is o
 ``torchrun --nproc-per-node N`` launch of this script in worker mode, which calls
 ``mmzoo.train.loop.train`` (FSDP2 on gloo, fp32) and writes its rank's peak resident set
 (``VmHWM``) at the end; tokens/s comes from rank 0's ``metrics.jsonl`` (global tokens, seconds
-per step including the collectives), leaving out the first ``--warmup`` steps.
+per step including the collectives), leaving out the first ``--warmup`` steps; with ``--repeat``
+the launches are interleaved and each world size keeps its fastest.
 
 Scaling efficiency is ``tokens/s at N / (N x tokens/s at 1)``, each rank running ``--threads``
 torch threads. On a machine with fewer cores than ``N x threads`` the ranks share cores
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seq-length", type=int, default=1024, help="tokens per packed row (default 1024)")
     add("--steps", type=int, default=5, help="optimizer steps per run (default 5)")
     add("--warmup", type=int, default=1, help="first steps left out of tokens/s (default 1)")
+    add("--repeat", type=int, default=1, help="interleaved launches per world size, fastest kept (default 1)")
     add("--records", type=int, default=96, help="generated records (default 96)")
     add("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     add("--layers", type=int, default=4, help="text layers (default 4)")
@@ -223,7 +225,8 @@ def print_header(args: argparse.Namespace) -> None:
     )
     print(
         f"Data: {args.records} records (3 in 4 with a 448x448 photo), packed rows of {args.seq_length} "
-        f"tokens, {args.rows} rows per step (global), {args.steps} steps, first {args.warmup} left out"
+        f"tokens, {args.rows} rows per step (global), {args.steps} steps, first {args.warmup} left out; "
+        f"fastest of {args.repeat} interleaved launch(es) per world size"
     )
 
 
@@ -261,8 +264,13 @@ def main() -> None:
     try:
         make_records(work / "records.jsonl", args.records, args.seed)
         print_header(args)
-        results = [launch(args, work, n) for n in args.ranks]
-        print_table(results)
+        best: dict[int, Result] = {}
+        for _ in range(args.repeat):  # interleaved, so that a busy spell of the machine hits every size
+            for n in args.ranks:
+                result = launch(args, work, n)
+                if n not in best or result.tokens_per_s > best[n].tokens_per_s:
+                    best[n] = result
+        print_table([best[n] for n in args.ranks])
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
