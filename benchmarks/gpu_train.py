@@ -49,8 +49,7 @@ from machine import cpu_model  # benchmarks/machine.py
 from train_step import IMAGE, PAD, PATCH_DIM, V_END, V_START, hf_config, mm_sample, reset_peak, rss_kib
 
 import mmzoo_kernels
-from mmzoo.build import compose
-from mmzoo.checkpoint.weights import Weights, fill_parameters
+from mmzoo.checkpoint.weights import Weights, load_weights
 from mmzoo.data.collate import collate_packed
 from mmzoo.loss import IGNORE_INDEX, shift_labels
 from mmzoo.registry import get_model
@@ -155,10 +154,7 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, A
         return mapping.to_mm(lambda name: state[canonical[name]], set(canonical))
 
     weights = Weights(spec, mm_config, Path(f"<transformers model on {device}>"), torch.float32, items)
-    with torch.device("meta"):
-        mm_model = compose(spec, mm_config)
-    mm_model = mm_model.to_empty(device=device)
-    fill_parameters(mm_model, weights)
+    mm_model = load_weights(weights, device)  # built on the meta device, allocated, then filled
     return hf_model.train(), mm_model.to("cpu").train()
 
 
@@ -174,14 +170,25 @@ def batches(samples: list[dict], mm_config: Any) -> tuple[dict, dict]:
     """The packed row as mmzoo's trainer gets it, and as transformers gets it (same tokens and positions)."""
     mm = collate_packed([mm_sample(mm_config, s) for s in samples])
     text_row = torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None, None]  # (1, 1, T)
+    media = media_of(mm)
     hf = {
         "input_ids": mm["input_ids"],
         "labels": mm["labels"],
         "position_ids": torch.cat([text_row, mm["position_ids"]]),  # (4, 1, T): text row first
-        "pixel_values": mm["pixel_values"],
-        "image_grid_thw": mm["image_grid_thw"],
+        "pixel_values": media["pixel_values"],
+        "image_grid_thw": media["image_grid_thw"],
     }
     return mm, hf
+
+
+def media_of(batch: dict) -> dict:
+    """The collated media tensors: under ``media``, or beside the ids in a flat batch."""
+    return batch.get("media", batch)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """``batch`` with every tensor, nested ones too, on ``device``."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 # --- model FLOPs ---------------------------------------------------------------------------------
@@ -224,7 +231,8 @@ def step_flops(config: Any, samples: list[dict], batch: dict) -> dict[str, float
     lengths = [len(s["input_ids"]) for s in samples]
     targets = int((shift_labels(batch["labels"][0], batch["cu_seqlens"]) != IGNORE_INDEX).sum())
     layers, head = text_flops(config.text, lengths, targets)
-    grids = batch["image_grid_thw"].tolist() if "image_grid_thw" in batch else []
+    media = media_of(batch)
+    grids = media["image_grid_thw"].tolist() if "image_grid_thw" in media else []
     vision = vision_flops(config.vision, grids, config.text.hidden_size)
     return {"text layers": 3 * layers, "output layer": 3 * head, "vision": 3 * vision}
 
@@ -291,7 +299,7 @@ def timed_steps(
 ) -> tuple[float, float, float | None]:
     """Warm-up steps at lr 0, then ``--steps`` timed ones: (seconds per timed step, first loss, peak GiB)."""
     model.to(device)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = to_device(batch, device)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0, **fast)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
