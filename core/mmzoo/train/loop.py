@@ -258,15 +258,16 @@ def _start_over(output: Path) -> None:
     shutil.rmtree(output / TENSORBOARD, ignore_errors=True)
 
 
-def _check_resumed_length(state: dict[str, Any], total: int) -> None:
-    """A resumed run of another length splices two learning-rate schedules: warn (or fail if done)."""
+def _check_resumed_length(state: dict[str, Any], total: int, warn: bool) -> None:
+    """A resumed run of another length splices two learning-rate schedules: warn (rank 0 only,
+    ``warn``) or fail if the checkpoint is past the end."""
     if state["step"] > total:
         raise MmzooError(
             f"--resume: the checkpoint is at step {state['step']}, past this run's {total} steps; "
             "raise train.steps (or train.epochs)"
         )
     saved = state.get("total_steps")
-    if saved is not None and saved != total:
+    if warn and saved is not None and saved != total:
         print(
             f"mmzoo: warning: the resumed run was {saved} steps long and this one is {total}: the learning "
             f"rate followed the {saved}-step schedule up to step {state['step']} and follows the "
@@ -427,7 +428,7 @@ def _resume_or_start_over(
         with checked(run.world):
             state = _load_checkpoint(run, checkpoint)
         out(f"resumed from {checkpoint} at step {state['step']}")
-        _check_resumed_length(state, run.total)
+        _check_resumed_length(state, run.total, warn=run.world.main)
     elif overwrite and run.world.main:
         _start_over(run.output)
     state["total_steps"] = run.total
