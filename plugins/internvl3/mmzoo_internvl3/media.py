@@ -21,7 +21,7 @@ from mmzoo.data.media import Video, VideoBackend, load_image, load_video, to_rgb
 from mmzoo.errors import MmzooError
 
 try:  # the core's media item, once the family seam is in
-    from mmzoo.data.media_item import MediaItem  # type: ignore[import-not-found]
+    from mmzoo.protocols import MediaItem  # type: ignore[import-not-found]
 except ImportError:
 
     @dataclass

@@ -44,7 +44,7 @@ INTERNVL_TOKENS = (
 def place_media(text: str, num_images: int, num_videos: int) -> str:
     """Where media go when the text has no placeholder for them: ``<image>\\n`` per image, then
     ``<video>\\n`` per video, before the text (as InternVL's chat code and transformers' chat
-    template write them)."""
+    template write them). With the core's ``ChatTemplate.media_separator`` this is ``"\\n"``."""
     return "<image>\n" * num_images + "<video>\n" * num_videos + text
 
 
