@@ -1,12 +1,13 @@
 """Kernel benchmark: time and peak memory of every usable implementation against the reference.
 
-For each op (attention, rotary, RMSNorm, SwiGLU, cross-entropy) every backend usable on the
-device runs forward + backward on the same random inputs as the pure-PyTorch reference, in the
-same process. Times are the median of ``--repeat`` runs after a warm-up; peak memory is what the
-op adds on top of its inputs (CUDA: ``max_memory_allocated``; CPU: the process's peak resident
-set, ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with glibc told to return
-large blocks at once). The last section is the loss at 8,192 tokens x 151,936 vocab: the naive
-path (full logits) against the chunked one, with their gradients compared.
+For each built-in op (attention, rotary, RMSNorm, LayerNorm, SwiGLU, GELU; cross-entropy below)
+every backend usable on the device runs forward + backward on the same random inputs as the
+op's pure-PyTorch reference, in the same process (``--ops`` picks some). Times are the median
+of ``--repeat`` runs after a warm-up; peak memory is what the op adds on top of its inputs
+(CUDA: ``max_memory_allocated``; CPU: the process's peak resident set, ``VmHWM`` after
+resetting it through ``/proc/self/clear_refs``, with glibc told to return large blocks at once).
+The last section is the loss at 8,192 tokens x 151,936 vocab: the naive path (full logits)
+against the chunked one, with their gradients compared.
 
 Run: ``python benchmarks/kernels.py`` (CPU) or ``python benchmarks/kernels.py --device cuda``.
 """
@@ -125,6 +126,8 @@ def cases(device: str, dtype: torch.dtype) -> dict[str, tuple[str, Callable[[Cal
     angle = torch.rand(tokens, 128, generator=g) * 6.3
     cos, sin = angle.cos().to(device, dtype), angle.sin().to(device, dtype)
     weight = (torch.rand(3584, generator=g) + 0.5).to(device, dtype)
+    vit_weight = (torch.rand(1024, generator=g) + 0.5).to(device, dtype)
+    vit_bias = rand(1024)
     return {
         "attention": (
             f"T={total} ({len(lengths)} seqs), 28/4 heads x 128, causal",
@@ -141,18 +144,33 @@ def cases(device: str, dtype: torch.dtype) -> dict[str, tuple[str, Callable[[Cal
             lambda fn: lambda x: fn(x, weight, 1e-6),
             [rand(tokens, 3584)],
         ),
+        "layer_norm": (
+            f"T={tokens}, hidden 1024 (InternViT-300M), bias",
+            lambda fn: lambda x: fn(x, vit_weight, vit_bias, 1e-6),
+            [rand(tokens, 1024)],
+        ),
         "swiglu": (
             f"T={tokens}, ffn 18944" if big else f"T={tokens}, ffn 4864",
             lambda fn: fn,
             [rand(tokens, 2 * (18944 if big else 4864))],
         ),
+        "gelu": (
+            f"T={tokens}, ffn 4096 (InternViT-300M), exact",
+            lambda fn: lambda x: fn(x, "none"),
+            [rand(tokens, 4096)],
+        ),
     }
 
 
-def bench_ops(device: str, dtype: torch.dtype, repeat: int, memory: Memory) -> list[list[str]]:
+def bench_ops(
+    device: str, dtype: torch.dtype, repeat: int, memory: Memory, only: set[str] | None
+) -> list[list[str]]:
     rows = []
     for op, (shape, adapt, inputs) in cases(device, dtype).items():
-        ref_time, ref_peak = measure(fwd_bwd(adapt(reference.__dict__[op]), inputs), device, repeat, memory)
+        if only is not None and op not in only:
+            continue
+        impls = registry.implementations(op)
+        ref_time, ref_peak = measure(fwd_bwd(adapt(impls["reference"].fn), inputs), device, repeat, memory)
         rows.append([op, shape, "reference", f"{ref_time * 1e3:.2f}", "1.00x", f"{ref_peak / 2**20:.0f}"])
         for backend, reason in registry.backends(op, device).items():
             if backend == "reference":
@@ -160,7 +178,7 @@ def bench_ops(device: str, dtype: torch.dtype, repeat: int, memory: Memory) -> l
             if reason is not None:
                 rows.append([op, shape, backend, "-", f"skipped: {reason}", "-"])
                 continue
-            impl = registry.implementations(op)[backend]
+            impl = impls[backend]
             t, peak = measure(fwd_bwd(adapt(impl.fn), inputs), device, repeat, memory)
             rows.append([op, shape, backend, f"{t * 1e3:.2f}", f"{ref_time / t:.2f}x", f"{peak / 2**20:.0f}"])
     return rows
@@ -222,6 +240,7 @@ def main() -> None:
     parser.add_argument("--ce-vocab", type=int, default=151936)
     parser.add_argument("--ce-hidden", type=int, default=None, help="cpu: 64, cuda: 3584 (Qwen2.5-VL-7B)")
     parser.add_argument("--skip-ops", action="store_true")
+    parser.add_argument("--ops", default=None, help="comma-separated ops to time (default: all)")
     parser.add_argument("--skip-loss", action="store_true")
     args = parser.parse_args()
     device = args.device
@@ -238,7 +257,8 @@ def main() -> None:
     if not args.skip_ops:
         print("\nforward + backward per call; peak = memory the call adds on top of its inputs\n")
         header = ["op", "shape", "backend", "ms", "vs reference", "peak MiB"]
-        print(table(header, bench_ops(device, dtype, args.repeat, memory)))
+        only = set(args.ops.split(",")) if args.ops else None
+        print(table(header, bench_ops(device, dtype, args.repeat, memory, only)))
     if not args.skip_loss:
         print(
             f"\nloss of {args.ce_tokens} target tokens x {args.ce_vocab} vocab, hidden {hidden}, "

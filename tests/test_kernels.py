@@ -10,6 +10,7 @@ installed (``test_triton_kernels_in_the_interpreter``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -19,16 +20,18 @@ import torch
 import torch.nn.functional as F
 
 import mmzoo_kernels as K
-from mmzoo.config import KernelsConfig, load_config
+from mmzoo.config import load_config
 from mmzoo.errors import MmzooError
 from mmzoo.nn.rotary import RotaryEmbedding
-from mmzoo_kernels import KernelError, chunked, reference, registry, triton_ops
+from mmzoo_kernels import KernelError, builtin, chunked, reference, registry, triton_ops
 
 BACKENDS = {
     "attention": ["sdpa", "flash", "npu"],
     "rotary": ["triton", "npu"],
     "rms_norm": ["triton", "npu"],
+    "layer_norm": ["native"],
     "swiglu": ["npu"],
+    "gelu": [],
     "cross_entropy": ["chunked"],
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -74,7 +77,8 @@ def compare(fn, ref, inputs: list[torch.Tensor], dtype: torch.dtype, grad_scale:
 
 
 def test_every_registered_backend_is_tested():
-    for op in registry.OPS:
+    assert set(registry.ops()) == set(BACKENDS)
+    for op in registry.ops():
         assert set(registry.implementations(op)) == {"reference", *BACKENDS[op]}, op
 
 
@@ -261,6 +265,57 @@ def test_swiglu_matches_reference(backend, dtype, device):
     compare(impl.fn, reference.swiglu, [x], dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype,weight_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+    ids=["fp32", "bf16", "bf16-fp32weight"],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("backend", BACKENDS["layer_norm"])
+def test_layer_norm_matches_reference(backend, bias, dtype, weight_dtype, device):
+    impl = impl_or_skip("layer_norm", backend, device)
+    torch.manual_seed(9)
+    x = torch.randn(3, 5, 40, device=device, dtype=dtype) * 3 + 1  # a mean to remove
+    weight = (torch.rand(40, device=device) + 0.5).to(weight_dtype)
+    inputs = [x, weight] + ([torch.randn(40, device=device).to(weight_dtype)] if bias else [])
+
+    def run(fn):
+        return lambda x, w, b=None: fn(x, w, b, 1e-5)
+
+    compare(run(impl.fn), run(reference.layer_norm), inputs, dtype, 4)
+
+
+def test_reference_layer_norm_is_torch_layer_norm():
+    """The reference is ``nn.LayerNorm``: in fp32, and in bf16 within bf16's rounding."""
+    torch.manual_seed(10)
+    norm = torch.nn.LayerNorm(24, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(7, 24) * 2 + 3
+    out = reference.layer_norm(x, norm.weight, norm.bias, 1e-6)
+    torch.testing.assert_close(out, norm(x))
+    with pytest.raises(AssertionError):  # negative control: RMSNorm is not LayerNorm on this input
+        torch.testing.assert_close(reference.rms_norm(x, norm.weight, 1e-6) + norm.bias, norm(x))
+    out = reference.layer_norm(x.bfloat16(), norm.weight.bfloat16(), norm.bias.bfloat16(), 1e-6)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, norm.bfloat16()(x.bfloat16()), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_is_the_normal_cdf_or_its_tanh_form(approximate):
+    torch.manual_seed(11)
+    x = torch.randn(50, 8, dtype=torch.float64) * 3
+    exact = 0.5 * x * (1 + torch.erf(x / 2**0.5))
+    tanh = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+    expected, other = (exact, tanh) if approximate == "none" else (tanh, exact)
+    torch.testing.assert_close(K.gelu(x, approximate), expected)
+    assert (K.gelu(x, approximate) - other).abs().max() > 1e-5  # the two forms differ: not vacuous
+    with pytest.raises(ValueError, match="gelu approximate must be 'none' or 'tanh', got 'exact'"):
+        K.gelu(x, "exact")
+
+
 # ---------------------------------------------------------------------- chunked cross-entropy
 
 
@@ -393,16 +448,23 @@ def test_auto_picks_the_best_usable_backend_on_cpu():
         "attention": "sdpa",
         "rotary": fused,
         "rms_norm": fused,
+        "layer_norm": "native",
         "swiglu": "reference",
+        "gelu": "reference",
         "cross_entropy": "chunked",
     }
 
 
 def test_a_requested_backend_is_used(monkeypatch):
     calls = []
-    impl = registry.implementations("rms_norm")["reference"]
-    monkeypatch.setattr(reference, "rms_norm", lambda *a: calls.append(1) or impl.fn(*a))
-    registry.reset()  # registration reads the patched function
+    counted = [
+        dataclasses.replace(op, reference=lambda *a: calls.append(1) or reference.rms_norm(*a))
+        if op.name == "rms_norm"
+        else op
+        for op in builtin.BUILTIN_OPS
+    ]
+    monkeypatch.setattr(builtin, "BUILTIN_OPS", tuple(counted))
+    registry.reset()  # registration reads the patched ops
     assert K.configure(device="cpu", attention="reference", rms_norm="reference")["attention"] == "reference"
     K.rms_norm(torch.randn(3, 4), torch.rand(4), 1e-6)
     assert calls == [1]
@@ -507,32 +569,112 @@ def test_unknown_backend_and_op_suggest_the_nearest():
 
 def test_config_section_feeds_configure():
     cfg = load_config(None, ["--kernels.attention", "reference", "--kernels.cross_entropy=reference"])
-    assert cfg.kernels == KernelsConfig(attention="reference", cross_entropy="reference")
-    chosen = K.configure(device="cpu", **vars(cfg.kernels))
+    assert cfg.kernels == {"attention": "reference", "cross_entropy": "reference"}
+    chosen = K.configure(device="cpu", **cfg.kernels)
     assert chosen["attention"] == "reference" and chosen["cross_entropy"] == "reference"
-    with pytest.raises(MmzooError, match="unknown config key 'kernels.atention'"):
-        load_config(None, ["--kernels.atention", "sdpa"])
+    assert chosen["layer_norm"] == "native"  # ops not named stay auto
+    with pytest.raises(MmzooError, match=r"kernels.attention: expected str, got \['sdpa'\]"):
+        load_config(None, ["--kernels.attention", "[sdpa]"])
+    cfg = load_config(None, ["--kernels.atention", "sdpa"])  # which ops exist is known once plugins load
+    with pytest.raises(
+        KernelError, match=r"unknown kernel op 'atention' \(did you mean 'attention'\?\); ops: "
+    ):
+        K.configure(device="cpu", **cfg.kernels)
 
 
-def test_a_third_party_backend_registers_through_the_hook_and_auto_can_pick_it(monkeypatch):
+def test_an_old_kernels_section_still_loads(tmp_path):
+    """Before ops were open, the section named all five; such a file loads and configures as before."""
+    path = tmp_path / "old.yaml"
+    path.write_text(
+        "kernels: {attention: sdpa, rotary: auto, rms_norm: reference, swiglu: auto, cross_entropy: auto}\n"
+    )
+    cfg = load_config(path, ["--kernels.swiglu", "reference"])
+    chosen = K.configure(device="cpu", **cfg.kernels)
+    assert (chosen["attention"], chosen["rms_norm"], chosen["swiglu"]) == ("sdpa", "reference", "reference")
+
+
+def mine_plugin(entries):
     from mmzoo import plugins
 
     class Plugin:
         @plugins.hookimpl
         def mmzoo_register_kernels(self, register):
-            register(
-                registry.KernelImpl("swiglu", "mine", lambda x: reference.swiglu(x) * 1, devices=("cpu",))
-            )
+            for entry in entries:
+                register(entry)
 
     manager = plugins.get_manager()
     manager.load()
     manager.register(Plugin(), plugins.PluginInfo("mine", "mine-kernels", "0.1", "test", builtin=False))
+    registry.reset()
+
+
+def test_a_third_party_backend_registers_through_the_hook():
+    from mmzoo import plugins
+
+    mine = registry.KernelImpl("swiglu", "mine", lambda x: reference.swiglu(x) * 1, devices=("cpu",))
+    mine_plugin([mine])
     try:
-        registry.reset()
-        monkeypatch.setitem(registry.AUTO_ORDER, "swiglu", ("mine", "reference"))
-        assert K.configure(device="cpu")["swiglu"] == "mine"
-        assert registry.implementations("swiglu")["mine"].devices == ("cpu",)
+        assert list(registry.implementations("swiglu")) == ["npu", "reference", "mine"]
+        assert K.configure(device="cpu")["swiglu"] == "reference"  # auto never picks an unlisted backend
+        assert K.configure(device="cpu", swiglu="mine")["swiglu"] == "mine"
         x = torch.randn(4, 6)
         torch.testing.assert_close(K.swiglu(x), reference.swiglu(x))
+    finally:
+        plugins.reset()
+
+
+def test_an_op_from_a_plugin_is_selectable_through_config():
+    """A plugin adds an op (name + reference) and a backend for it, preferred by ``auto``."""
+    from mmzoo import plugins
+
+    calls = []
+
+    def fast(x, alpha):
+        calls.append("fast")
+        return reference_scale(x, alpha)
+
+    def reference_scale(x, alpha):
+        return x * alpha
+
+    mine_plugin(
+        [
+            registry.KernelImpl("scale", "fast", fast, devices=("cpu",)),  # before its op: order is free
+            registry.KernelOp("scale", reference_scale, auto_order=("fast",)),
+        ]
+    )
+    try:
+        assert "scale" in registry.ops() and list(registry.implementations("scale")) == ["fast", "reference"]
+        x = torch.randn(3, 4)
+        assert K.configure(device="cpu")["scale"] == "fast"
+        torch.testing.assert_close(K.call("scale", x, 2.0), x * 2)
+        assert calls == ["fast"]
+        cfg = load_config(None, ["--kernels.scale", "reference"])
+        assert K.configure(device="cpu", **cfg.kernels)["scale"] == "reference"
+        torch.testing.assert_close(K.call("scale", x, alpha=3.0), x * 3)
+        assert calls == ["fast"]  # the reference ran
+        with pytest.raises(KernelError, match=r"kernels.scale: no backend 'fats' \(did you mean 'fast'\?\)"):
+            K.configure(device="cpu", scale="fats")
+    finally:
+        plugins.reset()
+
+
+@pytest.mark.parametrize(
+    "entries,message",
+    [
+        ([registry.KernelImpl("scael", "x", reference.swiglu)], r"kernel scael/x for unknown op 'scael'"),
+        ([registry.KernelOp("gelu", reference.gelu)], r"kernel op 'gelu' is registered by two plugins: "),
+        ([registry.KernelImpl("gelu", "reference", reference.gelu)], r"gelu/reference is registered by two"),
+        (["gelu"], r"registered 'gelu'; expected a KernelOp or a KernelImpl"),
+    ],
+    ids=["unknown-op", "op-twice", "reference-twice", "not-an-entry"],
+)
+def test_bad_registrations_name_the_plugin(entries, message):
+    from mmzoo import plugins
+
+    mine_plugin(entries)
+    try:
+        with pytest.raises(KernelError, match=message) as err:
+            registry.ops()
+        assert "mine (mine-kernels 0.1)" in str(err.value)
     finally:
         plugins.reset()

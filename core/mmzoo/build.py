@@ -12,7 +12,7 @@ import torch
 
 from mmzoo.errors import MmzooError, nearest
 from mmzoo.model import VLModel
-from mmzoo.nn import RMSNorm
+from mmzoo.nn import LayerNorm, RMSNorm, TransformerLayer
 from mmzoo.registry import ModelSpec, get_model
 
 
@@ -42,15 +42,16 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> 
 
 
 def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
-    """Random init as transformers does: normal(0, std) weights, zero biases, unit norms."""
+    """Random init as transformers does: normal(0, std) weights, zero biases, unit norms, layer
+    scales at their initial value."""
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv3d)):
             torch.nn.init.normal_(module.weight, std=std)
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 torch.nn.init.zeros_(bias)
-        elif isinstance(module, RMSNorm):
-            torch.nn.init.ones_(module.weight)
+        elif isinstance(module, (RMSNorm, LayerNorm, TransformerLayer)):
+            module.reset_parameters()
 
 
 def compose(spec: ModelSpec, config: Any) -> VLModel:

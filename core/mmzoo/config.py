@@ -148,29 +148,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class KernelsConfig:
-    """Backend per kernel op (``mmzoo_kernels``); the chosen ones are printed at start.
-
-    Each field is ``auto`` (the best backend usable on the training device) or a backend
-    name; a requested backend that cannot run here is an error that says why.
-
-    Attributes:
-        attention: ``auto``, ``reference``, ``sdpa``, ``flash`` (CUDA) or ``npu``.
-        rotary: ``auto``, ``reference``, ``triton`` (CUDA) or ``npu``.
-        rms_norm: ``auto``, ``reference``, ``triton`` (CUDA) or ``npu``.
-        swiglu: ``auto``, ``reference`` or ``npu``.
-        cross_entropy: ``auto``, ``reference`` (full logits) or ``chunked`` (fused with the
-            output projection; full logits never exist).
-    """
-
-    attention: str = "auto"
-    rotary: str = "auto"
-    rms_norm: str = "auto"
-    swiglu: str = "auto"
-    cross_entropy: str = "auto"
-
-
-@dataclass(frozen=True)
 class ParallelConfig:
     """Training on many ranks (``torchrun``): FSDP2 shards parameters, gradients and optimizer
     state over the data-parallel ranks; one process ignores this section.
@@ -190,14 +167,26 @@ class ParallelConfig:
     timeout_s: int = 1800
 
 
+# The ``kernels`` section is a mapping, not a dataclass: plugins can register ops of their own.
+KERNELS_DOC = (
+    "op -> backend (`mmzoo_kernels`): `auto` (the default for an op not named: the best backend "
+    "usable on the training device) or a backend name, for any registered op, e.g. "
+    "{attention: flash, layer_norm: reference}; applied and printed at start, an unknown op or "
+    "backend, or one that cannot run here, is an error that says why"
+)
+
+
 @dataclass(frozen=True)
 class Config:
-    """Everything ``mmzoo train`` needs. The defaults are the embedded CPU demo."""
+    """Everything ``mmzoo train`` needs. The defaults are the embedded CPU demo.
+
+    ``kernels`` maps op names to backends (see :data:`KERNELS_DOC`).
+    """
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
-    kernels: KernelsConfig = KernelsConfig()
+    kernels: dict[str, str] = field(default_factory=dict)
     parallel: ParallelConfig = ParallelConfig()
 
 
@@ -222,6 +211,8 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against a field's type hint (converting int -> float, list -> tuple)."""
+    if hint is Any:
+        return value
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -254,7 +245,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise MmzooError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        if len(args) != 2:
+            return dict(value)
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise MmzooError(
@@ -292,7 +285,7 @@ def merge(config: Any, values: dict[str, Any], where: str = "") -> Any:
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             changes[key] = merge(current, value, f"{where}{key}.")
         elif isinstance(current, dict) and isinstance(value, dict) and key != "overrides":
-            changes[key] = {**current, **value}
+            changes[key] = _coerce({**current, **value}, hints[key], f"{where}{key}")
         else:
             changes[key] = _coerce(value, hints[key], f"{where}{key}")
     return dataclasses.replace(config, **changes)
@@ -391,6 +384,10 @@ def dump(config: Config) -> str:
     lines = []
     for section in dataclasses.fields(config):
         value = getattr(config, section.name)
+        if isinstance(value, dict):  # kernels: op -> backend, one line per op named
+            lines.append(f"{section.name}:{'' if value else ' {}'}  # {KERNELS_DOC}")
+            lines.extend(f"  {op}: {backend}" for op, backend in value.items())
+            continue
         docs = field_docs(type(value))
         lines.append(f"{section.name}:")
         for key, item in to_dict(value).items():

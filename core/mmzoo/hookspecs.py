@@ -13,7 +13,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from mmzoo.registry import ModelSpec
-    from mmzoo_kernels.registry import KernelImpl
+    from mmzoo_kernels.registry import KernelImpl, KernelOp
 
 hookspec = pluggy.HookspecMarker("mmzoo")
 
@@ -29,10 +29,12 @@ def mmzoo_register_models(register: Callable[[ModelSpec], None]) -> None:
 
 
 @hookspec
-def mmzoo_register_kernels(register: Callable[[KernelImpl], None]) -> None:
-    """Register kernel implementations (attention, rotary, RMSNorm, SwiGLU, ...).
+def mmzoo_register_kernels(register: Callable[[KernelOp | KernelImpl], None]) -> None:
+    """Register kernel ops and implementations (attention, rotary, RMSNorm, LayerNorm, ...).
 
-    Called once, the first time a kernel is dispatched. Call ``register(impl)`` once per
-    :class:`mmzoo_kernels.registry.KernelImpl`. Every implementation runs; an (op, backend)
-    pair registered twice is an error naming both plugins.
+    Called once, the first time a kernel is dispatched. Call ``register(op)`` once per new
+    :class:`mmzoo_kernels.registry.KernelOp` (its name and reference implementation) and
+    ``register(impl)`` once per :class:`mmzoo_kernels.registry.KernelImpl` (a backend of any
+    registered op, another plugin's too). Every implementation runs; an op, or an (op, backend)
+    pair, registered twice is an error naming both plugins.
     """

@@ -25,7 +25,7 @@ import pluggy
 
 from mmzoo import hookspecs
 from mmzoo_kernels import registry as kernel_registry
-from mmzoo_kernels.registry import KernelImpl
+from mmzoo_kernels.registry import KernelImpl, KernelOp
 
 GROUP = "mmzoo"
 BUILTIN_DISTRIBUTION = "mmzoo"
@@ -144,10 +144,10 @@ def reset() -> None:
     kernel_registry.reset()
 
 
-def _collect_kernels(register: Callable[[KernelImpl, str], None]) -> None:
-    """Every plugin's ``mmzoo_register_kernels``, each impl labelled with its plugin."""
+def _collect_kernels(register: Callable[[KernelOp | KernelImpl, str], None]) -> None:
+    """Every plugin's ``mmzoo_register_kernels``, each op and impl labelled with its plugin."""
     for plugin, hook in get_manager().hookimpls("mmzoo_register_kernels"):
-        hook(register=lambda impl, _label=plugin.label: register(impl, _label))
+        hook(register=lambda entry, _label=plugin.label: register(entry, _label))
 
 
 # The kernels package imports nothing from mmzoo: the plugin manager hands it its implementations.

@@ -45,7 +45,7 @@ def spread_weights_(module: nn.Module, std: float = 0.08, seed: int = 0) -> nn.M
 
 def deviation(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float) -> float:
     """The worst ``|actual - expected| / (atol + rtol * |expected|)``: at most 1 means close."""
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double(), expected.detach().double()
     return float(((actual - expected).abs() / (atol + rtol * expected.abs())).max())
 
 

@@ -1,11 +1,9 @@
-"""What one kernel implementation is: its op, backend name, function and where it runs."""
+"""What a kernel op is (a name and its reference) and what one implementation of it is."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-OPS = ("attention", "rotary", "rms_norm", "swiglu", "cross_entropy")
 
 
 class KernelError(ValueError):
@@ -17,11 +15,30 @@ def _always() -> str | None:
 
 
 @dataclass(frozen=True)
+class KernelOp:
+    """One op: its name, its pure-PyTorch reference and the backends ``auto`` prefers.
+
+    Registering an op registers its reference as the backend ``reference``; other backends
+    register as :class:`KernelImpl` under the op's name.
+
+    Attributes:
+        name: the op's name (``kernels.<name>`` in configs), e.g. ``"layer_norm"``.
+        reference: the numerical truth every backend is tested against; runs everywhere.
+        auto_order: backends ``auto`` tries before ``reference``, fastest first; any other
+            backend is used only when named.
+    """
+
+    name: str
+    reference: Callable
+    auto_order: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class KernelImpl:
     """One implementation of one op.
 
     Attributes:
-        op: one of ``OPS``.
+        op: the op's name (a registered :class:`KernelOp`).
         backend: implementation name, e.g. ``"reference"``, ``"sdpa"``.
         fn: the function (signature fixed per op, see ``mmzoo_kernels.ops``).
         unavailable: returns ``None`` when usable in this process, else the reason it is not

@@ -7,6 +7,8 @@ a padded ``(B, S, ...)`` batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return get("rms_norm", x.device.type).fn(x, weight, eps)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension (statistics in fp32); ``bias`` may be ``None``."""
+    return get("layer_norm", x.device.type).fn(x, weight, bias, eps)
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU, exact (``"none"``) or with the ``"tanh"`` approximation."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    return get("gelu", x.device.type).fn(x, approximate)
+
+
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``x = [gate; up]`` along the last dimension."""
     return get("swiglu", x.device.type).fn(x)
@@ -64,6 +78,13 @@ def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         ``(N,)`` fp32 losses. The ``chunked`` backend never holds the ``(N, V)`` logits.
     """
     return get("cross_entropy", hidden.device.type).fn(hidden, weight, targets)
+
+
+def call(op: str, *args: Any, **kwargs: Any) -> Any:
+    """Run any registered op (a plugin's own too) through the implementation chosen for it on the
+    device of its first tensor argument (``cpu`` when there is none)."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    return get(op, tensors[0].device.type if tensors else "cpu").fn(*args, **kwargs)
 
 
 def unpad(

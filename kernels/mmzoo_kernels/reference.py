@@ -48,6 +48,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension computed in fp32, scaled and shifted in the input dtype."""
+    dtype = x.dtype
+    x32 = x.float()
+    centred = x32 - x32.mean(-1, keepdim=True)
+    x32 = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * x32.to(dtype)
+    return out if bias is None else out + bias
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -64,6 +74,11 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``x = [gate; up]`` along the last dimension."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU: exact (``approximate="none"``, the normal CDF) or its ``"tanh"`` approximation."""
+    return F.gelu(x, approximate=approximate)
 
 
 def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

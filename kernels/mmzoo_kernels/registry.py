@@ -1,27 +1,22 @@
-"""Kernel registry and dispatch: one entry per (op, backend), chosen at run time per device.
+"""Kernel registry and dispatch: ops, and one entry per (op, backend), chosen at run time per device.
 
-Implementations come from a collector that mmzoo's plugin manager installs
-(:func:`set_collector`): every plugin's ``mmzoo_register_kernels`` hook, the built-in ones
-included. Without mmzoo, the built-ins alone are registered. ``auto`` takes the first backend
-in ``AUTO_ORDER`` (then any other registered one, by name) that runs on the tensors' device type
-and is usable in this process. This package imports nothing from mmzoo.
+Ops (:class:`KernelOp`: a name and its reference) and implementations (:class:`KernelImpl`)
+come from a collector that mmzoo's plugin manager installs (:func:`set_collector`): every
+plugin's ``mmzoo_register_kernels`` hook, the built-in ones included, so a plugin can add an op
+as well as backends for any op. Without mmzoo, the built-ins alone are registered. ``auto``
+takes the first backend in the op's ``auto_order``, then ``reference``, that runs on the
+tensors' device type and is usable in this process. This package imports nothing from mmzoo.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
-from mmzoo_kernels.impl import OPS, KernelError, KernelImpl
+from mmzoo_kernels.impl import KernelError, KernelImpl, KernelOp
 
-# Preference for ``auto``: fastest first; ``reference`` (pure PyTorch) always works.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "attention": ("flash", "npu", "sdpa", "reference"),
-    "rotary": ("npu", "triton", "reference"),
-    "rms_norm": ("npu", "triton", "reference"),
-    "swiglu": ("npu", "reference"),
-    "cross_entropy": ("chunked", "reference"),
-}
+__all__ = ["KernelError", "KernelImpl", "KernelOp", "configure", "get", "implementations", "ops"]
 
 
 def _nearest(name: str, choices: Iterable[str]) -> str:
@@ -29,27 +24,64 @@ def _nearest(name: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-Register = Callable[[KernelImpl, str], None]  # (implementation, who registers it)
+Register = Callable[[KernelOp | KernelImpl, str], None]  # (op or implementation, who registers it)
 
-_impls: dict[tuple[str, str], tuple[KernelImpl, str]] | None = None
+
+@dataclass
+class _Table:
+    """Everything registered: op name -> (op, source), (op, backend) -> (impl, source)."""
+
+    ops: dict[str, tuple[KernelOp, str]] = field(default_factory=dict)
+    impls: dict[tuple[str, str], tuple[KernelImpl, str]] = field(default_factory=dict)
+
+    def add(self, entry: KernelOp | KernelImpl, source: str) -> None:
+        if isinstance(entry, KernelOp):
+            if entry.name in self.ops:
+                raise KernelError(
+                    f"kernel op '{entry.name}' is registered by two plugins: "
+                    f"{self.ops[entry.name][1]} and {source}"
+                )
+            self.ops[entry.name] = (entry, source)
+            entry = KernelImpl(entry.name, "reference", entry.reference)
+        elif not isinstance(entry, KernelImpl):
+            raise KernelError(f"plugin {source} registered {entry!r}; expected a KernelOp or a KernelImpl")
+        key = (entry.op, entry.backend)
+        if key in self.impls:
+            first = self.impls[key][1]
+            raise KernelError(
+                f"kernel {entry.op}/{entry.backend} is registered by two plugins: {first} and {source}"
+            )
+        self.impls[key] = (entry, source)
+
+    def check(self) -> None:
+        """Every implementation is of a registered op (plugins register in any order)."""
+        for (op, backend), (_, source) in self.impls.items():
+            if op not in self.ops:
+                raise KernelError(
+                    f"plugin {source} registered kernel {op}/{backend} for unknown op '{op}'"
+                    f"{_nearest(op, self.ops)}; ops: {', '.join(self.ops)}"
+                )
+
+
+_table: _Table | None = None
 _chosen: dict[tuple[str, str], KernelImpl] = {}
 _requested: dict[str, str] = {}
 _collector: Callable[[Register], None] | None = None
 
 
 def reset() -> None:
-    """Forget registered implementations and choices."""
-    global _impls
-    _impls = None
+    """Forget registered ops, implementations and choices."""
+    global _table
+    _table = None
     _chosen.clear()
     _requested.clear()
 
 
 def set_collector(collect: Callable[[Register], None] | None) -> None:
-    """Install what registers every implementation (mmzoo's plugin manager, through its hook).
+    """Install what registers every op and implementation (mmzoo's plugin manager, through its hook).
 
-    ``collect(register)`` calls ``register(impl, source)`` once per implementation; ``None``
-    goes back to the built-ins alone.
+    ``collect(register)`` calls ``register(entry, source)`` once per :class:`KernelOp` or
+    :class:`KernelImpl`; ``None`` goes back to the built-ins alone.
     """
     global _collector
     _collector = collect
@@ -59,34 +91,37 @@ def set_collector(collect: Callable[[Register], None] | None) -> None:
 def _builtins(register: Register) -> None:
     from mmzoo_kernels.builtin import register_builtins
 
-    register_builtins(lambda impl: register(impl, "mmzoo_kernels"))
+    register_builtins(lambda entry: register(entry, "mmzoo_kernels"))
 
 
-def _collect() -> dict[tuple[str, str], tuple[KernelImpl, str]]:
-    global _impls
-    if _impls is not None:
-        return _impls
-    impls: dict[tuple[str, str], tuple[KernelImpl, str]] = {}
+def _collect() -> _Table:
+    global _table
+    if _table is None:
+        table = _Table()
+        (_collector or _builtins)(table.add)
+        table.check()
+        _table = table
+    return _table
 
-    def register(impl: KernelImpl, source: str) -> None:
-        if impl.op not in OPS:
-            raise KernelError(f"plugin {source} registered a kernel for unknown op '{impl.op}'; ops: {OPS}")
-        key = (impl.op, impl.backend)
-        if key in impls:
-            raise KernelError(
-                f"kernel {impl.op}/{impl.backend} is registered by two plugins: {impls[key][1]} and {source}"
-            )
-        impls[key] = (impl, source)
 
-    (_collector or _builtins)(register)
-    _impls = impls
-    return impls
+def ops() -> tuple[str, ...]:
+    """The names of every registered op, in registration order."""
+    return tuple(_collect().ops)
+
+
+def _op(name: str) -> KernelOp:
+    registered = _collect().ops
+    if name not in registered:
+        raise KernelError(
+            f"unknown kernel op '{name}'{_nearest(name, registered)}; ops: {', '.join(registered)}"
+        )
+    return registered[name][0]
 
 
 def implementations(op: str) -> dict[str, KernelImpl]:
-    """Backend name -> implementation of ``op``, in ``auto`` preference order."""
-    impls = _collect()
-    names = [b for b in AUTO_ORDER[op] if (op, b) in impls]
+    """Backend name -> implementation of ``op``: its ``auto_order``, ``reference``, then the rest by name."""
+    impls = _collect().impls
+    names = [b for b in (*_op(op).auto_order, "reference") if (op, b) in impls]
     names += sorted(b for (o, b) in impls if o == op and b not in names)
     return {b: impls[(op, b)][0] for b in names}
 
@@ -118,8 +153,6 @@ def select(op: str, backend: str = "auto", device: str = "cpu") -> KernelImpl:
 
 def _pick(op: str, backend: str, device: str) -> KernelImpl:
     """:func:`select` without recording the choice."""
-    if op not in OPS:
-        raise KernelError(f"unknown kernel op '{op}'{_nearest(op, OPS)}; ops: {', '.join(OPS)}")
     impls = implementations(op)
     if backend == "auto":
         reasons = []
@@ -156,25 +189,25 @@ def configure(*, device: str | None = None, **choices: str) -> dict[str, str]:
     Args:
         device: device type to choose for (default: this process's accelerator, else cpu);
             ops called on tensors of another device choose for that device on first use.
-        **choices: op -> backend; ops not named keep their earlier choice (``auto`` at first).
+        **choices: op -> backend, for any registered op (a plugin's too); ops not named keep
+            their earlier choice (``auto`` at first).
 
     Returns:
-        op -> chosen backend on ``device``, for every op.
+        op -> chosen backend on ``device``, for every registered op.
 
     Raises:
         KernelError: unknown op or backend, or a requested backend that cannot run here (why).
     """
     device = device or default_device()
     for op in choices:
-        if op not in OPS:
-            raise KernelError(f"unknown kernel op '{op}'{_nearest(op, OPS)}; ops: {', '.join(OPS)}")
+        _op(op)
     picked = {op: _pick(op, backend, device) for op, backend in choices.items()}  # all or nothing
     for op, backend in choices.items():
         _requested[op] = backend
         for key in [key for key in _chosen if key[0] == op]:
             del _chosen[key]
         _chosen[(op, device)] = picked[op]
-    return {op: get(op, device).backend for op in OPS}
+    return {op: get(op, device).backend for op in ops()}
 
 
 def get(op: str, device: str = "cpu") -> KernelImpl:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mmzoo.config import RecomputeConfig
 from mmzoo.nn.kv_cache import KVCache
-from mmzoo.nn.layers import GatedMLP, RMSNorm, SelfAttention, TransformerLayer
-from mmzoo.nn.recompute import run_layers
+from mmzoo.nn.layers import SelfAttention, TransformerLayer
+from mmzoo.nn.mlp import MLP
+from mmzoo.nn.norm import RMSNorm
+from mmzoo.nn.recompute import LayerStack
 from mmzoo.nn.rotary import RotaryEmbedding
 
 
@@ -42,13 +42,6 @@ class _Embedding(nn.Module):
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
 
 
-class _Block(nn.Module):
-    def __init__(self, layers: Sequence[nn.Module], hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.final_layernorm = RMSNorm(hidden_size, eps)
-
-
 class TextDecoder(nn.Module):
     """``embedding`` -> ``decoder.layers`` -> ``decoder.final_layernorm`` -> ``output_layer``.
 
@@ -72,20 +65,21 @@ class TextDecoder(nn.Module):
                     proj_bias=False,
                     causal=True,
                 ),
-                mlp=GatedMLP(config.hidden_size, config.ffn_hidden_size, bias=False),
+                mlp=MLP(
+                    config.hidden_size, config.ffn_hidden_size, bias=False, gated=True, activation="silu"
+                ),
                 hidden_size=config.hidden_size,
                 eps=config.rms_norm_eps,
             )
             for _ in range(config.num_layers)
         ]
-        self.decoder = _Block(layers, config.hidden_size, config.rms_norm_eps)
+        self.decoder = LayerStack(layers, final_layernorm=RMSNorm(config.hidden_size, config.rms_norm_eps))
         self.output_layer = (
             None
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
-        self.recompute: RecomputeConfig | None = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding.word_embeddings(input_ids)
@@ -101,18 +95,11 @@ class TextDecoder(nn.Module):
         (one token per row, ``cu_seqlens`` = ``0..B``)."""
         cos, sin = self.rotary(position_ids, embeds.dtype)
         if cache is None:
-            x = run_layers(
-                self.decoder.layers,
-                embeds,
-                lambda i, layer, x: layer(x, cos, sin, cu_seqlens),
-                self.recompute,
-            )
-        else:
-            x = embeds
-            for i, layer in enumerate(self.decoder.layers):
-                x = layer(x, cos, sin, cu_seqlens, cache.layer(i))
-            cache.advance(cu_seqlens)
-        return self.decoder.final_layernorm(x)
+            return self.decoder(embeds, cos, sin, cu_seqlens)
+        # Generation runs without gradients, so nothing is recomputed (which would store twice).
+        x = self.decoder.run(embeds, lambda i, layer, x: layer(x, cos, sin, cu_seqlens, cache.layer(i)))
+        cache.advance(cu_seqlens)
+        return x
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` rows of up to ``capacity`` tokens."""

@@ -1,8 +1,9 @@
-"""Activation recompute (gradient checkpointing) over a stack of layers, Megatron style."""
+"""A stack of layers with activation recompute (gradient checkpointing), Megatron style."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,11 +45,39 @@ def run_layers(
     return x
 
 
+class LayerStack(nn.Module):
+    """Layers applied in order (Megatron's ``TransformerBlock``), with activation recompute.
+
+    ``layers`` is an ``nn.ModuleList`` under that name: FSDP makes each entry one unit
+    (:func:`mmzoo.distributed.fsdp.layer_units`). ``final_layernorm``, when given, is applied
+    after the last layer (a decoder's final norm). :func:`set_recompute` on any module holding
+    the stack sets its ``recompute`` policy.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], *, final_layernorm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.final_layernorm = final_layernorm
+        self.recompute: RecomputeConfig | None = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``x`` through ``layer(x, *args, **kwargs)`` for every layer (same arguments each)."""
+        return self.run(x, lambda i, layer, x: layer(x, *args, **kwargs))
+
+    def run(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """``x`` through ``step(i, layer, x)`` for every layer (arguments that differ per layer,
+        e.g. window or full attention), then ``final_layernorm``."""
+        x = run_layers(self.layers, x, step, self.recompute)
+        return x if self.final_layernorm is None else self.final_layernorm(x)
+
+
 def set_recompute(tower: nn.Module, policy: RecomputeConfig) -> None:
-    """Configure recompute on a tower (a module whose forward uses :func:`run_layers`)."""
+    """Configure recompute on every :class:`LayerStack` in ``tower`` (``selective``: on every
+    :class:`SelfAttention`'s core)."""
     if policy.num_layers < 1:
         raise ValueError(f"recompute num_layers must be at least 1, got {policy.num_layers}")
-    tower.recompute = policy  # type: ignore[assignment]
     for module in tower.modules():
-        if isinstance(module, SelfAttention):
+        if isinstance(module, LayerStack):
+            module.recompute = policy
+        elif isinstance(module, SelfAttention):
             module.recompute_core = policy.granularity == "selective"

@@ -304,7 +304,7 @@ def _training_device(train_cfg: TrainConfig) -> torch.device:
 def _configure_kernels(cfg: Config, device: torch.device) -> dict[str, str]:
     """The ``kernels`` section applied on ``device``, before any work: op -> backend."""
     try:
-        return mmzoo_kernels.configure(device=device.type, **vars(cfg.kernels))
+        return mmzoo_kernels.configure(device=device.type, **cfg.kernels)
     except mmzoo_kernels.KernelError as exc:
         raise MmzooError(str(exc)) from exc
 

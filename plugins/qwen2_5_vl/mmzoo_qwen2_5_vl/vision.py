@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmzoo.config import RecomputeConfig
-from mmzoo.nn import GatedMLP, RMSNorm, SelfAttention, TransformerLayer
-from mmzoo.nn.recompute import run_layers
+from mmzoo.nn import MLP, LayerStack, RMSNorm, SelfAttention, TransformerLayer
 from mmzoo_qwen2_5_vl.config import VisionConfig
 
 
@@ -99,12 +97,6 @@ class PatchEmbed(nn.Module):
         return pixel_values @ weight.t()
 
 
-class _Blocks(nn.Module):
-    def __init__(self, layers: list[nn.Module]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-
 class VisionEncoder(nn.Module):
     """Patches ``(N, 1176)`` + grids ``(M, 3)`` -> patch features ``(N, hidden)`` in input order.
 
@@ -118,7 +110,7 @@ class VisionEncoder(nn.Module):
         self.config = config
         self.patch_embed = PatchEmbed(config)
         self.rotary = VisionRotary(config.head_dim, config.rope_theta)
-        self.blocks = _Blocks(
+        self.blocks = LayerStack(
             [
                 TransformerLayer(
                     self_attention=SelfAttention(
@@ -130,14 +122,15 @@ class VisionEncoder(nn.Module):
                         proj_bias=True,
                         causal=False,
                     ),
-                    mlp=GatedMLP(config.hidden_size, config.ffn_hidden_size, bias=True),
+                    mlp=MLP(
+                        config.hidden_size, config.ffn_hidden_size, bias=True, gated=True, activation="silu"
+                    ),
                     hidden_size=config.hidden_size,
                     eps=config.rms_norm_eps,
                 )
                 for _ in range(config.depth)
             ]
         )
-        self.recompute: RecomputeConfig | None = None
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         config = self.config
@@ -165,26 +158,9 @@ class VisionEncoder(nn.Module):
         cos, sin = self.rotary(patch_positions(grid_thw, config.spatial_merge_size).to(device), x.dtype)
         x, cos, sin = to_windows(x), to_windows(cos), to_windows(sin)
         full = set(config.fullatt_block_indexes)
-        x = run_layers(
-            self.blocks.layers,
-            x,
-            lambda i, layer, x: layer(x, cos, sin, cu_full if i in full else cu_window),
-            self.recompute,
-        )
+        x = self.blocks.run(x, lambda i, layer, x: layer(x, cos, sin, cu_full if i in full else cu_window))
         restore = torch.argsort(order)
         return x.view(tokens // unit, unit, width)[restore].view(tokens, width)
-
-
-class MergerMLP(nn.Module):
-    """Linear -> GELU -> Linear (``linear_fc1``, ``linear_fc2``)."""
-
-    def __init__(self, width: int, out: int) -> None:
-        super().__init__()
-        self.linear_fc1 = nn.Linear(width, width)
-        self.linear_fc2 = nn.Linear(width, out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
 
 
 class PatchMerger(nn.Module):
@@ -196,7 +172,10 @@ class PatchMerger(nn.Module):
         merged = config.hidden_size * config.spatial_merge_size**2
         self.merged = merged
         self.layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.encoder = MergerMLP(merged, config.out_hidden_size)
+        # Linear -> GELU -> Linear (``linear_fc1``, ``linear_fc2``)
+        self.encoder = MLP(
+            merged, merged, bias=True, gated=False, activation="gelu", out_size=config.out_hidden_size
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.layernorm(x).view(-1, self.merged))  # (N / 4, 4 * C)

@@ -67,7 +67,7 @@ def broken_outputs(mm_model, batch, monkeypatch, pick=lambda out: out.logits) ->
         if not media:
             return out
         with monkeypatch.context() as m:  # the projector's GELU as quick_gelu
-            m.setattr(torch.nn.functional, "gelu", lambda x: x * torch.sigmoid(1.702 * x))
+            m.setattr(torch.nn.functional, "gelu", lambda x, approximate="none": x * torch.sigmoid(1.702 * x))
             out["projector quick_gelu"] = pick(mm_model(**batch))
         mask = batch.get("attention_mask")
         positions = mm_model.compute_position_ids(

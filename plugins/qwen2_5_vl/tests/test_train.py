@@ -481,10 +481,10 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def keys(tree: dict, prefix: str = "") -> set[str]:
-    """Dotted keys of printed YAML (dict-valued options such as data.media are leaves)."""
+    """Dotted keys of printed YAML (dict-valued options such as data.media, and kernels, are leaves)."""
     out = set()
     for key, value in tree.items():
-        if isinstance(value, dict) and key not in ("overrides", "media"):
+        if isinstance(value, dict) and key not in ("overrides", "media", "kernels"):
             out |= keys(value, f"{prefix}{key}.")
         else:
             out.add(prefix + key)
@@ -504,10 +504,12 @@ def fields(config, prefix: str = "") -> set[str]:
 
 
 def test_print_config_shows_every_key(capsys):
-    assert main(["train", "--print-config", "--train.lr", "2e-5", "--save-hf", "hf_out"]) == 0
+    kernels = ["--kernels.attention", "sdpa", "--kernels.layer_norm", "reference"]
+    assert main(["train", "--print-config", "--train.lr", "2e-5", "--save-hf", "hf_out", *kernels]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    expected = to_dict(load_config(None, ["--train.lr", "2e-5", "--train.save_hf", "hf_out"]))
+    expected = to_dict(load_config(None, ["--train.lr", "2e-5", "--train.save_hf", "hf_out", *kernels]))
     assert printed == expected
+    assert printed["kernels"] == {"attention": "sdpa", "layer_norm": "reference"}
     assert {"model", "data", "train"} <= set(printed)
     assert keys(printed) == fields(mmzoo.config.Config())
     assert "recompute_text.num_layers" in " ".join(keys(printed["model"]))
@@ -516,12 +518,13 @@ def test_print_config_shows_every_key(capsys):
 
 def test_print_config_describes_every_key(capsys):
     assert main(["train", "--print-config"]) == 0
-    keyed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    out = capsys.readouterr().out
+    keyed = [line for line in out.splitlines() if line.startswith("  ")]
     config = mmzoo.config.Config()
-    assert len(keyed) == sum(
-        len(dataclasses.fields(getattr(config, f.name))) for f in dataclasses.fields(config)
-    )
+    sections = [getattr(config, f.name) for f in dataclasses.fields(config)]
+    assert len(keyed) == sum(len(dataclasses.fields(v)) for v in sections if dataclasses.is_dataclass(v))
     described = dict(line.strip().split("  # ", 1) for line in keyed)
+    assert "kernels: {}  # op -> backend" in out  # a mapping: any registered op, none named by default
     assert all(text.strip() for text in described.values())
     assert described["micro_batch_size: 1"].startswith(
         "samples per micro-batch; with `data.packing` on, packed rows of `data.seq_length` tokens"
