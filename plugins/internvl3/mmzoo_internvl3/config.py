@@ -60,7 +60,7 @@ class InternVL3Config:
 
     Attributes:
         downsample_ratio: pixel-shuffle ratio; 0.5 merges 2x2 patches (1024 -> 256 per tile).
-        select_layer: the ViT layer whose output is used (-1: the last, as every InternVL3).
+        select_layer: the ViT layer whose output is used; -1 (the last), as in every InternVL3.
         image_token_id: ``<IMG_CONTEXT>``, the placeholder each vision feature replaces.
         image_start_token_id, image_end_token_id: ``<img>`` and ``</img>`` around an image.
         min_dynamic_patch, max_dynamic_patch, use_thumbnail: the tiling of an image.
@@ -93,10 +93,10 @@ class InternVL3Config:
                 f"downsample_ratio {self.downsample_ratio} must be 1/k with k dividing the "
                 f"{self.vision.grid}-patch tile side"
             )
-        if not -self.vision.num_layers <= self.select_layer < 0:
+        if self.select_layer != -1:
             raise ValueError(
-                f"select_layer {self.select_layer} must be in -{self.vision.num_layers}..-1 (a ViT layer "
-                "counted from the last)"
+                f"select_layer {self.select_layer} is not supported: mmzoo's InternVL3 takes the last "
+                "ViT layer's output (select_layer -1), as every InternVL3 checkpoint does"
             )
         if not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
             raise ValueError(
@@ -115,11 +115,6 @@ class InternVL3Config:
     def tokens_per_tile(self) -> int:
         """LLM tokens one tile becomes: (448/14)^2 * 0.5^2 = 256."""
         return (self.vision.grid // self.merge) ** 2
-
-    @property
-    def vision_layers_used(self) -> int:
-        """ViT layers run to reach ``select_layer``'s output."""
-        return self.vision.num_layers + 1 + self.select_layer
 
 
 VOCAB = 151674  # Qwen2.5's 151665 tokens + <img>, </img>, <IMG_CONTEXT>, <quad>, </quad>, <ref>, ...

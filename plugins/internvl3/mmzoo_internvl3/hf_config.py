@@ -116,14 +116,11 @@ def _from_transformers(hf: dict[str, Any]) -> InternVL3Config:
     # config's (Qwen2 default False) decided.
     tied = bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     decoder, max_positions, factor = _text(text, "text_config.", tied)
-    layer = hf.get("vision_feature_layer", -1)
-    if not isinstance(layer, int):
-        raise MmzooError(f"config.json vision_feature_layer = {layer!r}: mmzoo reads one layer, not a list")
+    _expect(hf, "", "vision_feature_layer", (-1,), -1)
     return InternVL3Config(
         vision=_vision(vision, _square(vision.get("image_size", 448)), "attention_bias", "use_qk_norm"),
         text=decoder,
         downsample_ratio=hf.get("downsample_ratio", 0.5),
-        select_layer=layer,
         image_token_id=hf.get("image_token_id", 151667),
         max_position_embeddings=max_positions,
         dynamic_rope_factor=factor,
@@ -140,6 +137,7 @@ def _from_opengvlab(hf: dict[str, Any]) -> InternVL3Config:
             "LLMs only (InternVL3-9B's InternLM3 is not supported)"
         )
     _expect(hf, "", "ps_version", ("v2",), "v1")
+    _expect(hf, "", "select_layer", (-1,), -1)
     decoder, max_positions, factor = _text(llm, "llm_config.", bool(llm.get("tie_word_embeddings", False)))
     dynamic = hf.get("dynamic_image_size", True)
     image_size = hf.get("force_image_size") or _square(vision.get("image_size", 448))
@@ -147,7 +145,6 @@ def _from_opengvlab(hf: dict[str, Any]) -> InternVL3Config:
         vision=_vision(vision, image_size, "qkv_bias", "qk_normalization"),
         text=decoder,
         downsample_ratio=hf.get("downsample_ratio", 0.5),
-        select_layer=hf.get("select_layer", -1),
         min_dynamic_patch=hf.get("min_dynamic_patch", 1) if dynamic else 1,
         max_dynamic_patch=hf.get("max_dynamic_patch", 12) if dynamic else 1,
         use_thumbnail=hf.get("use_thumbnail", True),
