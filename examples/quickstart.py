@@ -16,7 +16,8 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(
         f"tiny qwen2_5_vl: {params / 1e6:.1f}M parameters; input {tuple(batch['input_ids'].shape)} tokens, "
-        f"image grid {batch['image_grid_thw'].tolist()}, video grid {batch['video_grid_thw'].tolist()}"
+        f"image grid {batch['media']['image_grid_thw'].tolist()}, "
+        f"video grid {batch['media']['video_grid_thw'].tolist()}"
     )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -20,14 +20,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("mmzoo_kernels",)),
     (
         "base",
-        ("mmzoo.errors", "mmzoo.files", "mmzoo.version", "mmzoo.config", "mmzoo.testing", "mmzoo.hookspecs"),
+        ("mmzoo.errors", "mmzoo.files", "mmzoo.version", "mmzoo.config", "mmzoo.hookspecs"),
     ),
     ("nn", ("mmzoo.nn", "mmzoo.loss", "mmzoo.model")),
-    ("registry", ("mmzoo.plugins", "mmzoo_kernels.plugin", "mmzoo.registry", "mmzoo.build")),
+    (
+        "registry",
+        ("mmzoo.protocols", "mmzoo.plugins", "mmzoo_kernels.plugin", "mmzoo.registry", "mmzoo.build"),
+    ),
     ("convert", ("mmzoo.convert",)),
     ("checkpoint", ("mmzoo.checkpoint", "mmzoo.api")),
     ("work", ("mmzoo.data", "mmzoo.distributed", "mmzoo.train", "mmzoo.infer", "mmzoo.eval")),
-    ("interface", ("mmzoo.commands", "mmzoo.cli", "mmzoo.__main__")),
+    ("interface", ("mmzoo.commands", "mmzoo.cli", "mmzoo.__main__", "mmzoo.testing")),
 ]
 FACADE = "mmzoo"  # the package's __init__: the public names, above everything it re-exports
 GLUE = "mmzoo_kernels.plugin"  # the one kernels module that imports mmzoo (to register through the hook)
@@ -179,3 +182,17 @@ def test_the_checks_can_fail():
     assert layer_of("mmzoo.errors") < layer_of("mmzoo.train.loop") < layer_of("mmzoo.cli")
     tree = ast.parse("import x\nif TYPE_CHECKING:\n    import y\ndef f():\n    from z import w\n")
     assert sorted(imported_names(tree)) == ["x", "z.w"]
+
+
+def test_the_core_names_no_family_part():
+    """Media grids, merge sizes and a family's token ids belong to plugins: the core only passes a
+    family's media batch along (docs/architecture.md, "Composition")."""
+    family_names = ("grid_thw", "second_per_grid_ts", "spatial_merge_size", "vision_end_token_id")
+    found = [
+        f"{path.relative_to(REPO)}: {name}"
+        for root in ROOTS.values()
+        for path in root.rglob("*.py")
+        for name in family_names
+        if name in path.read_text()
+    ]
+    assert not found

@@ -63,3 +63,78 @@ def test_overrides_and_their_errors():
         mmzoo.build_model("qwen2_5_vl", "8b")
     with pytest.raises(mmzoo.MmzooError, match="no model named 'qwen25_vl'.*did you mean 'qwen2_5_vl'"):
         mmzoo.build_model("qwen25_vl")
+
+
+def _saved_hf(name: str, directory) -> tuple[mmzoo.VLModel, dict[str, torch.Tensor]]:
+    """A tiny model of ``name`` with spread weights, saved as an HF checkpoint, and its tensors."""
+    from safetensors.torch import load_file
+
+    from mmzoo.checkpoint.hf_export import save_hf
+    from mmzoo.testing import spread_weights_
+
+    model = spread_weights_(mmzoo.build_model(name, "tiny"))
+    save_hf(model, directory)
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return model, tensors
+
+
+@pytest.mark.parametrize("name", [r.spec.name for r in all_models() if r.spec.config_to_hf is not None])
+def test_conversion_round_trip_at_tp2_pp2_is_exact(name, tmp_path):
+    """HF -> mm at tp 2 / pp 2 -> resplit to tp 1 / pp 1 -> HF gives back every tensor bit for bit."""
+    from safetensors.torch import load_file
+
+    from mmzoo.checkpoint import conversion
+    from mmzoo.convert.parallel import depths
+
+    _, expected = _saved_hf(name, tmp_path / "hf")
+    layers = depths(mmzoo.get_model(name).weight_mapping(mmzoo.get_model(name).variant("tiny")))
+    vision, language = layers["vision"], layers["text"]
+    quiet = {"report": lambda line: None}
+    mm = conversion.hf_to_mm(
+        tmp_path / "hf",
+        tmp_path / "mm",
+        tp=2,
+        vit_pp_layers=[vision, 0],
+        llm_pp_layers=[language // 2, language - language // 2],
+        **quiet,
+    )
+    whole = conversion.resplit(mm, tmp_path / "mm1", tp=1, **quiet)
+    back = conversion.mm_to_hf(whole, tmp_path / "back", **quiet)
+    got = {}
+    for file in sorted(back.glob("*.safetensors")):
+        got.update(load_file(file))
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generation_with_the_cache_equals_recomputing_every_step(name):
+    """Greedy decoding with the KV cache picks, at every step, the argmax of a full forward over
+    the prompt and the tokens so far: cache, positions and media agree."""
+    from mmzoo.infer import SamplingConfig, generate
+
+    torch.manual_seed(0)
+    model = mmzoo.build_model(name, "tiny").eval()
+    batch = mmzoo.get_model(name).example_batch(model.config)
+    prompt, media = batch["input_ids"], batch["media"]
+    (tokens,) = generate(model, prompt, media=media, sampling=SamplingConfig(max_new_tokens=4))
+    with torch.no_grad():
+        full = torch.cat([prompt, torch.tensor([tokens[:-1]])], dim=1)
+        positions = model.compute_position_ids(model.config, prompt, media=media)
+        step = positions.amax(dim=(0, 2)) + 1 + torch.arange(len(tokens) - 1)  # text after the prompt
+        positions = torch.cat([positions, step.expand(positions.shape[0], 1, -1)], dim=2)
+        logits = model(full, media=media, position_ids=positions).logits[0, prompt.shape[1] - 1 :]
+    assert logits.argmax(-1).tolist() == tokens
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_short_training_run_on_the_demo_data(name, tmp_path):
+    from mmzoo.cli import main
+
+    args = ["train", "--model", name, "--data.max_samples", "4", "--train.steps", "2"]
+    assert main([*args, "--train.tensorboard", "false", "--train.output_dir", str(tmp_path)]) == 0
+    model = mmzoo.load_model(tmp_path)
+    assert model.name == name

@@ -107,3 +107,33 @@ def test_every_hook_is_documented_in_the_plugin_guide():
     for name in hooks:
         assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
         assert f"`{name}" in guide, f"{name} is not described in docs/plugins.md"
+
+
+BROKEN_PARTS = FAKE_PLUGIN.replace(
+    "register(dataclasses.replace(SPEC, name={name!r}, hf_architectures=()))",
+    "register(dataclasses.replace(SPEC, name={name!r}, hf_architectures=(), **{changes}))",
+)
+
+
+@pytest.mark.parametrize(
+    ("changes", "lacks"),
+    [
+        # a media processor without dummy(): ranks without media could not run the vision encoder
+        (
+            "dict(media_processor=lambda config, **o: type('P', (), dict((k, v) for k, v in "
+            "vars(SPEC.media_processor(config, **o).__class__).items() if k != 'dummy'))())",
+            "its media_processor lacks dummy",
+        ),
+        ("dict(position_ids=lambda config, ids: None)", "its position_ids lacks parameter attention_mask"),
+        ("dict(template=object())", "its template lacks encode, image_placeholder, name, place_media"),
+        ("dict(variants=dict(tiny=object()))", "its variant config object lacks __dataclass_fields__"),
+    ],
+)
+def test_parts_are_checked_against_their_protocols_at_registration(site, changes, lacks):
+    body = BROKEN_PARTS.replace("{changes}", changes).format(name="broken_vl")
+    install(site, "fakeplug", "3.0", "fake", "fakeplug_p", body)
+    with pytest.raises(mmzoo.MmzooError) as info:
+        registry.all_models()
+    message = str(info.value)
+    assert message.startswith("plugin fake (fakeplug 3.0): model 'broken_vl': ") and lacks in message
+    assert "mmzoo.protocols." in message

@@ -61,9 +61,8 @@ def compose(spec: ModelSpec, config: Any) -> VLModel:
         projector=spec.build_projector(config),
         text_decoder=spec.build_text_decoder(config),
         position_ids=spec.position_ids,
+        feature_slots=spec.feature_slots,
         loss=spec.loss,
-        image_token_id=config.image_token_id,
-        video_token_id=config.video_token_id,
         config=config,
         name=spec.name,
     )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mmzoo.config import DataConfig
-from mmzoo.data.collate import MEDIA_KEYS, Sample, collate_left_padded
+from mmzoo.data.collate import Sample, batch_to, collate_left_padded
 from mmzoo.data.pipeline import Preprocessor
 from mmzoo.data.records import Record
 from mmzoo.errors import MmzooError
@@ -27,9 +27,6 @@ from mmzoo.model import VLModel, real_tokens
 from mmzoo.registry import ModelSpec, get_model
 
 OnStep = Callable[[list[int | None], torch.Tensor], None]
-# The media arguments of VLModel.embed_inputs and of the family's position ids.
-_EMBED_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-_POSITION_KEYS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ def generate(
         model: the model (put it in eval mode).
         input_ids: ``(B, S)`` prompts with media placeholders expanded.
         attention_mask: ``(B, S)``, 0 on padding.
-        media: any of :data:`mmzoo.data.collate.MEDIA_KEYS` -> tensor, as for :meth:`VLModel.forward`.
+        media: the family's media batch, as for :meth:`VLModel.forward`.
         position_ids: ``(rows, B, S)``, 0 on padding (default: the family's, computed here).
         sampling: decoding settings (default: greedy, 256 tokens, no stop tokens).
         on_step: called after each step with the new token of every row (``None`` once a row
@@ -117,20 +114,18 @@ def generate(
         The generated token ids of each row (a stop token that ended a row included).
     """
     sampling = sampling or SamplingConfig()
-    media = _check_media(media or {})
     keep, cu_seqlens = real_tokens(input_ids, attention_mask)
     lengths = keep.sum(dim=1)
     if int(lengths.min()) == 0:
         raise MmzooError("generate: a prompt in the batch is empty")
     if position_ids is None:
-        grids = {k: media.get(k) for k in _POSITION_KEYS}
-        position_ids = model.compute_position_ids(model.config, input_ids, attention_mask=keep, **grids)
+        position_ids = model.compute_position_ids(model.config, input_ids, attention_mask=keep, media=media)
     positions = position_ids.to(input_ids.device)  # (rows, B, S); padding is 0, real positions >= 0
     deltas = positions.amax(dim=(0, 2)) + 1 - lengths  # (B,)
 
     decoder = model.text_decoder
     cache = decoder.new_cache(len(input_ids), int(lengths.max()) + sampling.max_new_tokens)
-    embeds = model.embed_inputs(input_ids, **{k: media.get(k) for k in _EMBED_KEYS})
+    embeds = model.embed_inputs(input_ids, media)
     hidden = decoder(embeds[keep], positions[:, keep], cu_seqlens, cache=cache)  # (T, H)
     logits = decoder.logits(hidden[cu_seqlens[1:].long() - 1])  # (B, V)
     rows = _Rows(sampling, input_ids, keep, logits)
@@ -144,14 +139,6 @@ def generate(
         pos = (cache.lengths + deltas).expand(positions.shape[0], -1)  # (rows, B)
         logits = decoder.logits(decoder(decoder.embed(tokens), pos, step_cu, cache=cache))
     return rows.out
-
-
-def _check_media(media: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    unknown = sorted(set(media) - set(MEDIA_KEYS))
-    if unknown:
-        known = ", ".join(MEDIA_KEYS)
-        raise MmzooError(f"generate: unknown media {', '.join(unknown)}; the media keys are {known}")
-    return media
 
 
 class _Rows:
@@ -194,8 +181,8 @@ class _Rows:
 class Request:
     """One chat turn: a prompt with its media.
 
-    ``<image>``/``<video>`` in the prompt place the media; without them, the images and then the
-    videos come before the text (as the Qwen chat template's processor does).
+    ``<image>``/``<video>`` in the prompt place the media; without them, the family's template
+    places them (:meth:`mmzoo.protocols.Template.place_media`).
     """
 
     prompt: str
@@ -240,19 +227,17 @@ class Chat:
         """One request as a sample: its prompt, up to the template's generation prompt, and media."""
         t, text = self.template, request.prompt
         if t.image_placeholder not in text and t.video_placeholder not in text:
-            media = t.image_placeholder * len(request.images) + t.video_placeholder * len(request.videos)
-            text = media + text
+            text = t.place_media(text, len(request.images), len(request.videos))
         messages = [] if request.system is None else [{"role": "system", "content": request.system}]
         messages.append({"role": "user", "content": text})
         images = [_media_path(x) for x in request.images]
         record = Record(messages, images, [_media_path(x) for x in request.videos])
         return self.preprocessor.to_sample(self.preprocessor.prepare_prompt(record))
 
-    def collate(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """Left-padded ``input_ids``, ``attention_mask``, ``position_ids`` and the samples' media."""
-        rows = [{"input_ids": s.input_ids, "position_ids": s.position_ids, **s.media} for s in samples]
-        batch = collate_left_padded(rows, self.tokenizer.pad_token_id or 0)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        rows = [{"input_ids": s.input_ids, "position_ids": s.position_ids, "media": s.media} for s in samples]
+        return batch_to(collate_left_padded(rows, self.tokenizer.pad_token_id or 0), self.device)
 
     def answer(
         self,
@@ -270,10 +255,10 @@ class Chat:
         streamer = _Streamer(self.tokenizer, on_text) if on_text is not None else None
         ids = generate(
             self.model,
-            batch.pop("input_ids"),
-            batch.pop("attention_mask"),
-            position_ids=batch.pop("position_ids"),
-            media=batch,
+            batch["input_ids"],
+            batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            media=batch["media"],
             sampling=replace(sampling, stop_token_ids=stops),
             on_step=streamer.step if streamer is not None else None,
         )

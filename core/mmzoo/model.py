@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,25 +48,27 @@ class ImageEncoder(nn.Module):
         self.encoder = encoder
         self.projector = projector
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.encoder.parameters()).dtype
-        return self.projector(self.encoder(pixel_values.to(dtype), grid_thw))
+    def forward(self, media: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.projector(self.encoder(media))
 
 
 class VLModel(nn.Module):
     """A vision-language model composed of ready-built parts (keyword-only).
 
     The vision encoder and projector are held together as ``image_encoder`` (an
-    :class:`ImageEncoder`), so ``state_dict()`` names are the mm checkpoint names.
+    :class:`ImageEncoder`), so ``state_dict()`` names are the mm checkpoint names. Media come as
+    one family-defined batch (a mapping of tensors the family's media processor made); the core
+    only passes it to the family's parts.
 
     Args:
-        vision_encoder: ``(pixel_values, grid_thw) -> (patches, C)`` in input patch order.
-        projector: ``(patches, C) -> (tokens, hidden)``; ``patches / tokens`` patches per token.
+        vision_encoder: ``media batch -> (N, C)`` features.
+        projector: ``(N, C) -> (tokens, hidden)``.
         text_decoder: a :class:`mmzoo.nn.TextDecoder`-like module.
         position_ids: the family's position-id function (see ``ModelSpec.position_ids``), kept as
             ``compute_position_ids``.
+        feature_slots: ``(config, media) -> [(token_id, count), ...]``: how the projector's rows
+            split over placeholder ids, in order (see ``ModelSpec.feature_slots``).
         loss: ``(hidden (T, H), output_weight (V, H), labels (T,), cu_seqlens, reduction) -> loss``.
-        image_token_id, video_token_id: placeholder ids that receive media features.
         config: the family config the parts were built from.
         name: registry name of the family.
     """
@@ -78,9 +80,8 @@ class VLModel(nn.Module):
         projector: nn.Module,
         text_decoder: TextDecoder,
         position_ids: Callable[..., torch.Tensor],
+        feature_slots: Callable[[Any, Mapping[str, torch.Tensor]], list[tuple[int, int]]],
         loss: Callable[..., torch.Tensor],
-        image_token_id: int,
-        video_token_id: int,
         config: Any,
         name: str,
     ) -> None:
@@ -88,68 +89,39 @@ class VLModel(nn.Module):
         self.image_encoder = ImageEncoder(encoder=vision_encoder, projector=projector)
         self.text_decoder = text_decoder
         self.compute_position_ids = position_ids
+        self.feature_slots = feature_slots
         self.loss_fn = loss
-        self.image_token_id = image_token_id
-        self.video_token_id = video_token_id
         self.config = config
         self.name = name
 
-    def encode_media(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Vision encoder + projector: patches ``(N, patch_dim)`` -> LLM tokens ``(N / merge, hidden)``."""
-        return self.image_encoder(pixel_values, grid_thw)
-
-    def _scatter(self, embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, features, kind: str):
-        mask = input_ids == token_id
-        count = int(mask.sum())
-        if count != features.shape[0]:
-            raise MmzooError(
-                f"{kind} tokens and {kind} features differ: the input ids hold {count} {kind} tokens "
-                f"(id {token_id}) but the {kind}s give {features.shape[0]} features; check that each "
-                f"placeholder was expanded for its {kind}'s grid_thw"
-            )
-        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
-
     def embed_inputs(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor, media: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Token embeddings ``(B, S, H)`` with media features scattered into their placeholders.
 
-        Images and videos go through the vision encoder in one call: under FSDP every rank must
-        run it the same number of times per micro-batch, whatever media its batch holds.
+        All media of the batch go through the vision encoder in one call: under FSDP every rank
+        must run it the same number of times per micro-batch, whatever media its batch holds.
         """
         embeds = self.text_decoder.embed(input_ids)
-        media: list[tuple[torch.Tensor, torch.Tensor, int, str]] = []
-        for pixels, grid, token_id, kind in (
-            (pixel_values, image_grid_thw, self.image_token_id, "image"),
-            (pixel_values_videos, video_grid_thw, self.video_token_id, "video"),
-        ):
-            if pixels is not None:
-                if grid is None:
-                    raise MmzooError(f"{kind} pixels were given without their {kind}_grid_thw")
-                media.append((pixels, grid, token_id, kind))
         if not media:
             return embeds
-        features = self.encode_media(torch.cat([m[0] for m in media]), torch.cat([m[1] for m in media]))
-        patches = [m[0].shape[0] for m in media]
-        sizes = [n * features.shape[0] // sum(patches) for n in patches]  # the encoder merges evenly
-        for (_, _, token_id, kind), part in zip(media, features.split(sizes), strict=True):
-            embeds = self._scatter(embeds, input_ids, token_id, part, kind)
+        features = self.image_encoder(media)
+        slots = self.feature_slots(self.config, media)
+        total = sum(count for _, count in slots)
+        if total != features.shape[0]:
+            raise MmzooError(
+                f"the media batch gives {features.shape[0]} features but {self.name} expects {total} "
+                f"for its placeholders; check the media tensors ({', '.join(media)})"
+            )
+        for token_id, part in zip([t for t, _ in slots], features.split([c for _, c in slots]), strict=True):
+            embeds = _scatter(embeds, input_ids, token_id, part)
         return embeds
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-        second_per_grid_ts: torch.Tensor | None = None,
+        media: Mapping[str, torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
@@ -158,15 +130,14 @@ class VLModel(nn.Module):
     ) -> VLOutput:
         """Run the model on a padded batch ``(B, S)`` or on one packed row with ``cu_seqlens``.
 
-        Arguments match transformers' Qwen2.5-VL. ``cu_seqlens`` (packed input, ``B == 1``)
-        marks sample boundaries; ``position_ids`` ``(rows, B, S)`` skips the family's
-        position-id function (the packed path computes them per sample in the collator).
-        ``loss_reduction`` scales the loss for gradient accumulation (see :mod:`mmzoo.loss`);
-        training passes ``return_logits=False``: the loss then needs logits of answer tokens only.
+        ``media`` is the family's media batch (see its media processor's ``tensors``).
+        ``cu_seqlens`` (packed input, ``B == 1``) marks sample boundaries; ``position_ids``
+        ``(rows, B, S)`` skips the family's position-id function (the packed path computes them
+        per sample in the collator). ``loss_reduction`` scales the loss for gradient accumulation
+        (see :mod:`mmzoo.loss`); training passes ``return_logits=False``: the loss then needs
+        logits of answer tokens only.
         """
-        embeds = self.embed_inputs(
-            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
-        )
+        embeds = self.embed_inputs(input_ids, media)
         if cu_seqlens is None:
             keep, cu_seqlens = real_tokens(input_ids, attention_mask)
         elif len(input_ids) != 1:
@@ -174,14 +145,8 @@ class VLModel(nn.Module):
         else:
             keep = torch.ones_like(input_ids, dtype=torch.bool)
         if position_ids is None:
-            position_ids = self.compute_position_ids(
-                self.config,
-                input_ids,
-                attention_mask=None if attention_mask is None else keep,
-                image_grid_thw=image_grid_thw,
-                video_grid_thw=video_grid_thw,
-                second_per_grid_ts=second_per_grid_ts,
-            )
+            mask = None if attention_mask is None else keep
+            position_ids = self.compute_position_ids(self.config, input_ids, attention_mask=mask, media=media)
 
         hidden = self.text_decoder(embeds[keep], position_ids[:, keep], cu_seqlens)  # (T, H)
         loss = None
@@ -196,3 +161,17 @@ class VLModel(nn.Module):
         padded = logits.new_zeros(*keep.shape, logits.shape[-1])  # (B, S, V)
         padded[keep] = logits
         return VLOutput(logits=padded, loss=loss)
+
+
+def _scatter(
+    embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, features: torch.Tensor
+) -> torch.Tensor:
+    mask = input_ids == token_id
+    count = int(mask.sum())
+    if count != features.shape[0]:
+        raise MmzooError(
+            f"placeholders and media features differ: the input ids hold {count} tokens of id {token_id} "
+            f"but the media give {features.shape[0]} features for them; check that each placeholder was "
+            "expanded by the family's media processor"
+        )
+    return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))

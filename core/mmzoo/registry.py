@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from mmzoo import protocols
 from mmzoo.errors import MmzooError, nearest
 from mmzoo.nn import TextDecoder
 from mmzoo.plugins import PluginInfo, PluginManager, get_manager
@@ -20,31 +21,31 @@ class ModelSpec:
 
     The builders receive the family's config object (one of ``variants`` or one made by
     ``config_from_hf``) and return ready-built modules; :class:`mmzoo.model.VLModel`
-    composes them. The config carries ``image_token_id`` and ``video_token_id`` (tests shrink
-    the vocabulary and remap them). Parts a family does not provide yet are ``None``.
+    composes them. Parts a family does not provide yet are ``None``. The typed parts follow
+    :mod:`mmzoo.protocols` and are checked when the plugin registers.
 
     Attributes:
         name: registry name, e.g. ``"qwen2_5_vl"``.
-        variants: variant name -> config object (sizes), e.g. ``"7b"``, ``"tiny"``.
-        build_vision_encoder: config -> module ``(pixel_values, grid_thw) -> patch features``.
-        build_projector: config -> module ``patch features -> LLM-width tokens``.
+        variants: variant name -> config object (a frozen dataclass: :class:`mmzoo.protocols.FamilyConfig`).
+        build_vision_encoder: config -> module ``media batch -> (N, C) features``.
+        build_projector: config -> module ``(N, C) -> (tokens, hidden)``.
         build_text_decoder: config -> :class:`mmzoo.nn.TextDecoder`.
-        position_ids: ``(config, input_ids, attention_mask, image_grid_thw, video_grid_thw,
-            second_per_grid_ts) -> (rows, B, S)`` position ids (M-RoPE has 3 rows).
+        position_ids: ``(config, input_ids, attention_mask=None, media=None) -> (rows, B, S)``
+            position ids (:class:`mmzoo.protocols.PositionIds`; M-RoPE has 3 rows).
+        feature_slots: ``(config, media batch) -> [(token_id, count), ...]``: how the projector's
+            output rows split over placeholder ids, in order.
         weight_mapping: config -> :class:`mmzoo.convert.mapping.WeightMapping` (HF <-> mm names).
         config_from_hf: HF ``config.json`` dict -> config object.
         config_to_hf: config object -> HF ``config.json`` dict (the inverse of ``config_from_hf``;
             ``dtype`` is added by the writer); ``None`` when the family cannot export.
         loss: ``(hidden (T, H), output_weight (V, H), labels (T,), cu_seqlens, reduction) -> loss``
             (see :func:`mmzoo.loss.causal_lm_loss`).
-        example_batch: config -> a small model input with media (for tests and benchmarks).
+        example_batch: config -> ``{"input_ids", "labels", "media"}``, a small input with media
+            (for tests and benchmarks).
         hf_architectures: the ``architectures`` entries of HF config.json this family reads.
         freeze_groups: group name -> module-name prefixes in the mm state dict.
-        template: the chat template (:class:`mmzoo.data.template.ChatTemplate`).
-        media_processor: ``(config, **options) ->`` processor with ``prepare_image(path)``,
-            ``prepare_video(path)``, ``grid_thw(frames)`` and ``pixel_values(frames)``.
-        expand_media: ``(tokenizer, image_grids, video_grids, merge_size) -> expand(kind, i)``
-            giving the token ids that replace the i-th ``<image>``/``<video>`` placeholder.
+        template: the chat template (:class:`mmzoo.protocols.Template`).
+        media_processor: ``(config, **options) ->`` :class:`mmzoo.protocols.MediaProcessor`.
         default_tokenizer: ``() -> tokenizer`` used when no checkpoint gives one (demo, tests).
     """
 
@@ -54,6 +55,7 @@ class ModelSpec:
     build_projector: Callable[[Any], nn.Module]
     build_text_decoder: Callable[[Any], TextDecoder]
     position_ids: Callable[..., Any]
+    feature_slots: Callable[[Any, Mapping[str, Any]], list[tuple[int, int]]]
     weight_mapping: Callable[[Any], Any]
     config_from_hf: Callable[[dict], Any]
     loss: Callable[..., Any]
@@ -62,7 +64,6 @@ class ModelSpec:
     freeze_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     template: Any = None
     media_processor: Any = None
-    expand_media: Any = None
     default_tokenizer: Callable[[], Any] | None = None
     config_to_hf: Callable[[Any], dict] | None = None
     description: str = ""
@@ -76,6 +77,7 @@ class ModelSpec:
         "template",
         "media_processor",
         "position_ids",
+        "feature_slots",
     )
 
     def parts(self) -> dict[str, str | None]:
@@ -109,6 +111,36 @@ class ModelSpec:
         """The name of the variant whose config equals ``config`` (e.g. one read from an HF
         checkpoint), or ``None`` when it matches none."""
         return next((name for name, known in self.variants.items() if known == config), None)
+
+
+def check_parts(spec: ModelSpec, plugin: str) -> None:
+    """Every typed part of ``spec`` has the members its protocol names, else an error naming
+    ``plugin``, the part and what it lacks. The media processor is checked on one built for the
+    first variant."""
+    if not spec.variants:
+        raise MmzooError(f"plugin {plugin} registered model '{spec.name}' with no variants")
+    where = f"plugin {plugin}: model '{spec.name}'"
+    first = next(iter(spec.variants.values()))
+    parts: list[tuple[str, Any, type]] = [
+        (f"variant config {type(first).__name__}", first, protocols.FamilyConfig),
+        ("position_ids", spec.position_ids, protocols.PositionIds),
+        ("template", spec.template, protocols.Template),
+        ("media_processor", spec.media_processor, protocols.MediaProcessor),
+    ]
+    for what, obj, protocol in parts:
+        if obj is None:
+            continue
+        if protocol is protocols.MediaProcessor:
+            try:
+                obj = obj(first)
+            except Exception as exc:
+                raise MmzooError(f"{where}: media_processor(config) failed: {exc}") from exc
+        missing = protocols.missing_members(obj, protocol)
+        if missing:
+            raise MmzooError(
+                f"{where}: its {what} lacks {', '.join(missing)} "
+                f"(see mmzoo.protocols.{protocol.__name__} and docs/plugins.md)"
+            )
 
 
 @dataclass(frozen=True)
@@ -146,8 +178,7 @@ def _collect() -> dict[str, Registered]:
                     f"model '{spec.name}' is registered by two plugins: {other.label} and {_plugin.label}; "
                     f"uninstall one or block it with MMZOO_BLOCK_PLUGINS"
                 )
-            if not spec.variants:
-                raise MmzooError(f"plugin {_plugin.label} registered model '{spec.name}' with no variants")
+            check_parts(spec, _plugin.label)
             models[spec.name] = Registered(spec, _plugin)
 
         try:

@@ -4,11 +4,13 @@ that the tolerance used can tell a wrong part at all (a negative control).
 At transformers' default init (std 0.02, norms at 1, biases at 0) many mistakes move a tiny
 model's logits by less than a typical tolerance: swapping the vision activation gelu for
 quick_gelu moves them by about 8e-5. A parity test therefore spreads the weights first and
-shows that a deliberately broken model fails the same comparison::
+shows that a deliberately broken model fails the same comparison. The kit every family's
+parity tests use::
 
-    spread_weights_(hf_model)
-    mm_model = mmzoo.load_model(hf_dir)
-    assert_parity(mm_model(**batch).logits, hf_model(**batch).logits,
+    pair = parity_pair(Qwen2_5_VLForConditionalGeneration, hf_config, tmp_path)
+    # pair.reference: transformers' model with spread weights; pair.ours: mmzoo.load_model of
+    # the checkpoint it saved
+    assert_parity(ours_logits, reference_logits,
                   controls={"quick_gelu": broken_logits}, atol=1e-5, rtol=1e-4)
 """
 
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,6 +88,36 @@ def assert_parity(
                 "the comparison cannot tell that part is wrong; spread the weights (spread_weights_) "
                 "or tighten the tolerance"
             )
+
+
+@dataclass
+class ParityPair:
+    """A reference model and mmzoo's model of the same weights.
+
+    Attributes:
+        reference: the reference (transformers) model, in eval mode, weights spread.
+        ours: :func:`mmzoo.load_model` of the checkpoint the reference saved, in eval mode.
+        directory: that checkpoint.
+    """
+
+    reference: nn.Module
+    ours: nn.Module
+    directory: Path
+
+
+def parity_pair(
+    model_class: Any, config: Any, directory: str | Path, *, std: float = 0.08, seed: int = 0
+) -> ParityPair:
+    """Build ``model_class(config)`` (e.g. a transformers ``...ForConditionalGeneration``), spread
+    its weights (:func:`spread_weights_`), ``save_pretrained`` it to ``directory`` and load it
+    back with mmzoo: the two sides of a parity test, equal by construction if mmzoo is right."""
+    from mmzoo.api import load_model  # the checkpoint layer: imported when a test asks for it
+
+    torch.manual_seed(seed)
+    reference = spread_weights_(model_class(config).eval(), std=std, seed=seed)
+    directory = Path(directory)
+    reference.save_pretrained(directory)  # type: ignore[operator]  # a transformers model
+    return ParityPair(reference, load_model(directory).eval(), directory)
 
 
 def free_port() -> int:

@@ -135,12 +135,14 @@ def inspect(args: argparse.Namespace) -> int:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(f"sample {args.index} of {usable} ({record.source})")
     print(f"tokens: {len(ids)}, trained: {trained}, positions: {tuple(prepared.position_ids.shape)}")
-    merge = config.vision.spatial_merge_size
-    for kind, frames_list in (("image", prepared.images), ("video", prepared.videos)):
-        for i, frames in enumerate(frames_list):
-            t, h, w = preprocessor.processor.grid_thw(frames)[0].tolist()
-            size = f"{frames.shape[2]}x{frames.shape[1]}px, {frames.shape[0]} frame(s)"
-            print(f"{kind} {i}: {size}, grid (t, h, w) = ({t}, {h}, {w}) -> {t * h * w // merge**2} tokens")
+    seen = {"image": 0, "video": 0}
+    for item in prepared.media:
+        frames = item.frames
+        size = "frames (N, H, W) = ({}, {}, {})".format(*frames.shape[:3])
+        extras = "".join(f", {k} {v:g}" for k, v in item.info.items())
+        tokens = preprocessor.processor.num_tokens(item)
+        print(f"{item.kind} {seen[item.kind]}: {size}{extras} -> {tokens} tokens")
+        seen[item.kind] += 1
     print("-" * 60)
     print(render(tokenizer, ids, labels, color))
     return 0

@@ -19,6 +19,7 @@ import torch
 
 from mmzoo.data.pipeline import Prepared
 from mmzoo.files import SafetensorsFile, atomic_directory, save_safetensors
+from mmzoo.protocols import MediaItem
 
 INDEX = "index.json"
 SHARD_BYTES = 256 << 20
@@ -45,9 +46,8 @@ def _tensors(i: int, sample: Prepared) -> dict[str, torch.Tensor]:
         f"{i}.labels": sample.labels,
         f"{i}.position_ids": sample.position_ids,
     }
-    for kind, frames in (("image", sample.images), ("video", sample.videos)):
-        for j, f in enumerate(frames):
-            out[f"{i}.{kind}.{j}"] = torch.tensor(f)
+    for j, item in enumerate(sample.media):
+        out[f"{i}.media.{j}"] = torch.tensor(item.frames)
     return out
 
 
@@ -86,9 +86,7 @@ def _write_samples(directory: Path, samples: Iterable[Prepared], skips: dict[str
             {
                 "shard": len(shards),
                 "length": len(sample),
-                "images": len(sample.images),
-                "videos": len(sample.videos),
-                "second_per_grid_ts": sample.second_per_grid_ts,
+                "media": [{"kind": item.kind, "info": item.info} for item in sample.media],
                 "source": sample.source,
             }
         )
@@ -132,9 +130,10 @@ class CacheEntry(Sequence[Prepared]):
             input_ids=handle.get_tensor(f"{i}.input_ids"),
             labels=handle.get_tensor(f"{i}.labels"),
             position_ids=handle.get_tensor(f"{i}.position_ids"),
-            images=[handle.get_tensor(f"{i}.image.{j}").numpy() for j in range(entry["images"])],
-            videos=[handle.get_tensor(f"{i}.video.{j}").numpy() for j in range(entry["videos"])],
-            second_per_grid_ts=entry["second_per_grid_ts"],
+            media=[
+                MediaItem(m["kind"], handle.get_tensor(f"{i}.media.{j}").numpy(), m["info"])
+                for j, m in enumerate(entry["media"])
+            ],
             source=entry["source"],
         )
 

@@ -15,8 +15,6 @@ import torch.nn.functional as F
 
 from mmzoo.loss import IGNORE_INDEX
 
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-
 
 @dataclass
 class Sample:
@@ -25,7 +23,7 @@ class Sample:
     Attributes:
         input_ids, labels: ``(L,)`` long; labels are ``-100`` where there is no loss.
         position_ids: ``(rows, L)`` (three rows for M-RoPE), computed for this sample alone.
-        media: any of ``MEDIA_KEYS`` -> tensor (pixels ``(N, patch_dim)``, grids ``(k, 3)``).
+        media: the sample's media batch (the family's tensors, e.g. pixels and patch grids).
         source: ``file:line`` of the record it came from.
     """
 
@@ -40,7 +38,7 @@ class Sample:
 
     @property
     def has_media(self) -> bool:
-        return "pixel_values" in self.media or "pixel_values_videos" in self.media
+        return bool(self.media)
 
 
 def pack(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
@@ -62,26 +60,24 @@ def pack(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
     return rows
 
 
-def concat_media(media: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Each of ``MEDIA_KEYS`` present in any sample, concatenated in sample order."""
-    out: dict[str, torch.Tensor] = {}
-    for key in MEDIA_KEYS:
-        parts = [m[key] for m in media if key in m]
-        if parts:
-            out[key] = torch.cat(parts)
-    return out
+def concat_media(media: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The media batches of several samples as one: each tensor concatenated along dim 0 in
+    sample order (the family's media keys are all laid out that way)."""
+    keys = list(dict.fromkeys(key for m in media for key in m))
+    return {key: _cat([m[key] for m in media if key in m]) for key in keys}
 
 
-def _media(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-    return concat_media([s.media for s in samples])
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # torch.cat copies even a single tensor: ~7 ms for one large image's patches.
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def collate_left_padded(samples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_left_padded(samples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Left-padded rows for generation: ``input_ids``, ``attention_mask`` and the samples' media.
 
-    Each sample maps ``input_ids`` (a list or 1-D tensor), any of ``MEDIA_KEYS`` and, optionally,
-    ``position_ids`` ``(rows, L)``: when every sample has them, the batch gets ``position_ids``
-    ``(rows, B, S)``, 0 on padding.
+    Each sample maps ``input_ids`` (a list or 1-D tensor), ``media`` (its media batch, optional)
+    and, optionally, ``position_ids`` ``(rows, L)``: when every sample has them, the batch gets
+    ``position_ids`` ``(rows, B, S)``, 0 on padding.
     """
     length = max(len(s["input_ids"]) for s in samples)
     ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
@@ -90,7 +86,11 @@ def collate_left_padded(samples: Sequence[Mapping[str, Any]], pad_token_id: int)
         n = len(s["input_ids"])
         ids[row, length - n :] = torch.as_tensor(s["input_ids"])
         mask[row, length - n :] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, **concat_media(samples)}
+    batch: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "media": concat_media([s.get("media", {}) for s in samples]),
+    }
     if all("position_ids" in s for s in samples):
         positions = torch.zeros(samples[0]["position_ids"].shape[0], *ids.shape, dtype=torch.long)
         for row, s in enumerate(samples):
@@ -106,7 +106,7 @@ def _with_dummy(samples: Sequence[Sample], dummy: Sample | None) -> list[Sample]
     return samples
 
 
-def collate_packed(samples: Sequence[Sample], dummy: Sample | None = None) -> dict[str, torch.Tensor]:
+def collate_packed(samples: Sequence[Sample], dummy: Sample | None = None) -> dict[str, Any]:
     """One packed row: ``input_ids`` ``(1, T)``, ``position_ids`` ``(rows, 1, T)``, ``cu_seqlens``.
 
     Each sample keeps its own position ids (restarting at 0) and its labels never cross into
@@ -119,13 +119,13 @@ def collate_packed(samples: Sequence[Sample], dummy: Sample | None = None) -> di
         "labels": torch.cat([s.labels for s in samples]).unsqueeze(0),
         "position_ids": torch.cat([s.position_ids for s in samples], dim=1).unsqueeze(1),
         "cu_seqlens": F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)),
-        **_media(samples),
+        "media": concat_media([s.media for s in samples]),
     }
 
 
 def collate_padded(
     samples: Sequence[Sample], pad_token_id: int, dummy: Sample | None = None
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """Right-padded rows with ``attention_mask``; a dummy sample rides at the end of row 0.
 
     Appending the dummy after row 0's last token changes nothing for the real tokens: attention
@@ -137,7 +137,7 @@ def collate_padded(
     width = max(sum(len(s) for s in row) for row in rows)
     n_rows = len(rows)
     position_rows = samples[0].position_ids.shape[0]
-    batch = {
+    batch: dict[str, Any] = {
         "input_ids": torch.full((n_rows, width), pad_token_id, dtype=torch.long),
         "labels": torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long),
         "attention_mask": torch.zeros(n_rows, width, dtype=torch.long),
@@ -152,4 +152,15 @@ def collate_padded(
             batch["attention_mask"][r, start:end] = 1
             batch["position_ids"][:, r, start:end] = s.position_ids
             start = end
-    return {**batch, **_media(media_samples)}
+    return {**batch, "media": concat_media([s.media for s in media_samples])}
+
+
+def batch_to(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """``batch`` with every tensor, those of its media batch included, on ``device``."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, Mapping):
+            out[key] = batch_to(value, device)
+        else:
+            out[key] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+    return out

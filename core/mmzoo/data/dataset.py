@@ -93,6 +93,9 @@ class VLDataset(torch.utils.data.Dataset):
         return collate_padded(samples, self.pad_token_id, self.dummy)
 
 
+CACHE_FORMAT = 2  # of the entries' index (2: media as a list of family-prepared items)
+
+
 def _settings(spec: ModelSpec, model_config: Any, tokenizer: Any, data: DataConfig) -> dict[str, Any]:
     """Everything besides the data file that changes what preprocessing produces.
 
@@ -105,8 +108,8 @@ def _settings(spec: ModelSpec, model_config: Any, tokenizer: Any, data: DataConf
         "mmzoo": __version__,
         "model": spec.name,
         "plugin": [plugin.distribution, plugin.version],
-        "vision": repr(getattr(model_config, "vision", None)),
-        "token_ids": [model_config.image_token_id, model_config.video_token_id],
+        "cache_format": CACHE_FORMAT,
+        "config": repr(model_config),  # token ids, patch and tile sizes
         "template": repr(spec.template),  # a ChatTemplate's repr lists every field
         "tokenizer": tokenizer_digest(tokenizer),
         "data": {

@@ -14,27 +14,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from mmzoo.config import DataConfig
 from mmzoo.data.collate import Sample
 from mmzoo.data.records import Record, SkipReport
+from mmzoo.data.template import Encoded
 from mmzoo.errors import MmzooError
 from mmzoo.loss import IGNORE_INDEX
+from mmzoo.protocols import MediaItem, MediaProcessor
 from mmzoo.registry import ModelSpec
 
 
 @dataclass
 class Prepared:
-    """A tokenised sample with media as resized uint8 frames ``(T, H, W, 3)``."""
+    """A tokenised sample with its media as the family prepared them (uint8 frames)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
-    images: list[np.ndarray] = field(default_factory=list)
-    videos: list[np.ndarray] = field(default_factory=list)
-    second_per_grid_ts: list[float] = field(default_factory=list)
+    media: list[MediaItem] = field(default_factory=list)
     source: str = ""
 
     def __len__(self) -> int:
@@ -49,11 +48,6 @@ class BadRecord(MmzooError):
         self.reason = reason
 
 
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    # torch.cat copies even a single tensor: ~7 ms for one large image's patches.
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-
-
 class Preprocessor:
     """Turns records into :class:`Prepared` samples for one model family.
 
@@ -65,7 +59,7 @@ class Preprocessor:
     """
 
     def __init__(self, spec: ModelSpec, model_config: Any, tokenizer: Any, data: DataConfig) -> None:
-        for part in ("template", "media_processor", "expand_media"):
+        for part in ("template", "media_processor"):
             if getattr(spec, part) is None:
                 raise MmzooError(f"model '{spec.name}' provides no {part}, so it cannot prepare samples")
         self.spec = spec
@@ -73,10 +67,9 @@ class Preprocessor:
         self.tokenizer = tokenizer
         self.data = data
         try:
-            self.processor = spec.media_processor(model_config, **data.media)
+            self.processor: MediaProcessor = spec.media_processor(model_config, **data.media)
         except TypeError as exc:
             raise MmzooError(f"media options: {exc}") from exc
-        self.merge = model_config.vision.spatial_merge_size
 
     def prepare(self, record: Record, report: SkipReport) -> Prepared | None:
         """One record -> a prepared sample, or ``None`` (counted in ``report``) when it is bad."""
@@ -98,74 +91,66 @@ class Preprocessor:
         return self._prepare(record, truncate=False)
 
     def _prepare(self, record: Record, truncate: bool) -> Prepared:
-        images, videos, seconds = self._read_media(record)
-        image_grids = [self.processor.grid_thw(f)[0].tolist() for f in images]
-        video_grids = [self.processor.grid_thw(f)[0].tolist() for f in videos]
-        ids, labels = self._encode(record, image_grids, video_grids)
+        images, videos = self._read_media(record)
+        ids, labels, media_end = self._encode(record, images, videos)
         if truncate:
-            ids, labels = self._truncate(ids, labels)
-        input_ids = torch.tensor(ids)
-        positions = self.spec.position_ids(
-            self.config,
-            input_ids[None],
-            image_grid_thw=torch.tensor(image_grids) if image_grids else None,
-            video_grid_thw=torch.tensor(video_grids) if video_grids else None,
-            second_per_grid_ts=torch.tensor(seconds) if seconds else None,
-        )[:, 0]
-        return Prepared(input_ids, torch.tensor(labels), positions, images, videos, seconds, record.source)
+            ids, labels = self._truncate(ids, labels, media_end)
+        media = images + videos
+        return self._prepared(torch.tensor(ids), torch.tensor(labels), media, record.source)
 
-    def _read_media(self, record: Record) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
-        """Decoded and resized images, videos, and each video's seconds per grid step."""
+    def _prepared(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, media: list[MediaItem], source: str
+    ) -> Prepared:
+        info = self.processor.info_tensors(media) if media else None
+        positions = self.spec.position_ids(self.config, input_ids[None], media=info)[:, 0]
+        return Prepared(input_ids, labels, positions, media, source)
+
+    def _read_media(self, record: Record) -> tuple[list[MediaItem], list[MediaItem]]:
+        """The record's images and videos, decoded and prepared by the family's processor."""
         try:
             images = [self.processor.prepare_image(path) for path in record.images]
         except MmzooError as exc:
             raise BadRecord("corrupt_image", str(exc)) from exc
-        videos, seconds = [], []
         try:
-            for path in record.videos:
-                frames, second_per_grid_t = self.processor.prepare_video(path)
-                videos.append(frames)
-                seconds.append(second_per_grid_t)
+            videos = [self.processor.prepare_video(path) for path in record.videos]
         except MmzooError as exc:
             raise BadRecord("unreadable_video", str(exc)) from exc
-        return images, videos, seconds
+        return images, videos
 
-    def _encode(
-        self, record: Record, image_grids: list[list[int]], video_grids: list[list[int]]
-    ) -> tuple[list[int], list[int]]:
-        """Token ids and labels, each placeholder expanded for its media's grid."""
-        expand = self.spec.expand_media(self.tokenizer, image_grids, video_grids, self.merge)
+    def _encode(self, record: Record, images: list[MediaItem], videos: list[MediaItem]) -> Encoded:
+        """Token ids and labels, each placeholder expanded by the family's processor."""
+        items = {"image": images, "video": videos}
+
+        def expand(kind: str, index: int) -> list[int]:
+            return self.processor.expand(items[kind][index])
+
         try:
-            ids, labels = self.spec.template.encode(
+            encoded = self.spec.template.encode(
                 record.messages,
                 self.tokenizer,
                 expand,
                 train_on_prompt=self.data.train_on_prompt,
                 mask_history=self.data.mask_history,
-                num_images=len(image_grids),
-                num_videos=len(video_grids),
+                num_images=len(images),
+                num_videos=len(videos),
             )
         except MmzooError as exc:
             raise BadRecord("bad_structure", str(exc)) from exc
         # A special token typed into the text (a literal "<|image_pad|>") adds a placeholder with no
         # features: reject the record here, not fail later in position ids or in a training batch.
-        for kind, token, grids in (
-            ("image", self.config.image_token_id, image_grids),
-            ("video", self.config.video_token_id, video_grids),
-        ):
-            want, got = sum(t * h * w for t, h, w in grids) // self.merge**2, ids.count(token)
-            if got != want:
-                detail = f"{got} {kind} tokens for {want} {kind} features (a special token in the text?)"
-                raise BadRecord("bad_structure", detail)
-        return ids, labels
+        slots = self.processor.feature_token_ids
+        want = sum(self.processor.num_tokens(item) for item in images + videos)
+        got = sum(1 for token in encoded.input_ids if token in slots)
+        if got != want:
+            detail = f"{got} media feature tokens for {want} media features (a special token in the text?)"
+            raise BadRecord("bad_structure", detail)
+        return encoded
 
-    def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    def _truncate(self, ids: list[int], labels: list[int], media_end: int) -> tuple[list[int], list[int]]:
         limit = self.data.seq_length
         if len(ids) <= limit:
             return ids, labels
-        media_ids = {self.config.image_token_id, self.config.video_token_id, self.config.vision_end_token_id}
-        last_media = max((i for i, t in enumerate(ids) if t in media_ids), default=-1)
-        if last_media >= limit:
+        if media_end > limit:
             raise BadRecord("too_long", f"{len(ids)} tokens with media beyond seq_length {limit}")
         ids, labels = ids[:limit], labels[:limit]
         if all(label == IGNORE_INDEX for label in labels[1:]):
@@ -173,29 +158,16 @@ class Preprocessor:
         return ids, labels
 
     def to_sample(self, prepared: Prepared) -> Sample:
-        """Normalise and patchify the media: the :class:`Sample` the collator takes."""
-        media: dict[str, torch.Tensor] = {}
-        if prepared.images:
-            media["pixel_values"] = _cat([self.processor.pixel_values(f) for f in prepared.images])
-            media["image_grid_thw"] = torch.cat([self.processor.grid_thw(f) for f in prepared.images])
-        if prepared.videos:
-            media["pixel_values_videos"] = _cat([self.processor.pixel_values(f) for f in prepared.videos])
-            media["video_grid_thw"] = torch.cat([self.processor.grid_thw(f) for f in prepared.videos])
-            media["second_per_grid_ts"] = torch.tensor(prepared.second_per_grid_ts)
+        """A prepared sample with its media batch (normalised pixels): what the collator takes."""
+        media = self.processor.tensors(prepared.media) if prepared.media else {}
         return Sample(prepared.input_ids, prepared.labels, prepared.position_ids, media, prepared.source)
 
     def dummy(self) -> Prepared:
-        """The smallest image (one LLM token) in its own sample, with no loss.
+        """The family's smallest image in its own sample, with no loss.
 
         Appended to batches without media so that every rank runs the vision encoder.
         """
-        size = self.processor.patch_size * self.merge
-        frames = np.zeros((1, size, size, 3), dtype=np.uint8)
-        grid = self.processor.grid_thw(frames)[0].tolist()
-        ids = self.spec.expand_media(self.tokenizer, [grid], [], self.merge)("image", 0)
-        input_ids = torch.tensor(ids)
-        positions = self.spec.position_ids(self.config, input_ids[None], image_grid_thw=torch.tensor([grid]))[
-            :, 0
-        ]
+        item = self.processor.dummy()
+        input_ids = torch.tensor(self.processor.expand(item))
         labels = torch.full_like(input_ids, IGNORE_INDEX)
-        return Prepared(input_ids, labels, positions, [frames], source="<dummy image>")
+        return self._prepared(input_ids, labels, [item], "<dummy image>")

@@ -11,13 +11,22 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from mmzoo.errors import MmzooError
 from mmzoo.loss import IGNORE_INDEX
 
 ExpandMedia = Callable[[str, int], list[int]]
 _ROLES = ("system", "user", "assistant")
+
+
+class Encoded(NamedTuple):
+    """One conversation as token ids and labels; ``media_end`` is the index just past the last
+    media expansion (0 without media): truncation must not cut before it."""
+
+    input_ids: list[int]
+    labels: list[int]
+    media_end: int
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,8 @@ class ChatTemplate:
         stop_words: strings that end a turn (generation stops at their token ids).
         image_placeholder: the text in a message that stands for the next image.
         video_placeholder: the text in a message that stands for the next video.
+        media_separator: what follows each placeholder that :meth:`place_media` puts before a
+            prompt given without placeholders (``""``: media straight before the text).
     """
 
     name: str
@@ -46,6 +57,15 @@ class ChatTemplate:
     stop_words: tuple[str, ...] = ()
     image_placeholder: str = "<image>"
     video_placeholder: str = "<video>"
+    media_separator: str = ""
+
+    def place_media(self, text: str, num_images: int, num_videos: int) -> str:
+        """``text`` led by a placeholder per image, then per video, each followed by
+        :attr:`media_separator` (for prompts that give media without placing them)."""
+        sep = self.media_separator
+        return (
+            (self.image_placeholder + sep) * num_images + (self.video_placeholder + sep) * num_videos + text
+        )
 
     def render(self, messages: Sequence[Mapping[str, Any]]) -> str:
         """The conversation as text, media placeholders left in place."""
@@ -65,7 +85,7 @@ class ChatTemplate:
         *,
         num_images: int | None = None,
         num_videos: int | None = None,
-    ) -> tuple[list[int], list[int]]:
+    ) -> Encoded:
         """Token ids and labels for one conversation.
 
         Args:
@@ -80,8 +100,8 @@ class ChatTemplate:
             num_videos: when given, the number of ``<video>`` placeholders must equal it.
 
         Returns:
-            ``(input_ids, labels)``: labels equal the ids on trained tokens (answers with their
-            turn-end string) and ``-100`` elsewhere; media tokens are never trained.
+            ``(input_ids, labels, media_end)``: labels equal the ids on trained tokens (answers
+            with their turn-end string) and ``-100`` elsewhere; media tokens are never trained.
 
         Raises:
             MmzooError: malformed messages, or placeholder counts that do not match the media.
@@ -105,7 +125,7 @@ class ChatTemplate:
                     f"the messages have {encoder.seen[kind]} {placeholder} placeholder(s) but the sample "
                     f"has {expected} {kind}(s); put one {placeholder} in the text per {kind}"
                 )
-        return ids, labels
+        return Encoded(ids, labels, encoder.media_end)
 
     def _turns(self, messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, bool]]:
         """Rendered turns as ``(text, is_answer)``, after checking roles and their order."""
@@ -149,6 +169,7 @@ class _Encoder:
         self.labels: list[int] = []
         self.run: list[tuple[str, bool]] = []  # consecutive text pieces, tokenised together
         self.seen = {"image": 0, "video": 0}
+        self.media_end = 0
 
     def add(self, text: str, trained: bool) -> None:
         """Append one rendered turn; ``trained`` marks its tokens as targets (media never are)."""
@@ -159,6 +180,7 @@ class _Encoder:
                 media_ids = self._expand(kind, self.seen[kind])
                 self.seen[kind] += 1
                 self._append(media_ids, False)
+                self.media_end = len(self.ids)
             elif piece in self.added:
                 self._flush()
                 self._append([self.added[piece]], trained)

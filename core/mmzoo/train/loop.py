@@ -28,6 +28,7 @@ from mmzoo.checkpoint.dcp import DCP_META
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
 from mmzoo.checkpoint.weights import fill_parameters
 from mmzoo.config import Config, TrainConfig
+from mmzoo.data.collate import batch_to
 from mmzoo.data.dataset import VLDataset, build_dataset
 from mmzoo.distributed.checkpoint import load_dcp_checkpoint, save_dcp_checkpoint
 from mmzoo.distributed.env import (
@@ -71,7 +72,7 @@ FP16_DEVICES = ("cuda",)
 class MicroBatch:
     """One collated micro-batch of this rank."""
 
-    batch: dict[str, torch.Tensor]
+    batch: dict[str, Any]
     tokens: int  # the samples' tokens (the dummy image and padding are not counted)
 
 
@@ -551,9 +552,9 @@ class _Updater:
         total_loss, total_tokens = all_sum(self.world, loss.item(), tokens)
         return _Accumulated(total_loss, grad_norm.item(), int(total_tokens), samples)
 
-    def _forward_backward(self, batch: dict[str, torch.Tensor], reduction: LossReduction) -> torch.Tensor:
+    def _forward_backward(self, batch: dict[str, Any], reduction: LossReduction) -> torch.Tensor:
         """Add one micro-batch's gradients; returns its loss (detached)."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = batch_to(batch, self.device)
         dtype = self.autocast_dtype
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = self.model(**batch, loss_reduction=reduction, return_logits=False).loss

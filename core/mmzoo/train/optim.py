@@ -27,17 +27,17 @@ def freeze(model: nn.Module, groups: Sequence[str], freeze_groups: Mapping[str, 
 
 
 def trainable_summary(model: nn.Module, freeze_groups: Mapping[str, Sequence[str]]) -> list[str]:
-    """One line per group: parameters, how many train, and the total."""
+    """One line per group: parameters, how many train, and the total (of every parameter, also
+    those in no group)."""
     lines = []
-    total = trainable = 0
     for group, prefixes in freeze_groups.items():
         params = [p for n, p in model.named_parameters() if n.startswith(tuple(prefixes))]
         count = sum(p.numel() for p in params)
         train = sum(p.numel() for p in params if p.requires_grad)
-        total += count
-        trainable += train
         state = "trainable" if train == count else "frozen" if train == 0 else "partly frozen"
         lines.append(f"  {group:<10} {count / 1e6:>10.2f}M  {state}")
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines.append(f"  {'total':<10} {total / 1e6:>10.2f}M  ({trainable / 1e6:.2f}M trainable)")
     return lines
 

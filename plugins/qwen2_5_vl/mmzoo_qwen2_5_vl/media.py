@@ -1,7 +1,10 @@
 """Qwen2.5-VL media processor: images and videos to flattened pixel patches and (t, h, w) grids.
 
 Matches transformers' ``Qwen2VLImageProcessorPil`` (resize, rescale, normalise, patch order) and
-applies the same steps to video frames, two frames per temporal patch.
+applies the same steps to video frames, two frames per temporal patch. It is the family's
+:class:`mmzoo.protocols.MediaProcessor`: its media batch holds ``pixel_values`` and
+``image_grid_thw`` for images, ``pixel_values_videos``, ``video_grid_thw`` and
+``second_per_grid_ts`` for videos.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from PIL import Image
 
 from mmzoo.data.media import Video, VideoBackend, load_image, load_video, to_rgb
 from mmzoo.errors import MmzooError
+from mmzoo.protocols import MediaItem
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,7 +66,16 @@ class QwenMediaProcessor:
         patch_size: Spatial patch size of the ViT.
         temporal_patch_size: Frames per patch.
         merge_size: Patches merged per side by the projector.
+        token_ids: ``(image_pad, video_pad, vision_start, vision_end)`` ids (default: the published ones).
     """
+
+    media_keys = (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    )
 
     def __init__(
         self,
@@ -77,6 +90,7 @@ class QwenMediaProcessor:
         patch_size: int = 14,
         temporal_patch_size: int = 2,
         merge_size: int = 2,
+        token_ids: tuple[int, int, int, int] = (151655, 151656, 151652, 151653),
     ) -> None:
         for name, lo, hi in (("", min_pixels, max_pixels), ("video_", video_min_pixels, video_max_pixels)):
             if not 0 < lo <= hi:
@@ -87,6 +101,8 @@ class QwenMediaProcessor:
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
+        self.pad_ids = {"image": token_ids[0], "video": token_ids[1]}
+        self.start_id, self.end_id = token_ids[2], token_ids[3]
         # Per column of a patch row, laid out (C, frame, y, x) like the rows themselves.
         per_channel = temporal_patch_size * patch_size * patch_size
         self._mean = np.repeat(np.array(CLIP_MEAN, dtype=np.float32), per_channel)
@@ -98,7 +114,7 @@ class QwenMediaProcessor:
         Returns:
             ``pixel_values`` float32 (h*w, 1176) and ``grid_thw`` int64 (1, 3) with t = 1.
         """
-        frames = self.prepare_image(image)
+        frames = self.prepare_image(image).frames
         return self.pixel_values(frames), self.grid_thw(frames)
 
     def video(self, video: Video | str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -108,16 +124,21 @@ class QwenMediaProcessor:
             ``pixel_values`` float32 (t*h*w, 1176), ``grid_thw`` int64 (1, 3) and
             ``second_per_grid_t`` = temporal_patch_size / sampled fps (M-RoPE time step).
         """
-        frames, second_per_grid_t = self.prepare_video(video)
-        return self.pixel_values(frames), self.grid_thw(frames), second_per_grid_t
+        item = self.prepare_video(video)
+        return (
+            self.pixel_values(item.frames),
+            self.grid_thw(item.frames),
+            float(item.info["second_per_grid_t"]),
+        )
 
-    def prepare_image(self, image: Image.Image | str | os.PathLike) -> np.ndarray:
+    def prepare_image(self, image: Image.Image | str | os.PathLike) -> MediaItem:
         """Decode and resize: uint8 ``(1, H, W, 3)`` with H and W multiples of 28 (what caches keep)."""
         rgb = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
-        return self._resize(rgb, self.min_pixels, self.max_pixels)[None]
+        return MediaItem("image", self._resize(rgb, self.min_pixels, self.max_pixels)[None])
 
-    def prepare_video(self, video: Video | str | os.PathLike) -> tuple[np.ndarray, float]:
-        """Decode, sample and resize: uint8 ``(T, H, W, 3)`` with T even, and ``second_per_grid_t``."""
+    def prepare_video(self, video: Video | str | os.PathLike) -> MediaItem:
+        """Decode, sample and resize: uint8 ``(T, H, W, 3)`` with T even; ``info`` holds
+        ``second_per_grid_t`` (seconds per temporal patch, the M-RoPE time step)."""
         if not isinstance(video, Video):
             video = load_video(video, fps=self.fps, max_frames=self.video_maxlen, backend=self.video_backend)
         video = video.limit(self.video_maxlen)
@@ -130,7 +151,7 @@ class QwenMediaProcessor:
                 for f in video.frames
             ]
         )
-        return frames, self.temporal_patch_size / video.fps
+        return MediaItem("video", frames, {"second_per_grid_t": self.temporal_patch_size / video.fps})
 
     def grid_thw(self, frames: np.ndarray) -> torch.Tensor:
         """Patch grid ``(1, 3)`` of prepared frames (an image counts as one temporal patch)."""
@@ -151,10 +172,45 @@ class QwenMediaProcessor:
         rows /= self._std
         return torch.from_numpy(rows)
 
-    def num_tokens(self, grid_thw: torch.Tensor) -> int:
-        """LLM placeholder tokens for one grid: t*h*w / merge_size**2."""
-        t, h, w = (int(x) for x in grid_thw.reshape(-1))
+    def num_tokens(self, item: MediaItem) -> int:
+        """LLM placeholder tokens of one image or video: t*h*w / merge_size**2 of its grid."""
+        t, h, w = self.grid_thw(item.frames)[0].tolist()
         return t * h * w // self.merge_size**2
+
+    @property
+    def feature_token_ids(self) -> frozenset[int]:
+        return frozenset(self.pad_ids.values())
+
+    def expand(self, item: MediaItem) -> list[int]:
+        """``<|vision_start|>`` + a pad per merged patch (``<|image_pad|>`` or ``<|video_pad|>``) +
+        ``<|vision_end|>``."""
+        return [self.start_id, *[self.pad_ids[item.kind]] * self.num_tokens(item), self.end_id]
+
+    def info_tensors(self, items: list[MediaItem]) -> dict[str, torch.Tensor]:
+        """Grids of the images and of the videos, and each video's seconds per grid step."""
+        out: dict[str, torch.Tensor] = {}
+        for kind in ("image", "video"):
+            frames = [item.frames for item in items if item.kind == kind]
+            if frames:
+                out[f"{kind}_grid_thw"] = torch.cat([self.grid_thw(f) for f in frames])
+        seconds = [float(item.info["second_per_grid_t"]) for item in items if item.kind == "video"]
+        if seconds:
+            out["second_per_grid_ts"] = torch.tensor(seconds)
+        return out
+
+    def tensors(self, items: list[MediaItem]) -> dict[str, torch.Tensor]:
+        """:meth:`info_tensors` plus the patch rows of the images and of the videos."""
+        out = self.info_tensors(items)
+        for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            rows = [self.pixel_values(item.frames) for item in items if item.kind == kind]
+            if rows:
+                out[key] = rows[0] if len(rows) == 1 else torch.cat(rows)
+        return out
+
+    def dummy(self) -> MediaItem:
+        """A black image of one merge block: one LLM token."""
+        size = self.patch_size * self.merge_size
+        return MediaItem("image", np.zeros((1, size, size, 3), dtype=np.uint8))
 
     def _size(self, height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
         return smart_resize(height, width, self.patch_size * self.merge_size, min_pixels, max_pixels)
@@ -192,6 +248,12 @@ def build_media_processor(config=None, **overrides) -> QwenMediaProcessor:
             "patch_size": vision.patch_size,
             "temporal_patch_size": vision.temporal_patch_size,
             "merge_size": vision.spatial_merge_size,
+            "token_ids": (
+                config.image_token_id,
+                config.video_token_id,
+                config.vision_start_token_id,
+                config.vision_end_token_id,
+            ),
             **overrides,
         }
     return QwenMediaProcessor(**overrides)

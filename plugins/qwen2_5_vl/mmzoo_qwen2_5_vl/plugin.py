@@ -12,7 +12,7 @@ from mmzoo_qwen2_5_vl.config import VARIANTS, config_from_hf, config_to_hf
 from mmzoo_qwen2_5_vl.mapping import weight_mapping
 from mmzoo_qwen2_5_vl.media import build_media_processor
 from mmzoo_qwen2_5_vl.rope_index import position_ids
-from mmzoo_qwen2_5_vl.template import TEMPLATE, media_expander
+from mmzoo_qwen2_5_vl.template import TEMPLATE
 from mmzoo_qwen2_5_vl.vision import PatchMerger, VisionEncoder
 
 
@@ -26,6 +26,19 @@ def build_projector(config):
 
 def build_text_decoder(config):
     return TextDecoder(config.text)
+
+
+def feature_slots(config, media) -> list[tuple[int, int]]:
+    """The vision tower encodes images, then videos: their merged patches fill the image pads,
+    then the video pads."""
+    slots = []
+    for token_id, grid in (
+        (config.image_token_id, "image_grid_thw"),
+        (config.video_token_id, "video_grid_thw"),
+    ):
+        if grid in media:
+            slots.append((token_id, int(media[grid].prod(-1).sum()) // config.vision.spatial_merge_size**2))
+    return slots
 
 
 def example_batch(config, seed: int = 0) -> dict:
@@ -51,15 +64,14 @@ def example_batch(config, seed: int = 0) -> dict:
     input_ids = torch.tensor([ids])
     labels = input_ids.clone()
     labels[0, : len(ids) - 5] = -100
-    return {
-        "input_ids": input_ids,
+    media = {
         "pixel_values": torch.randn(image[0] * image[1] * image[2], vision.patch_dim, generator=g),
         "image_grid_thw": torch.tensor([image]),
         "pixel_values_videos": torch.randn(video[0] * video[1] * video[2], vision.patch_dim, generator=g),
         "video_grid_thw": torch.tensor([video]),
         "second_per_grid_ts": torch.tensor([1.0]),
-        "labels": labels,
     }
+    return {"input_ids": input_ids, "labels": labels, "media": media}
 
 
 SPEC = ModelSpec(
@@ -70,13 +82,13 @@ SPEC = ModelSpec(
     build_projector=build_projector,
     build_text_decoder=build_text_decoder,
     position_ids=position_ids,
+    feature_slots=feature_slots,
     weight_mapping=weight_mapping,
     config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
     loss=causal_lm_loss,
     template=TEMPLATE,
     media_processor=build_media_processor,
-    expand_media=media_expander,
     default_tokenizer=default_qwen_tokenizer,
     example_batch=example_batch,
     hf_architectures=("Qwen2_5_VLForConditionalGeneration",),

@@ -9,7 +9,7 @@ a few seconds); mmzoo follows the trained rule (docs/architecture.md, "Rope inde
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -120,6 +120,20 @@ def _row_positions(
     return torch.cat(pieces, dim=1)
 
 
-def position_ids(config: Qwen2_5_VLConfig, input_ids: torch.Tensor, **media) -> torch.Tensor:
-    """The ``ModelSpec.position_ids`` hook: :func:`rope_index` without the deltas."""
-    return rope_index(config, input_ids, **media)[0]
+def position_ids(
+    config: Qwen2_5_VLConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    media: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The ``ModelSpec.position_ids`` hook: :func:`rope_index` of the media batch's grids, without
+    the deltas."""
+    media = media or {}
+    return rope_index(
+        config,
+        input_ids,
+        attention_mask,
+        media.get("image_grid_thw"),
+        media.get("video_grid_thw"),
+        media.get("second_per_grid_ts"),
+    )[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -132,7 +134,24 @@ class VisionEncoder(nn.Module):
             ]
         )
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def forward(self, media: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Features ``(patches, C)`` of the media batch's images, then its videos (one call)."""
+        parts = [
+            (media[pixels], media[grid])
+            for pixels, grid in (
+                ("pixel_values", "image_grid_thw"),
+                ("pixel_values_videos", "video_grid_thw"),
+            )
+            if pixels in media
+        ]
+        if not parts:
+            raise ValueError("the media batch holds neither pixel_values nor pixel_values_videos")
+        if len(parts) == 1:
+            return self.encode(*parts[0])
+        return self.encode(torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts]))
+
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Features ``(patches, C)`` of patch rows ``pixel_values`` laid out by ``grid_thw`` ``(M, 3)``."""
         config = self.config
         grid_thw = grid_thw.cpu()
         expected = int(grid_thw.prod(-1).sum())

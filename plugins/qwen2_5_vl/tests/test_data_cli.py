@@ -19,7 +19,7 @@ def test_inspect_marks_trained_spans_and_media(capsys):
     )
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"sample 0 of 14 ({DEMO}:1)"
-    assert out[2] == "image 0: 252x168px, 1 frame(s), grid (t, h, w) = (1, 12, 18) -> 54 tokens"
+    assert out[2] == "image 0: frames (N, H, W) = (1, 168, 252) -> 54 tokens"
     text = "\n".join(out)
     assert "<|vision_start|><|image_pad|>x54<|vision_end|>" in text
     assert "«A tabby cat, seen in close-up with its face filling the frame.<|im_end|>\n»" in text

@@ -136,6 +136,14 @@ def mixed(spec, tok, mixed_file) -> VLDataset:
     return build(spec, tok, mixed_file, train_on_prompt=True)
 
 
+def image_frames(prepared) -> list[np.ndarray]:
+    return [item.frames for item in prepared.media if item.kind == "image"]
+
+
+def video_frames(prepared) -> list[np.ndarray]:
+    return [item.frames for item in prepared.media if item.kind == "video"]
+
+
 @pytest.fixture(scope="module")
 def alone(model, mixed):
     """Per sample: logits and loss of the model on that sample by itself (its own position ids)."""
@@ -143,7 +151,7 @@ def alone(model, mixed):
     with torch.no_grad():
         for i in range(len(mixed)):
             s = mixed[i]
-            run = model(input_ids=s.input_ids[None], labels=s.labels[None], **s.media)
+            run = model(s.input_ids[None], labels=s.labels[None], media=s.media)
             out.append((run.logits[0], run.loss, n_targets(s.labels)))
     return out
 
@@ -157,11 +165,15 @@ def packed_run(model, mixed):
 
 
 def test_mixed_samples_are_what_the_test_expects(mixed):
-    kinds = [(len(mixed.prepared(i).images), len(mixed.prepared(i).videos)) for i in range(len(mixed))]
+    kinds = [
+        (len(image_frames(mixed.prepared(i))), len(video_frames(mixed.prepared(i))))
+        for i in range(len(mixed))
+    ]
     assert kinds == [(1, 0), (0, 1), (0, 0), (2, 0), (0, 0)]
     assert mixed.batches(shuffle=False) == [[0, 1, 2, 3, 4]]
     video = mixed.prepared(1)
-    assert video.videos[0].shape[0] == 4 and video.second_per_grid_ts == [1.0]  # 2 s at 2 fps, 2 per patch
+    (item,) = video.media  # 2 s at 2 fps, 2 frames per patch
+    assert item.frames.shape[0] == 4 and item.info == {"second_per_grid_t": 1.0}
 
 
 # ---------------------------------------------------------------- 1. truncation
@@ -315,7 +327,11 @@ def test_padded_logits_equal_each_sample_alone(model, mixed, alone, packed_run):
     rows = padded.batches(micro_batch_size=len(padded), shuffle=False)
     assert rows == [[0, 1, 2, 3, 4]]
     batch = padded.collate([padded[i] for i in rows[0]])
-    assert "cu_seqlens" not in batch and "image_grid_thw" in batch and "video_grid_thw" in batch
+    assert (
+        "cu_seqlens" not in batch
+        and "image_grid_thw" in batch["media"]
+        and "video_grid_thw" in batch["media"]
+    )
     with torch.no_grad():
         out = model(**batch)
     for r, (logits, _, _) in enumerate(alone):
@@ -364,15 +380,16 @@ def test_every_batch_runs_the_vision_encoder_and_the_dummy_has_no_loss(spec, tok
     assert len(batches) == 3 and sorted(sum(batches, [])) == list(range(5))
     calls = []
     vit = model.image_encoder.encoder
-    hook = vit.register_forward_hook(lambda m, args, out: calls.append(args[1].tolist()))
+    hook = vit.register_forward_hook(lambda m, args, out: calls.append(args[0]["image_grid_thw"].tolist()))
     try:
         with torch.no_grad():
             for indices in batches:
                 samples = [dataset[i] for i in indices]
                 batch = dataset.collate(samples)
-                image_tokens = int((batch["input_ids"] == model.image_token_id).sum())
-                assert image_tokens == 1 and batch["image_grid_thw"].tolist() == [[1, 2, 2]]
-                assert (batch["labels"][batch["input_ids"] == model.image_token_id] == IGNORE_INDEX).all()
+                image_token_id = model.config.image_token_id
+                image_tokens = int((batch["input_ids"] == image_token_id).sum())
+                assert image_tokens == 1 and batch["media"]["image_grid_thw"].tolist() == [[1, 2, 2]]
+                assert (batch["labels"][batch["input_ids"] == image_token_id] == IGNORE_INDEX).all()
                 with_dummy = model(**batch).loss
                 if packing:
                     without = model(**collate_packed(samples)).loss
@@ -402,12 +419,12 @@ def test_packed_micro_batches_hold_micro_batch_size_rows(spec, tok, assets):
 
 def test_the_dummy_joins_only_batches_without_media(mixed):
     image_only, text_only = mixed[0], mixed[2]
-    assert "pixel_values" not in collate_packed([text_only])
+    assert collate_packed([text_only])["media"] == {}
     packed = collate_packed([text_only], mixed.dummy)
     assert packed["cu_seqlens"].tolist() == [0, len(text_only), len(text_only) + len(mixed.dummy)]
-    assert packed["pixel_values"].shape == (4, 1176)
+    assert packed["media"]["pixel_values"].shape == (4, 1176)
     real = collate_packed([image_only, text_only], mixed.dummy)
-    assert torch.equal(real["image_grid_thw"], image_only.media["image_grid_thw"])
+    assert torch.equal(real["media"]["image_grid_thw"], image_only.media["image_grid_thw"])
     padded = collate_padded([text_only, text_only], 0, mixed.dummy)
     assert padded["attention_mask"].sum(1).tolist() == [len(text_only) + 3, len(text_only)]
 
@@ -420,11 +437,11 @@ def same_prepared(a, b) -> bool:
         torch.equal(a.input_ids, b.input_ids)
         and torch.equal(a.labels, b.labels)
         and torch.equal(a.position_ids, b.position_ids)
-        and len(a.images) == len(b.images)
-        and all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))
-        and len(a.videos) == len(b.videos)
-        and all(np.array_equal(x, y) for x, y in zip(a.videos, b.videos, strict=True))
-        and a.second_per_grid_ts == b.second_per_grid_ts
+        and len(a.media) == len(b.media)
+        and all(
+            x.kind == y.kind and x.info == y.info and np.array_equal(x.frames, y.frames)
+            for x, y in zip(a.media, b.media, strict=True)
+        )
         and a.source == b.source
     )
 
@@ -482,7 +499,10 @@ def test_cache_hit_decodes_nothing_and_gives_the_same_samples(spec, tok, assets,
     for n, change in enumerate(changes, start=2):
         changed = build(spec, tok, path, cache_dir=str(cache), **change)
         assert len(entries(cache)) == n, change
-    small, large = changed.prepared(3).images[1], first.prepared(3).images[1]  # the demo cat photo
+    small, large = (
+        image_frames(changed.prepared(3))[1],
+        image_frames(first.prepared(3))[1],
+    )  # the demo cat photo
     assert small.shape[1] * small.shape[2] <= 32 * 28 * 28 < large.shape[1] * large.shape[2]
     with path.open("a") as f:
         f.write(json.dumps(chat("One more?", "Yes.")) + "\n")
@@ -557,7 +577,7 @@ def test_same_file_content_elsewhere_gets_its_own_entry(spec, tok, tmp_path):
         path = write_jsonl(tmp_path / name / "data.jsonl", [chat("<image>", "A colour.", images=["x.png"])])
         prepared = build(spec, tok, path, cache_dir=cache).prepared(0)
         assert prepared.source == f"{path}:1"
-        pixels.append(prepared.images[0][0, 0, 0].tolist())
+        pixels.append(image_frames(prepared)[0][0, 0, 0].tolist())
     assert pixels == [[255, 0, 0], [0, 0, 255]]
 
 
@@ -697,15 +717,16 @@ def test_special_tokens_typed_in_text_skip_the_record(spec, tok, tmp_path):
 def test_mixed_packed_batch_trains(model, spec, packed_run):
     batch, _ = packed_run
     merge = spec.variant("tiny").vision.spatial_merge_size
+    media = batch["media"]
     for pixels, grid, token in (
-        ("pixel_values", "image_grid_thw", model.image_token_id),
-        ("pixel_values_videos", "video_grid_thw", model.video_token_id),
+        ("pixel_values", "image_grid_thw", model.config.image_token_id),
+        ("pixel_values_videos", "video_grid_thw", model.config.video_token_id),
     ):
         tokens = int((batch["input_ids"] == token).sum())
-        assert tokens == int(batch[grid].prod(-1).sum()) // merge**2 == batch[pixels].shape[0] // merge**2
+        assert tokens == int(media[grid].prod(-1).sum()) // merge**2 == media[pixels].shape[0] // merge**2
         with torch.no_grad():
-            assert model.encode_media(batch[pixels], batch[grid]).shape[0] == tokens
-    assert batch["image_grid_thw"].shape[0] == 3 and batch["video_grid_thw"].shape[0] == 1
+            assert model.image_encoder({pixels: media[pixels], grid: media[grid]}).shape[0] == tokens
+    assert media["image_grid_thw"].shape[0] == 3 and media["video_grid_thw"].shape[0] == 1
     model.zero_grad()
     out = model(**batch)
     assert torch.isfinite(out.loss)

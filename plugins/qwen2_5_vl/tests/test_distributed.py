@@ -36,7 +36,7 @@ import mmzoo.data.tokenizer as tokenizer_module
 from mmzoo.checkpoint.mm import TRACKER, iteration_name, write_tracker
 from mmzoo.config import load_config
 from mmzoo.distributed.env import World
-from mmzoo.model import VLModel
+from mmzoo.model import ImageEncoder, VLModel
 from mmzoo.train.loop import _share, train
 
 HERE = Path(__file__).resolve()
@@ -201,8 +201,13 @@ def run_jobs(jobs_file: Path) -> None:
     calls = {"forward": 0, "encode_media": 0, "write_entry": 0}
     with pytest.MonkeyPatch.context() as m:
         _cache_tokenizer(m)
-        for owner, name in ((VLModel, "forward"), (VLModel, "encode_media"), (dataset_module, "write_entry")):
-            m.setattr(owner, name, _counted(getattr(owner, name), calls, name))
+        counted = (
+            (VLModel, "forward", "forward"),
+            (ImageEncoder, "forward", "encode_media"),
+            (dataset_module, "write_entry", "write_entry"),
+        )
+        for owner, name, key in counted:
+            m.setattr(owner, name, _counted(getattr(owner, name), calls, key))
         jobs = json.loads(jobs_file.read_text())
         results = {}
         for n, job in enumerate(jobs["jobs"]):

@@ -8,6 +8,7 @@ from tiny_hf import left_pad, make_sample, token_types
 
 import mmzoo
 from mmzoo.infer import SamplingConfig, _process_logits, generate
+from mmzoo_qwen2_5_vl.compat import hf_forward, media_batch
 
 NEW = 12
 CASES = {
@@ -96,7 +97,7 @@ def test_cached_decode_equals_full_forward(mm_model, media):
     ours = run(mm_model, batch, sampling=SamplingConfig(max_new_tokens=6), on_step=recorder(logits))
     full = dict(batch, input_ids=torch.cat([batch["input_ids"], torch.tensor(ours)], dim=1))
     with torch.no_grad():
-        reference = mm_model(**full).logits[0, batch["input_ids"].shape[1] - 1 : -1]
+        reference = hf_forward(mm_model, **full).logits[0, batch["input_ids"].shape[1] - 1 : -1]
     torch.testing.assert_close(torch.cat(logits), reference, atol=1e-5, rtol=1e-4)
 
 
@@ -118,13 +119,14 @@ def test_positions_from_the_pipeline_equal_those_of_the_padded_batch(mm_model):
     rows = []
     for sample in (make_sample(images=[(1, 8, 12)], seed=1), make_sample(videos=[(8, 4, 4)], seconds=[1.0])):
         grids = {k: sample.get(k) for k in grid_keys}
-        positions = mm_model.compute_position_ids(mm_model.config, sample["input_ids"], **grids)[:, 0]
-        rows.append({**sample, "input_ids": sample["input_ids"][0], "position_ids": positions})
+        positions = mm_model.compute_position_ids(mm_model.config, sample["input_ids"], media=grids)[:, 0]
+        media = {k: v for k, v in sample.items() if k != "input_ids"}
+        rows.append({"input_ids": sample["input_ids"][0], "position_ids": positions, "media": media})
     batch = collate_left_padded(rows, 0)
     mask, positions = batch.pop("attention_mask"), batch.pop("position_ids")
-    grids = {k: batch.get(k) for k in grid_keys}
+    batch = {"input_ids": batch["input_ids"], **batch["media"]}
     expected = mm_model.compute_position_ids(
-        mm_model.config, batch["input_ids"], attention_mask=mask, **grids
+        mm_model.config, batch["input_ids"], attention_mask=mask, media=batch
     )
     assert torch.equal(positions, expected)
     given: list[torch.Tensor] = []
@@ -135,20 +137,18 @@ def test_positions_from_the_pipeline_equal_those_of_the_padded_batch(mm_model):
     assert torch.equal(torch.stack(given), torch.stack(computed))
 
 
-def test_generate_names_unknown_media(mm_model):
+def test_transformers_style_media_names_unknown_arguments():
     batch = make_sample(images=[(1, 4, 4)])
-    media = {"pixel_value": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
     with pytest.raises(
-        mmzoo.MmzooError, match="unknown media pixel_value; the media keys are pixel_values, "
+        TypeError, match=r"unknown Qwen2.5-VL media arguments \['pixel_value'\]; known: pixel_values, "
     ):
-        generate(mm_model, batch["input_ids"], media=media)
+        media_batch(pixel_value=batch["pixel_values"])
 
 
 def test_chat_prompt_is_the_training_sample_up_to_the_answer():
     """A prompt is prepared by the data pipeline: the same ids, positions and pixels as the
     training sample of that conversation, which goes on with the answer."""
     from mmzoo.config import DataConfig
-    from mmzoo.data.collate import MEDIA_KEYS
     from mmzoo.data.pipeline import Preprocessor
     from mmzoo.data.records import Record, SkipReport
     from mmzoo.infer import Chat, Request
@@ -168,7 +168,7 @@ def test_chat_prompt_is_the_training_sample_up_to_the_answer():
     n = len(asked)
     assert torch.equal(asked.input_ids, trained.input_ids[:n])
     assert torch.equal(asked.position_ids, trained.position_ids[:, :n])
-    assert asked.media.keys() == trained.media.keys() == set(MEDIA_KEYS)
+    assert asked.media.keys() == set(chat.preprocessor.processor.media_keys)
     for key, value in asked.media.items():
         assert torch.equal(value, trained.media[key]), key
     assert chat.tokenizer.decode(trained.input_ids[n:]) == "The camera.<|im_end|>\n"

@@ -14,6 +14,7 @@ from tiny_hf import IMAGE, V_END, V_START, VIDEO, make_sample, token_types
 
 import mmzoo
 from mmzoo.checkpoint.hf_export import save_hf
+from mmzoo_qwen2_5_vl.compat import hf_forward
 from mmzoo_qwen2_5_vl.config import VARIANTS, config_from_hf, config_to_hf
 
 SAMPLE = dict(images=[(1, 12, 10)], videos=[(2, 8, 4)], seconds=[0.5])
@@ -69,7 +70,7 @@ def test_export_logits_match(hf_model, mm_model, exported):
     logits = hf_logits(hf_from(exported), batch)
     assert torch.equal(logits, hf_logits(hf_model, batch))
     with torch.no_grad():
-        ours = mm_model(**batch).logits
+        ours = hf_forward(mm_model, **batch).logits
     torch.testing.assert_close(logits, ours, atol=1e-5, rtol=1e-4)
 
 
@@ -112,7 +113,7 @@ def test_tied_embeddings_export(tmp_path):
     assert torch.equal(reloaded.lm_head.weight, model.text_decoder.embedding.word_embeddings.weight)
     batch = make_sample(**SAMPLE)
     with torch.no_grad():
-        ours = model(**batch).logits
+        ours = hf_forward(model, **batch).logits
     torch.testing.assert_close(hf_logits(reloaded, batch), ours, atol=1e-5, rtol=1e-4)
 
 

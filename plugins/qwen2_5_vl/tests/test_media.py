@@ -66,7 +66,10 @@ def test_image_from_path_and_token_count():
     ref, _ = processor.image(photo("chelsea.jpg"))
     assert torch.equal(pixel_values, ref)
     t, h, w = grid[0].tolist()
-    assert processor.num_tokens(grid) == t * h * w // 4 == pixel_values.shape[0] // 4
+    item = processor.prepare_image(DEMO / "chelsea.jpg")
+    assert processor.num_tokens(item) == t * h * w // 4 == pixel_values.shape[0] // 4
+    assert processor.expand(item) == [151652, *[151655] * (t * h * w // 4), 151653]
+    assert torch.equal(processor.tensors([item])["pixel_values"], pixel_values)
 
 
 def test_smart_resize_matches_transformers_and_bounds():

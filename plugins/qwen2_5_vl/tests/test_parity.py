@@ -19,6 +19,7 @@ from trained_rope import trained_positions
 
 import mmzoo
 from mmzoo.testing import assert_parity
+from mmzoo_qwen2_5_vl.compat import hf_forward
 
 # Grids are in 14-px patches; 8x12 gives merged 4x6 -> a full 4x4 window and a partial 4x2 one.
 # Videos here end their time row below max(h, w) merged rows: both M-RoPE rules agree.
@@ -40,8 +41,8 @@ TOL = dict(atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def mm_model(hf_dir):
-    return mmzoo.load_model(hf_dir).eval()
+def mm_model(pair):
+    return pair.ours
 
 
 def hf_logits(hf_model, batch, attention_mask=None):
@@ -61,21 +62,21 @@ def broken_outputs(mm_model, batch, monkeypatch, pick=lambda out: out.logits) ->
         gate, up = saved.chunk(2)
         try:  # the fused [gate; up] of one layer read as [up; gate]
             fc1.copy_(torch.cat([up, gate]))
-            out["layer 0 [up; gate]"] = pick(mm_model(**batch))
+            out["layer 0 [up; gate]"] = pick(hf_forward(mm_model, **batch))
         finally:
             fc1.copy_(saved)
         if not media:
             return out
         with monkeypatch.context() as m:  # the projector's GELU as quick_gelu
             m.setattr(torch.nn.functional, "gelu", lambda x, approximate="none": x * torch.sigmoid(1.702 * x))
-            out["projector quick_gelu"] = pick(mm_model(**batch))
+            out["projector quick_gelu"] = pick(hf_forward(mm_model, **batch))
         mask = batch.get("attention_mask")
         positions = mm_model.compute_position_ids(
-            mm_model.config, batch["input_ids"], attention_mask=mask, **media_of(batch)
+            mm_model.config, batch["input_ids"], attention_mask=mask, media=media_of(batch)
         )
         last = int(torch.isin(batch["input_ids"][0], torch.tensor([IMAGE, VIDEO])).nonzero()[-1, 0])
         positions[:, 0, last + 1 :] += 1  # row 0's text after its last media one position off
-        out["text after media off by one"] = pick(mm_model(**batch, position_ids=positions))
+        out["text after media off by one"] = pick(hf_forward(mm_model, **batch, position_ids=positions))
     return out
 
 
@@ -87,7 +88,7 @@ def media_of(batch: dict) -> dict:
 def test_logits_match_transformers(case, hf_model, mm_model, monkeypatch):
     batch = make_sample(**CASES[case])
     with torch.no_grad():
-        ours = mm_model(**batch).logits
+        ours = hf_forward(mm_model, **batch).logits
     assert_parity(
         ours, hf_logits(hf_model, batch), controls=broken_outputs(mm_model, batch, monkeypatch), **TOL
     )
@@ -108,7 +109,7 @@ def test_long_video_logits_match_transformers_fed_the_trained_positions(
         seconds=LONG_SECONDS[case],
     )
     with torch.no_grad():
-        ours = mm_model(**batch).logits
+        ours = hf_forward(mm_model, **batch).logits
         theirs = hf_model(**batch, position_ids=torch.tensor(rows)[:, None]).logits
         own_rule = hf_logits(hf_model, batch)  # transformers' own (5.3+) positions
     controls = broken_outputs(mm_model, batch, monkeypatch)
@@ -138,7 +139,7 @@ def padded_pair():
 def test_padded_batch_matches_transformers(hf_model, mm_model, monkeypatch):
     batch, mask = padded_pair()
     with torch.no_grad():
-        ours = mm_model(**batch, attention_mask=mask).logits
+        ours = hf_forward(mm_model, **batch, attention_mask=mask).logits
     theirs = hf_logits(hf_model, batch, attention_mask=mask)
     keep = mask.bool()
     controls = broken_outputs(
@@ -167,7 +168,7 @@ def test_loss_matches_transformers(hf_model, mm_model, monkeypatch):
     labels = batch["input_ids"].clone()
     labels[:, :6] = -100
     with torch.no_grad():
-        ours = mm_model(**batch, labels=labels).loss
+        ours = hf_forward(mm_model, **batch, labels=labels).loss
         theirs = hf_model(**batch, labels=labels, mm_token_type_ids=token_types(batch["input_ids"])).loss
     controls = broken_outputs(mm_model, dict(batch, labels=labels), monkeypatch, lambda o: o.loss)
     assert_parity(ours, theirs, controls=controls, atol=1e-6, rtol=1e-6)  # a scalar: a tight tolerance
@@ -187,11 +188,17 @@ def test_loads_in_memory_key_layout(hf_model, hf_dir, tmp_path):
     model = mmzoo.load_model(tmp_path).eval()
     batch = make_sample(images=[(1, 8, 12)])
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, hf_logits(hf_model, batch), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            hf_forward(model, **batch).logits, hf_logits(hf_model, batch), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_image_token_count_mismatch_is_a_clear_error(mm_model):
     batch = make_sample(images=[(1, 8, 12)])
     batch["input_ids"] = torch.tensor([text(3, 0) + [V_START] + [IMAGE] * 5 + [V_END]])
-    with pytest.raises(mmzoo.MmzooError, match="image tokens and image features differ"):
-        mm_model(**batch)
+    with pytest.raises(
+        mmzoo.MmzooError,
+        match="placeholders and media features differ: the input ids hold 5 tokens of id 995 but the media "
+        "give 24",
+    ):
+        hf_forward(mm_model, **batch)

@@ -106,8 +106,12 @@ def test_padded_batch_follows_the_trained_rule_per_row(side, config):
 
     a = make_sequence([text(3, 0), ("video", (8, 4, 6)), text(4, 1)], [1.0], seed=1)
     b = make_sequence([text(2, 2), ("image", (1, 4, 4)), text(1, 3), ("video", (4, 4, 4)), text(2, 4)], [0.7])
-    batch = collate_left_padded([{**s, "input_ids": s["input_ids"][0]} for s in (a, b)], 0)
-    mask = batch.pop("attention_mask")
+    rows = [
+        {"input_ids": s["input_ids"][0], "media": {k: v for k, v in s.items() if k != "input_ids"}}
+        for s in (a, b)
+    ]
+    collated = collate_left_padded(rows, 0)
+    batch, mask = {"input_ids": collated["input_ids"], **collated["media"]}, collated["attention_mask"]
     if side == "right":  # move each row's padding to its end
         order = torch.argsort(1 - mask, dim=1, stable=True)
         batch["input_ids"], mask = batch["input_ids"].gather(1, order), mask.gather(1, order)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from mmzoo.data.tokenizer import default_qwen_tokenizer
 from mmzoo.errors import MmzooError
-from mmzoo_qwen2_5_vl.template import TEMPLATE, media_expander
+from mmzoo.protocols import MediaItem
+from mmzoo_qwen2_5_vl.media import build_media_processor
+from mmzoo_qwen2_5_vl.template import TEMPLATE
 
 IM_START, IM_END, NL = 151644, 151645, 198
 V_START, V_END, IMAGE, VIDEO = 151652, 151653, 151655, 151656
@@ -24,6 +27,20 @@ def tok():
 
 def no_media(kind, index):
     raise AssertionError(f"text-only sample asked for {kind} {index}")
+
+
+def media_expander(tok, image_grid_thw=(), video_grid_thw=()):
+    """``expand(kind, index)`` as the data pipeline builds it: the media processor's expansion of
+    an item with each given patch grid (``tok`` is the tokenizer whose ids the processor uses)."""
+    processor = build_media_processor()
+    grids = {"image": list(image_grid_thw), "video": list(video_grid_thw)}
+
+    def expand(kind, index):
+        t, h, w = grids[kind][index]
+        frames = np.zeros((2 * t if kind == "video" else 1, 14 * h, 14 * w, 3), dtype=np.uint8)
+        return processor.expand(MediaItem(kind, frames))
+
+    return expand
 
 
 def rendered(messages, tok, expand):
@@ -47,7 +64,7 @@ MULTI_TURN = [
 
 def test_multi_turn_with_image(tok):
     expand = media_expander(tok, image_grid_thw=[(1, 4, 4)])
-    ids, labels = TEMPLATE.encode(MULTI_TURN, tok, expand, num_images=1)
+    ids, labels, _ = TEMPLATE.encode(MULTI_TURN, tok, expand, num_images=1)
     image = [V_START, *[IMAGE] * 4, V_END]  # 1*4*4 patches / 2x2 merge
     question, answer1, answer2 = [3838, 374, 419, 30], [32, 5562, 8473, 13], [9454, 13]
     prompt1 = SYSTEM + USER + image + question + END + ASSISTANT
@@ -64,7 +81,7 @@ def test_system_turn_replaces_default(tok):
         {"role": "assistant", "content": "The sky is blue."},
     ]
     expand = media_expander(tok, video_grid_thw=[(2, 4, 4)])
-    ids, labels = TEMPLATE.encode(messages, tok, expand, num_videos=1)
+    ids, labels, _ = TEMPLATE.encode(messages, tok, expand, num_videos=1)
     prompt = [IM_START, 8948, NL, 3430, 9814, 13, IM_END, NL] + USER + [74785, 279, 2766, 13]
     prompt += [V_START, *[VIDEO] * 8, V_END] + END + ASSISTANT
     answer = [785, 12884, 374, 6303, 13] + END
@@ -73,21 +90,21 @@ def test_system_turn_replaces_default(tok):
 
 
 def test_empty_system_message_is_rendered(tok):
-    ids, _ = TEMPLATE.encode(
+    ids, _, _ = TEMPLATE.encode(
         [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}], tok, no_media
     )
     assert ids == [IM_START, 8948, NL, IM_END, NL] + USER + [13048] + END + ASSISTANT
 
 
 def test_text_only_and_generation_prompt(tok):
-    ids, labels = TEMPLATE.encode([{"role": "user", "content": "Hi"}], tok, no_media)
+    ids, labels, _ = TEMPLATE.encode([{"role": "user", "content": "Hi"}], tok, no_media)
     assert ids == SYSTEM + USER + [13048] + END + ASSISTANT
     assert labels == [X] * len(ids)
 
 
 def test_train_on_prompt_keeps_media_masked(tok):
     expand = media_expander(tok, image_grid_thw=[(1, 4, 4)])
-    ids, labels = TEMPLATE.encode(MULTI_TURN, tok, expand, train_on_prompt=True)
+    ids, labels, _ = TEMPLATE.encode(MULTI_TURN, tok, expand, train_on_prompt=True)
     media = [i for i, t in enumerate(ids) if t in (V_START, V_END, IMAGE)]
     assert len(media) == 6
     assert all(labels[i] == X for i in media)
@@ -96,7 +113,7 @@ def test_train_on_prompt_keeps_media_masked(tok):
 
 def test_mask_history_trains_last_answer_only(tok):
     expand = media_expander(tok, image_grid_thw=[(1, 4, 4)])
-    ids, labels = TEMPLATE.encode(MULTI_TURN, tok, expand, mask_history=True)
+    ids, labels, _ = TEMPLATE.encode(MULTI_TURN, tok, expand, mask_history=True)
     assert ids == TEMPLATE.encode(MULTI_TURN, tok, expand)[0]
     assert labels == [X] * (len(ids) - 4) + [9454, 13, IM_END, NL]
 
@@ -117,7 +134,7 @@ def test_ids_equal_full_string_tokenisation(tok, answer):
         {"role": "assistant", "content": answer},
     ]
     expand = media_expander(tok, image_grid_thw=[(1, 2, 2), (2, 2, 4)])
-    ids, labels = TEMPLATE.encode(messages, tok, expand, num_images=2)
+    ids, labels, _ = TEMPLATE.encode(messages, tok, expand, num_images=2)
     assert ids == tok(rendered(messages, tok, expand))["input_ids"]
     trained = [t for t in labels if t != X]
     assert trained == ids[len(ids) - len(trained) :], "trained tokens must be one tail span"

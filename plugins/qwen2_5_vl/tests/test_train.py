@@ -785,10 +785,10 @@ def test_save_hf_matches_transformers(tmp_path):
         "image_grid_thw": sample.media["image_grid_thw"],
     }
     theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir).eval()
-    types = (batch["input_ids"] == ours.image_token_id).int()
+    types = (batch["input_ids"] == ours.config.image_token_id).int()
     with torch.no_grad():
         expected = theirs(**batch, mm_token_type_ids=types).logits
-        got = ours(**batch, return_logits=True).logits
+        got = ours(sample.input_ids[None], media=sample.media).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 

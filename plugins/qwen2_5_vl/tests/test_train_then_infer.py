@@ -60,7 +60,7 @@ def test_infer_sizes_media_as_training_did_unless_told_otherwise(tmp_path, capsy
         return load_chat(args).preprocessor.processor
 
     default = processor()
-    assert default.prepare_video(video)[0].shape == in_training.prepare_video(video)[0].shape
+    assert default.prepare_video(video).frames.shape == in_training.prepare_video(video).frames.shape
     assert (default.max_pixels, default.video_max_pixels) == (
         trained["max_pixels"],
         trained["video_max_pixels"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmzoo.testing import spread_weights_
+from mmzoo.testing import ParityPair, parity_pair
 
 VOCAB = 1000
 IMAGE, VIDEO, V_START, V_END = 995, 996, 993, 994  # special ids remapped below the small vocab
@@ -52,20 +52,23 @@ def hf_config():
 
 
 @pytest.fixture(scope="session")
-def hf_model():
+def pair(tmp_path_factory) -> ParityPair:
+    """transformers' tiny Qwen2.5-VL with spread weights, saved, and mmzoo's load of it."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(hf_config()).eval()
     # At transformers' init a wrong part can hide inside the tolerance: spread every weight.
-    return spread_weights_(model, std=SPREAD)
+    directory = tmp_path_factory.mktemp("hf_tiny")
+    return parity_pair(Qwen2_5_VLForConditionalGeneration, hf_config(), directory, std=SPREAD)
 
 
 @pytest.fixture(scope="session")
-def hf_dir(hf_model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("hf_tiny")
-    hf_model.save_pretrained(path)
-    return path
+def hf_model(pair):
+    return pair.reference
+
+
+@pytest.fixture(scope="session")
+def hf_dir(pair):
+    return pair.directory
 
 
 def make_hf(tmp_path_factory, tied: bool, new_keys: bool = False) -> Path:
@@ -161,8 +164,12 @@ def left_pad(*samples: dict) -> tuple[dict, torch.Tensor]:
     """Samples from :func:`make_sample` left-padded into one batch (pad id 0), and the mask."""
     from mmzoo.data.collate import collate_left_padded
 
-    batch = collate_left_padded([{**s, "input_ids": s["input_ids"][0]} for s in samples], 0)
-    return batch, batch.pop("attention_mask")
+    rows = [
+        {"input_ids": s["input_ids"][0], "media": {k: v for k, v in s.items() if k != "input_ids"}}
+        for s in samples
+    ]
+    batch = collate_left_padded(rows, 0)
+    return {"input_ids": batch["input_ids"], **batch["media"]}, batch["attention_mask"]
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
