@@ -9,7 +9,6 @@ grid, row-major crops, and a thumbnail of the whole image when there is more tha
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -19,19 +18,7 @@ from PIL import Image
 
 from mmzoo.data.media import Video, VideoBackend, load_image, load_video, to_rgb
 from mmzoo.errors import MmzooError
-
-try:  # the core's media item, once the family seam is in
-    from mmzoo.protocols import MediaItem  # type: ignore[import-not-found]
-except ImportError:
-
-    @dataclass
-    class MediaItem:  # type: ignore[no-redef]
-        """One image or video, prepared (``frames``: uint8 ``(N, H, W, 3)``)."""
-
-        kind: str
-        frames: np.ndarray
-        info: dict[str, float | int] = field(default_factory=dict)
-
+from mmzoo.protocols import MediaItem
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -25,6 +25,7 @@ TEMPLATE = ChatTemplate(
     assistant_format="{content}<|im_end|>",
     default_system=SYSTEM_PROMPT,
     stop_words=("<|im_end|>",),
+    media_separator="\n",  # "<image>\n" per image before a prompt that places none
 )
 
 # The tokens InternVL adds to Qwen2.5's vocabulary, ids 151665.. in this order.
@@ -39,13 +40,6 @@ INTERNVL_TOKENS = (
     "<box>",
     "</box>",
 )
-
-
-def place_media(text: str, num_images: int, num_videos: int) -> str:
-    """Where media go when the text has no placeholder for them: ``<image>\\n`` per image, then
-    ``<video>\\n`` per video, before the text (as InternVL's chat code and transformers' chat
-    template write them). With the core's ``ChatTemplate.media_separator`` this is ``"\\n"``."""
-    return "<image>\n" * num_images + "<video>\n" * num_videos + text
 
 
 def default_tokenizer() -> Any:

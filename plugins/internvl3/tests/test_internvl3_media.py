@@ -38,7 +38,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def processor(tok):
-    return build_media_processor(VARIANTS["tiny"], tokenizer=tok)
+    return build_media_processor(VARIANTS["1b"], tokenizer=tok)
 
 
 def photo(name: str, size: tuple[int, int] | None = None, box: tuple[int, int, int, int] | None = None):
@@ -121,7 +121,7 @@ def test_tokens_follow_tile_patch_and_ratio(tok):
     assert item.frames.shape == (7, 56, 56, 3)
     assert small.num_tokens(item) == 7 * 4
     with pytest.raises(MmzooError, match=r"frames of shape \(56, 56, 3\), not \(448, 448, 3\)"):
-        build_media_processor(VARIANTS["tiny"], tokenizer=tok).num_tokens(item)
+        build_media_processor(VARIANTS["1b"], tokenizer=tok).num_tokens(item)
 
 
 def test_tiling_options(tok):

@@ -14,7 +14,7 @@ from transformers import InternVLProcessor
 from mmzoo.data.media import Video
 from mmzoo.loss import IGNORE_INDEX
 from mmzoo_internvl3.media import InternVLMediaProcessor
-from mmzoo_internvl3.template import SYSTEM_PROMPT, TEMPLATE, default_tokenizer, place_media
+from mmzoo_internvl3.template import SYSTEM_PROMPT, TEMPLATE, default_tokenizer
 
 # OpenGVLab/InternVL3-*-hf chat_template.jinja (after the processor update): no default system
 # prompt, <IMG_CONTEXT>\n per image and <video>\n per video before the text.
@@ -79,7 +79,7 @@ def hf_message(role, text, images=0, videos=0):
 
 
 def mm_message(role, text, images=0, videos=0):
-    return {"role": role, "content": place_media(text, images, videos)}
+    return {"role": role, "content": TEMPLATE.place_media(text, images, videos)}
 
 
 CONVERSATION = [  # (role, text, images, videos)
@@ -92,20 +92,21 @@ CONVERSATION = [  # (role, text, images, videos)
 
 
 def test_conversation_equals_transformers_less_the_last_newline(tok, media):
-    ids, _ = ours(tok, media, [mm_message(*turn) for turn in CONVERSATION])
+    ids, _, media_end = ours(tok, media, [mm_message(*turn) for turn in CONVERSATION])
     reference = hf_ids(tok, [hf_message(*turn) for turn in CONVERSATION])
     assert reference[-1] == NL and ids == reference[:-1]
+    assert ids[media_end - 1] == 151666 and 151666 not in ids[media_end:]  # past the video's last </img>
     assert ids.count(151667) == (7 + 1 + 3) * 256
 
 
 def test_generation_prompt_equals_transformers(tok, media):
     prompt = CONVERSATION[:4]
-    ids, _ = ours(tok, media, [mm_message(*turn) for turn in prompt])
+    ids, _, _ = ours(tok, media, [mm_message(*turn) for turn in prompt])
     assert ids == hf_ids(tok, [hf_message(*turn) for turn in prompt], generation=True)
 
 
 def test_default_system_prompt(tok, media):
-    ids, _ = ours(tok, media, [mm_message("user", "Hi"), mm_message("assistant", "Hello.")])
+    ids, _, _ = ours(tok, media, [mm_message("user", "Hi"), mm_message("assistant", "Hello.")])
     explicit = [
         hf_message("system", SYSTEM_PROMPT),
         hf_message("user", "Hi"),
@@ -132,14 +133,14 @@ def internvl_reference(tok):
 
 
 def test_labels_equal_internvl_training(tok, media):
-    ids, labels = ours(tok, media, [mm_message(*turn) for turn in CONVERSATION])
+    ids, labels, _ = ours(tok, media, [mm_message(*turn) for turn in CONVERSATION])
     ref_ids, ref_labels = internvl_reference(tok)
     assert ids == ref_ids[:-1] and labels == ref_labels[:-1]
 
 
 def test_labels_train_answers_and_im_end_only(tok, media):
     messages = [mm_message(*turn) for turn in CONVERSATION]
-    ids, labels = ours(tok, media, messages)
+    ids, labels, _ = ours(tok, media, messages)
     trained = [(i, t) for i, (t, label) in enumerate(zip(ids, labels, strict=True)) if label != IGNORE_INDEX]
     assert all(labels[i] == ids[i] for i, _ in trained)
     spans = tok.decode([t for _, t in trained])
@@ -150,8 +151,8 @@ def test_labels_train_answers_and_im_end_only(tok, media):
 
 
 def test_place_media():
-    assert place_media("Hi", 2, 1) == "<image>\n<image>\n<video>\nHi"
-    assert place_media("Hi", 0, 0) == "Hi"
+    assert TEMPLATE.place_media("Hi", 2, 1) == "<image>\n<image>\n<video>\nHi"
+    assert TEMPLATE.place_media("Hi", 0, 0) == "Hi"
 
 
 def test_tokenizer_ids(tok):
