@@ -27,6 +27,7 @@ from mmzoo.convert.mapping import (
     QKV,
     ROW,
     Concat,
+    Heads,
     Op,
     Rule,
     TiedCopy,
@@ -35,10 +36,18 @@ from mmzoo.convert.mapping import (
 from mmzoo.nn import DecoderConfig
 from mmzoo_internvl3.config import InternVL3Config, VisionConfig
 
-# Megatron's tensor-parallel split of MindSpeed-MM's ViT qkv: by heads, rank r holding
-# [q_r; k_r; v_r] (uneven when heads % tp != 0, as the 6B's 25 heads). mmzoo's core has no such
-# kind yet, so a tp > 1 split of this tensor stops with "unknown tensor-parallel kind".
-QKV_HEADS = "qkv_heads"
+
+@dataclass(frozen=True)
+class StackedQKV(Concat):
+    """transformers' separate ViT q, k, v stacked into ``[Q; K; V]``: one tensor in every mm
+    layout (the canonical one too), as OpenGVLab's fused ``attn.qkv`` gives it."""
+
+    count: int = 3
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return ()
+
 
 HF_ALIASES = {
     "model.vision_tower.": "vision_tower.",
@@ -130,20 +139,21 @@ def vision_rules(vision: VisionConfig, names: _VisionNames) -> list[Rule]:
         ),
     ]
     norm_bias = vision.norm == "layer_norm"
-    qkv_op: Op = (
-        IDENTITY if len(names.qkv) == 1 else Concat(dim=0, count=3, names=("q_proj", "k_proj", "v_proj"))
-    )
+    qkv_op: Op = IDENTITY if len(names.qkv) == 1 else StackedQKV()
+    # Split by heads, unevenly when tp does not divide them (the 6B's 25): [q_r; k_r; v_r] and
+    # the matching input columns of the output projection.
+    qkv_tp, proj_tp = Heads(vision.num_heads, blocks=3), Heads(vision.num_heads, dim=1)
     for p in _params(norm_bias):
         table.append(_layer_rule(names, f"input_layernorm.{p}", (f"{names.norm1}.{p}",)))
         table.append(_layer_rule(names, f"pre_mlp_layernorm.{p}", (f"{names.norm2}.{p}",)))
     for p in _params(vision.qkv_bias):
         qkv = tuple(f"{n}.{p}" for n in names.qkv)
-        table.append(_layer_rule(names, f"self_attention.linear_qkv.{p}", qkv, op=qkv_op, tp=QKV_HEADS))
+        table.append(_layer_rule(names, f"self_attention.linear_qkv.{p}", qkv, op=qkv_op, tp=qkv_tp))
     if vision.qk_norm:
         table.append(_layer_rule(names, "self_attention.q_layernorm.weight", (f"{names.q_norm}.weight",)))
         table.append(_layer_rule(names, "self_attention.k_layernorm.weight", (f"{names.k_norm}.weight",)))
     table += [
-        _layer_rule(names, "self_attention.linear_proj.weight", (f"{names.proj}.weight",), tp=ROW),
+        _layer_rule(names, "self_attention.linear_proj.weight", (f"{names.proj}.weight",), tp=proj_tp),
         _layer_rule(names, "self_attention.linear_proj.bias", (f"{names.proj}.bias",)),
         _layer_rule(names, "mlp.linear_fc1.weight", ("mlp.fc1.weight",), tp=COLUMN),
         _layer_rule(names, "mlp.linear_fc1.bias", ("mlp.fc1.bias",), tp=COLUMN),

@@ -15,10 +15,10 @@ from internvl3_tiny import (
     tiny_config,
 )
 
-from mmzoo.convert.mapping import COLUMN, REPLICATE, ROW, WeightMapping
+from mmzoo.convert.mapping import COLUMN, REPLICATE, Heads, WeightMapping
 from mmzoo.nn import TextDecoder
 from mmzoo.testing import assert_parity
-from mmzoo_internvl3.mapping import QKV_HEADS, weight_mapping
+from mmzoo_internvl3.mapping import weight_mapping
 
 STYLES = {"300m": VIT_300M_STYLE, "6b": VIT_6B_STYLE}
 
@@ -100,8 +100,8 @@ def test_mm_names_are_mindspeed_mm_names(style):
 def test_parallel_kinds_and_places():
     rules = {r.mm: r for r in weight_mapping(tiny_config()).rules}
     layer = "image_encoder.encoder.encoder.layers.0."
-    assert rules[layer + "self_attention.linear_qkv.weight"].tp == QKV_HEADS
-    assert rules[layer + "self_attention.linear_proj.weight"].tp == ROW
+    assert rules[layer + "self_attention.linear_qkv.weight"].tp == Heads(4, blocks=3)
+    assert rules[layer + "self_attention.linear_proj.weight"].tp == Heads(4, dim=1)
     assert rules[layer + "mlp.linear_fc1.weight"].tp == COLUMN
     assert rules[layer + "ls1"].tp == rules[layer + "input_layernorm.weight"].tp == REPLICATE
     projector = rules["image_encoder.projector.linear_fc1.weight"]
