@@ -3,7 +3,8 @@
 Generates the checkpoint on disk (HF names, 5 GiB shards + index, config.json), then in the
 same run times a plain copy of the same safetensors bytes (the baseline, fsynced like the
 conversion) and each conversion in a fresh child process, reporting wall time and the
-child's peak RSS::
+child's peak RSS. The last row reads a DCP training checkpoint of the same weights (written by
+one process, one chunk per tensor, no optimizer state)::
 
     python benchmarks/convert.py --work /tmp/convert_bench
 """
@@ -92,12 +93,33 @@ def run_child(args: list[str]) -> tuple[float, float]:
     return seconds, json.loads(result.stdout.strip().splitlines()[-1])["max_rss_gib"]
 
 
+def write_dcp(hf: Path, run: Path) -> None:
+    """A DCP training checkpoint (``run/iter_0000001``) of the model in ``hf``, as a 1-rank run
+    lays it out (one chunk per tensor), without optimizer state."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from mmzoo.checkpoint.dcp import DCP_META, MODEL, dcp_meta
+    from mmzoo.checkpoint.mm import write_json, write_tracker
+
+    model = mmzoo.load_model(hf, "auto")
+    iteration = run / "iter_0000001"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({MODEL: model.state_dict()}, checkpoint_id=iteration, no_dist=True)
+    write_json(iteration / DCP_META, dcp_meta(model, variant=None, world_size=1))
+    write_tracker(run, 1)
+
+
 def child(argv: list[str]) -> None:
     from mmzoo.checkpoint import conversion as convert
 
     op, *rest = argv
     if op == "copy":
         copy_tree(Path(rest[0]), Path(rest[1]))
+    elif op == "dcp":
+        write_dcp(Path(rest[0]), Path(rest[1]))
     elif op == "hf_to_mm":
         tp, llm, vit = int(rest[2]), json.loads(rest[3]), json.loads(rest[4])
         convert.hf_to_mm(rest[0], rest[1], tp=tp, llm_pp_layers=llm, vit_pp_layers=vit, report=lambda s: None)
@@ -153,6 +175,9 @@ def main() -> None:
         work / "re",
     )
     measure("mm-to-hf (tp=1 pp=1 source)", ["mm_to_hf", str(work / "mm"), str(work / "back")], work / "back")
+    shutil.rmtree(work / "mm")
+    run_child(["dcp", str(work / "hf"), str(work / "dcp")])
+    measure("mm-to-hf (DCP source: a run directory)", ["mm_to_hf", str(work / "dcp"), str(work / "back")])
     shutil.rmtree(work)
 
     base = rows[0][1]

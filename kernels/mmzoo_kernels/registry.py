@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 
 from mmzoo_kernels.impl import KernelError, KernelImpl, KernelOp
 
-__all__ = ["KernelError", "KernelImpl", "KernelOp", "configure", "get", "implementations", "ops"]
-
 
 def _nearest(name: str, choices: Iterable[str]) -> str:
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

@@ -1,5 +1,8 @@
 """Checkpoint conversion: HF -> mm, mm -> HF, and mm -> mm with another tp/pp/layout (resplit).
 
+The mm side read (mm -> HF, resplit) may also be a DCP training checkpoint of a run on many
+ranks (:mod:`mmzoo.checkpoint.dcp`), whose tensors are read whole, one at a time.
+
 Everything is checked before anything is written (layout, names, shapes, family, target);
 output is written with :func:`mmzoo.files.atomic_directory` (a temporary sibling renamed into
 place at the end), so a failed or killed conversion leaves no half-written checkpoint. Tensors
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mmzoo.checkpoint.dcp import DCPSource, dcp_iteration, open_dcp
 from mmzoo.checkpoint.hf import HFCheckpoint
 from mmzoo.checkpoint.hf_export import INDEX_NAME, TEMPLATE_FILES
 from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS
@@ -76,6 +80,22 @@ def _copy_hf_assets(src: Path, dst: Path, files: Sequence[str]) -> None:
     for name in files:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+
+
+def _open_source(
+    path: str | Path, template: str | Path | None
+) -> tuple[dict[str, Any], ModelSpec, Any, MMSource | DCPSource]:
+    """``(meta, spec, config, source)`` of an mm checkpoint or a DCP training checkpoint, checked."""
+    if dcp_iteration(path) is not None:
+        return open_dcp(path)
+    return open_mm(path, template)
+
+
+def _weights_format(source: MMSource | DCPSource) -> str:
+    """The weights format of a source's shards (a DCP checkpoint's: the default, safetensors)."""
+    if isinstance(source, MMSource) and weights_file(source.shard(0, 0)).name == MEGATRON_WEIGHTS:
+        return MEGATRON
+    return SAFETENSORS
 
 
 def _read_hf(hf_dir: str | Path, model: str | None) -> tuple[HFCheckpoint, ModelSpec, Any]:
@@ -166,8 +186,8 @@ def resplit(
     force: bool = False,
     report: Report = stderr_report,
 ) -> Path:
-    """Rewrite an mm checkpoint with another tp/pp split (and optionally layout and weights
-    format: ``None`` keeps the source's) under ``dst``.
+    """Rewrite an mm checkpoint, or a DCP training checkpoint, with another tp/pp split (and
+    optionally layout and weights format: ``None`` keeps the source's) under ``dst``.
 
     The result equals :func:`hf_to_mm` straight to the new split, bit for bit. The source's
     iteration name and HF assets are kept. ``template``: an HF checkpoint directory whose
@@ -175,14 +195,11 @@ def resplit(
     """
     out = Path(dst)
     _check_target(out, force)
-    meta, spec, config, source = open_mm(src, template)
-    iteration, mapping = source.iteration, source.mapping
+    meta, spec, config, source = _open_source(src, template)
+    iteration, mapping = source.iteration, spec.weight_mapping(config)
     parallel = make_layout(depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout or meta["layout"])
     _check_tp(mapping, {name: source.spec(name) for name in source.names}, tp)
-    if weights_format is None:
-        weights_format = (
-            MEGATRON if weights_file(source.shard(0, 0)).name == MEGATRON_WEIGHTS else SAFETENSORS
-        )
+    weights_format = weights_format or _weights_format(source)
     base = {**{k: meta[k] for k in ("model", "variant", "config")}, "format_version": FORMAT_VERSION}
     totals = Totals()
     with atomic_directory(out, replace=force) as tmp:
@@ -199,7 +216,7 @@ def resplit(
 
 def _hf_file_plan(
     mapping: WeightMapping,
-    source: MMSource,
+    source: MMSource | DCPSource,
     weight_map: dict[str, str] | None,
     max_shard_bytes: int,
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -245,7 +262,8 @@ def mm_to_hf(
     force: bool = False,
     report: Report = stderr_report,
 ) -> Path:
-    """Convert an mm checkpoint (any tp/pp/layout/weights format) into an HF checkpoint directory.
+    """Convert an mm checkpoint (any tp/pp/layout/weights format), or a DCP training checkpoint
+    (a run directory or its ``iter_*`` directory), into an HF checkpoint directory.
 
     config.json, tokenizer and processor files come from ``template`` (an HF checkpoint
     directory, e.g. the original) or else from the mm checkpoint's ``hf_assets``; config.json
@@ -256,8 +274,8 @@ def mm_to_hf(
     """
     out = Path(hf_dir)
     _check_target(out, force)
-    meta, spec, config, source = open_mm(mm_dir, template)
-    iteration, mapping = source.iteration, source.mapping
+    meta, spec, config, source = _open_source(mm_dir, template)
+    iteration, mapping = source.iteration, spec.weight_mapping(config)
     assets = iteration / HF_ASSETS
     weight_map: dict[str, str] | None = None
     side: Path | None = assets if assets.is_dir() else None

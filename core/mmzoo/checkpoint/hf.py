@@ -139,8 +139,12 @@ def open_hf_weights(path: str | Path, dtype: torch.dtype | str | None = None) ->
         )
 
     def items() -> Iterator[tuple[str, torch.Tensor]]:
+        # The files are dropped after every tensor: a memory map kept open holds every page read
+        # through it, which on a rank that keeps only its shards is the rest of the checkpoint.
         try:
-            yield from mapping.to_mm(lambda n: checkpoint.get(canonical[n]), set(canonical))
+            for item in mapping.to_mm(lambda n: checkpoint.get(canonical[n]), set(canonical)):
+                checkpoint.close()
+                yield item
         finally:
             checkpoint.close()
 

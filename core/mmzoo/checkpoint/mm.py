@@ -308,8 +308,9 @@ def _dtype(dtype: torch.dtype | str | None, source: MMSource) -> torch.dtype:
     return resolved
 
 
-def spec_and_config(meta: dict[str, Any], where: Path) -> tuple[Any, Any]:
-    """The registry spec and the config an ``mm_meta.json`` describes.
+def spec_and_config(meta: dict[str, Any], file: Path) -> tuple[Any, Any]:
+    """The registry spec and the config an ``mm_meta.json`` (or ``dcp_meta.json``) describes;
+    ``file``, the JSON file, is named in errors.
 
     ``variant`` may be ``null`` (a checkpoint converted from HF): the saved config is complete,
     so any variant serves as the base it is applied to.
@@ -319,7 +320,7 @@ def spec_and_config(meta: dict[str, Any], where: Path) -> tuple[Any, Any]:
         base = spec.variant(meta["variant"]) if meta["variant"] else next(iter(spec.variants.values()))
         return spec, apply_overrides(base, meta["config"])
     except MmzooError as exc:
-        raise MmzooError(f"{where / META}: {exc}") from exc
+        raise MmzooError(f"{file}: {exc}") from exc
 
 
 def open_mm(path: str | Path, hf_dir: str | Path | None = None) -> tuple[dict[str, Any], Any, Any, MMSource]:
@@ -332,7 +333,7 @@ def open_mm(path: str | Path, hf_dir: str | Path | None = None) -> tuple[dict[st
     """
     shard = resolve_shard(path)
     meta = read_mm_meta(shard, hf_dir)
-    spec, config = spec_and_config(meta, shard)
+    spec, config = spec_and_config(meta, shard / META)
     source = MMSource(shard.parent, meta, spec.weight_mapping(config))
     source.check()
     return meta, spec, config, source

@@ -47,7 +47,8 @@ def _meta_tensor(spec: TensorSpec) -> torch.Tensor:
     return torch.empty(spec[1], dtype=spec[0], device="meta")
 
 
-def _listing(names: list[str]) -> str:
+def listing(names: list[str]) -> str:
+    """The first names of a list, and how many there are when more."""
     return ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
 
 
@@ -76,9 +77,9 @@ class HFSource:
         missing, unexpected = self.mapping.check_hf_names(set(self.original))
         where = self.checkpoint.path
         if missing:
-            raise MmzooError(f"{where}: {len(missing)} weights missing: {_listing(sorted(missing))}")
+            raise MmzooError(f"{where}: {len(missing)} weights missing: {listing(sorted(missing))}")
         if unexpected:
-            raise MmzooError(f"{where}: {len(unexpected)} unexpected weights: {_listing(unexpected)}")
+            raise MmzooError(f"{where}: {len(unexpected)} unexpected weights: {listing(unexpected)}")
 
     def hf_specs(self, rule: Rule) -> list[TensorSpec]:
         out = []
@@ -229,10 +230,10 @@ class MMSource:
             have = weights.keys()
             missing, unexpected = sorted(want - have), sorted(have - want)
             if missing:
-                raise MmzooError(f"{weights.file}: {len(missing)} weights missing: {_listing(missing)}")
+                raise MmzooError(f"{weights.file}: {len(missing)} weights missing: {listing(missing)}")
             if unexpected:
                 raise MmzooError(
-                    f"{weights.file}: {len(unexpected)} unexpected weights: {_listing(unexpected)}"
+                    f"{weights.file}: {len(unexpected)} unexpected weights: {listing(unexpected)}"
                 )
         for name in self.names:  # the slices of every tensor fit together
             self.spec(name)

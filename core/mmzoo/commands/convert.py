@@ -10,6 +10,11 @@ from typing import Any
 
 from mmzoo.errors import MmzooError
 
+SOURCE_HELP = (
+    "mm checkpoint root, iteration or shard directory; or the DCP checkpoint of a run on many "
+    "ranks (its output or an iter_* directory)"
+)
+
 
 def parse_layers(text: str | None) -> list[int] | None:
     """``"12,16"`` or ``"[12,16]"`` -> ``[12, 16]``; ``None`` stays ``None``."""
@@ -61,8 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _parallel_args(p, "fused", "safetensors")
     p.set_defaults(func=hf_to_mm)
 
-    p = convert_sub.add_parser("mm-to-hf", help="mm checkpoint (any tp/pp) -> HF checkpoint")
-    p.add_argument("--mm-dir", required=True, help="mm checkpoint root, iteration or shard directory")
+    p = convert_sub.add_parser("mm-to-hf", help="mm (any tp/pp) or DCP checkpoint -> HF checkpoint")
+    p.add_argument("--mm-dir", required=True, help=SOURCE_HELP)
     p.add_argument("--hf-dir", required=True, help="HF checkpoint directory to create")
     p.add_argument(
         "--hf-template",
@@ -72,8 +77,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.set_defaults(func=mm_to_hf)
 
-    p = convert_sub.add_parser("resplit", help="mm checkpoint -> mm checkpoint with another tp/pp split")
-    p.add_argument("--src", required=True, help="mm checkpoint root, iteration or shard directory")
+    p = convert_sub.add_parser("resplit", help="mm or DCP checkpoint -> mm checkpoint, another tp/pp split")
+    p.add_argument("--src", required=True, help=SOURCE_HELP)
     p.add_argument("--dst", required=True, help="mm checkpoint root to create")
     _parallel_args(p, None, None)
     p.add_argument(

@@ -100,9 +100,11 @@ def _layout(cfg: dict[str, str]) -> str | None:
 
 
 def _check_source_layout(mm_dir: str, template: str | None, layout: str) -> None:
+    from mmzoo.checkpoint.dcp import dcp_iteration
     from mmzoo.checkpoint.mm import read_mm_meta
 
-    held = read_mm_meta(mm_dir, template)["layout"]
+    # A DCP training checkpoint holds the tensors as the model does: the fused layout.
+    held = "fused" if dcp_iteration(mm_dir) is not None else read_mm_meta(mm_dir, template)["layout"]
     if held != layout:
         raise MmzooError(
             f"{mm_dir} holds the {held} layout, but --cfg.{CANONICAL_KEY} says {layout}; "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mmzoo.convert.qwen2_llm import decoder_config_from_hf, decoder_config_to_hf
 from mmzoo.nn import DecoderConfig
 
 
@@ -142,13 +144,13 @@ def config_from_hf(hf: dict[str, Any]) -> Qwen2_5_VLConfig:
     for key, value in hf.items():  # older checkpoints keep text fields at the top level
         text.setdefault(key, value)
     vision = hf.get("vision_config") or {}
-    for name, section in (("text", text), ("vision", vision)):
-        act = section.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{name} hidden_act '{act}' is not supported (Qwen2.5-VL uses silu)")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    heads = text["num_attention_heads"]
+    act = vision.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"vision hidden_act '{act}' is not supported (Qwen2.5-VL uses silu)")
     tied = bool(hf.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    decoder = decoder_config_from_hf(text, tie_word_embeddings=tied)
+    if decoder.mrope_section is None:
+        decoder = dataclasses.replace(decoder, mrope_section=MROPE_SECTION)
     vision_rope = vision.get("rope_parameters") or {}
     return Qwen2_5_VLConfig(
         vision=VisionConfig(
@@ -166,19 +168,7 @@ def config_from_hf(hf: dict[str, Any]) -> Qwen2_5_VLConfig:
             tokens_per_second=_get(vision, "tokens_per_second", default=2),
             rope_theta=_get(vision_rope, "rope_theta", default=10000.0),
         ),
-        text=DecoderConfig(
-            vocab_size=text["vocab_size"],
-            hidden_size=text["hidden_size"],
-            ffn_hidden_size=text["intermediate_size"],
-            num_layers=text["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=_get(text, "num_key_value_heads", default=heads),
-            rope_theta=_get(rope, "rope_theta", default=_get(text, "rope_theta", default=1e6)),
-            rms_norm_eps=_get(text, "rms_norm_eps", default=1e-6),
-            qkv_bias=True,
-            tie_word_embeddings=tied,
-            mrope_section=tuple(_get(rope, "mrope_section", default=MROPE_SECTION)),
-        ),
+        text=decoder,
         image_token_id=_get(hf, "image_token_id", default=151655),
         video_token_id=_get(hf, "video_token_id", default=151656),
         vision_start_token_id=_get(hf, "vision_start_token_id", default=151652),
@@ -211,33 +201,10 @@ def config_to_hf(config: Qwen2_5_VLConfig) -> dict[str, Any]:
 
 
 def _text_to_hf(text: DecoderConfig) -> dict[str, Any]:
-    if not text.qkv_bias:
-        raise ValueError(
-            "text qkv_bias=False cannot be exported: transformers' Qwen2.5-VL always has q/k/v biases"
-        )
     if text.mrope_section is None:
         raise ValueError("text mrope_section is None; Qwen2.5-VL needs multimodal rotary sections")
-    return {
-        "model_type": "qwen2_5_vl_text",
-        "vocab_size": text.vocab_size,
-        "hidden_size": text.hidden_size,
-        "intermediate_size": text.ffn_hidden_size,
-        "num_hidden_layers": text.num_layers,
-        "num_attention_heads": text.num_heads,
-        "num_key_value_heads": text.num_kv_heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": text.rms_norm_eps,
-        "max_position_embeddings": 128000,  # as the published checkpoints; default rope ignores it
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": text.rope_theta,
-            "mrope_section": list(text.mrope_section),
-        },
-        "tie_word_embeddings": text.tie_word_embeddings,
-        # Real ids only when the vocabulary holds them (tests shrink it).
-        "bos_token_id": _in_vocab(151643, text.vocab_size),
-        "eos_token_id": _in_vocab(151645, text.vocab_size),
-    }
+    # As the published checkpoints; default rope ignores it.
+    return decoder_config_to_hf(text, model_type="qwen2_5_vl_text", max_position_embeddings=128000)
 
 
 def _vision_to_hf(vision: VisionConfig) -> dict[str, Any]:
@@ -262,7 +229,3 @@ def _vision_to_hf(vision: VisionConfig) -> dict[str, Any]:
         "hidden_act": "silu",
         "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta},
     }
-
-
-def _in_vocab(token_id: int, vocab_size: int) -> int | None:
-    return token_id if token_id < vocab_size else None

@@ -8,11 +8,13 @@ tensor-parallel ranks (``tp``) and, outside the layers, on which pipeline stage 
 
 from __future__ import annotations
 
-from mmzoo.convert.mapping import COLUMN, GATE_UP, GLU, QKV, ROW, Rule, TiedCopy, WeightMapping
+from mmzoo.convert import qwen2_llm
+from mmzoo.convert.mapping import COLUMN, GATE_UP, GLU, QKV, ROW, Rule, WeightMapping
 from mmzoo_qwen2_5_vl.config import Qwen2_5_VLConfig
 
 # transformers >= 4.52 names modules model.visual.* / model.language_model.*; checkpoints on
-# disk mostly use visual.* / model.*. The table is written in the latter.
+# disk mostly use visual.* / model.*. The table is written in the latter (the LLM's rows come
+# from mmzoo.convert.qwen2_llm under the prefix model.).
 HF_ALIASES = {"model.visual.": "visual.", "model.language_model.": "model."}
 
 # mmzoo's checkpoint format 1 named the vision tower and the projector differently.
@@ -26,27 +28,17 @@ V = "visual.blocks.{i}."
 VM = "image_encoder.encoder.blocks.layers.{i}."
 P = "image_encoder.projector."
 PM = P + "encoder."  # the merger's MLP
-T = "model.layers.{i}."
-TM = "text_decoder.decoder.layers.{i}."
-EMBEDDING = "text_decoder.embedding.word_embeddings.weight"
-OUTPUT = "text_decoder.output_layer.weight"
 
 
 def _vision(mm: str, hf: tuple[str, ...], **kw) -> Rule:
     return Rule(VM + mm, tuple(V + h for h in hf), layers="vision", **kw)
 
 
-def _text(mm: str, hf: tuple[str, ...], **kw) -> Rule:
-    return Rule(TM + mm, tuple(T + h for h in hf), layers="text", **kw)
-
-
 def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
     """The mapping for one config (layer counts, head counts, tied embeddings)."""
     vision, text = config.vision, config.text
     vit_qkv = QKV(vision.num_heads, vision.num_heads, vision.head_dim, fused_source=True)
-    llm_qkv = QKV(text.num_heads, text.num_kv_heads, text.head_dim)
     gate_up = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
-    q_k_v = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     table = [
         Rule(
             "image_encoder.encoder.patch_embed.proj.weight",
@@ -69,23 +61,12 @@ def weight_mapping(config: Qwen2_5_VLConfig) -> WeightMapping:
         Rule(PM + "linear_fc1.bias", ("visual.merger.mlp.0.bias",), tp=COLUMN, place="vision:last"),
         Rule(PM + "linear_fc2.weight", ("visual.merger.mlp.2.weight",), tp=ROW, place="vision:last"),
         Rule(PM + "linear_fc2.bias", ("visual.merger.mlp.2.bias",), place="vision:last"),
-        Rule(EMBEDDING, ("model.embed_tokens.weight",), tp=COLUMN, place="first"),
-        _text("input_layernorm.weight", ("input_layernorm.weight",)),
-        _text("self_attention.linear_qkv.weight", tuple(n + ".weight" for n in q_k_v), op=llm_qkv, tp=COLUMN),
-        _text("self_attention.linear_qkv.bias", tuple(n + ".bias" for n in q_k_v), op=llm_qkv, tp=COLUMN),
-        _text("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), tp=ROW),
-        _text("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
-        _text("mlp.linear_fc1.weight", gate_up, op=GATE_UP, tp=GLU),
-        _text("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), tp=ROW),
-        Rule("text_decoder.decoder.final_layernorm.weight", ("model.norm.weight",), place="last"),
-        # Tied embeddings: some checkpoints still carry lm_head.weight; it equals the embedding.
-        Rule(None, ("lm_head.weight",), optional=True)
-        if text.tie_word_embeddings
-        else Rule(OUTPUT, ("lm_head.weight",), tp=COLUMN, place="last"),
+        *qwen2_llm.weight_rules(text, prefix="model.", lm_head="lm_head.weight"),
     ]
-    # With tied embeddings a last pipeline stage other than the first holds its own copy of the
-    # embedding as output_layer (Megatron's shared embedding).
-    tied = (TiedCopy(OUTPUT, EMBEDDING, tp=COLUMN, place="last"),) if text.tie_word_embeddings else ()
     return WeightMapping.expand(
-        table, {"vision": vision.depth, "text": text.num_layers}, HF_ALIASES, tied, LEGACY_MM_PREFIXES
+        table,
+        {"vision": vision.depth, "text": text.num_layers},
+        HF_ALIASES,
+        qwen2_llm.tied_copies(text),
+        LEGACY_MM_PREFIXES,
     )
