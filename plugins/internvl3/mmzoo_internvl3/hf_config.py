@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmzoo.convert.qwen2_llm import decoder_config_from_hf, decoder_config_to_hf
 from mmzoo.errors import MmzooError
 from mmzoo.nn import DecoderConfig
 from mmzoo_internvl3.config import InternVL3Config, VisionConfig
@@ -66,24 +67,10 @@ def _square(value: int | list[int]) -> int:
 def _text(llm: dict[str, Any], where: str, tied: bool) -> tuple[DecoderConfig, int, float | None]:
     """The decoder, ``max_position_embeddings`` and the dynamic rope factor of a Qwen2 section."""
     _expect(llm, where, "model_type", ("qwen2",), "qwen2")
-    _expect(llm, where, "hidden_act", ("silu",), "silu")
-    _expect(llm, where, "use_sliding_window", (False,), False)
     rope = llm.get("rope_parameters") or llm.get("rope_scaling") or {}
     kind = rope.get("rope_type") or rope.get("type") or "default"
     _expect({"rope_type": kind}, where, "rope_type", ("default", "dynamic"), "default")
-    heads = llm["num_attention_heads"]
-    text = DecoderConfig(
-        vocab_size=llm["vocab_size"],
-        hidden_size=llm["hidden_size"],
-        ffn_hidden_size=llm["intermediate_size"],
-        num_layers=llm["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=llm.get("num_key_value_heads") or heads,
-        rope_theta=rope.get("rope_theta") or llm.get("rope_theta") or 1e6,
-        rms_norm_eps=llm.get("rms_norm_eps", 1e-6),
-        qkv_bias=True,
-        tie_word_embeddings=tied,
-    )
+    text = decoder_config_from_hf(llm, tie_word_embeddings=tied, where=where.rstrip("."))
     factor = float(rope["factor"]) if kind == "dynamic" else None
     return text, llm.get("max_position_embeddings", 32768), factor
 
@@ -155,27 +142,12 @@ def _from_opengvlab(hf: dict[str, Any]) -> InternVL3Config:
 
 
 def _text_to_hf(config: InternVL3Config, eos: int) -> dict[str, Any]:
-    text = config.text
-    if not text.qkv_bias or text.mrope_section is not None:
-        raise MmzooError("InternVL3's Qwen2 text decoder has q/k/v biases and 1-D rope; this config has not")
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "vocab_size": text.vocab_size,
-        "hidden_size": text.hidden_size,
-        "intermediate_size": text.ffn_hidden_size,
-        "num_hidden_layers": text.num_layers,
-        "num_attention_heads": text.num_heads,
-        "num_key_value_heads": text.num_kv_heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": text.rms_norm_eps,
-        "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": text.tie_word_embeddings,
-        "use_sliding_window": False,
-        # Real ids only when the vocabulary holds them (tests shrink it).
-        "bos_token_id": _in_vocab(151643, text.vocab_size),
-        "eos_token_id": _in_vocab(eos, text.vocab_size),
-    }
+    if config.text.mrope_section is not None:
+        raise MmzooError("InternVL3's Qwen2 text decoder has 1-D rope; this config has M-RoPE sections")
+    text = decoder_config_to_hf(config.text, max_position_embeddings=config.max_position_embeddings)
+    del text["rope_parameters"]  # each layout writes its own
+    text["eos_token_id"] = eos if eos < config.text.vocab_size else None
+    return {"architectures": ["Qwen2ForCausalLM"], **text, "use_sliding_window": False}
 
 
 def _rope(config: InternVL3Config) -> dict[str, Any]:
@@ -263,7 +235,3 @@ def _to_opengvlab(config: InternVL3Config) -> dict[str, Any]:
             "drop_path_rate": 0.0,
         },
     }
-
-
-def _in_vocab(token_id: int, vocab_size: int) -> int | None:
-    return token_id if token_id < vocab_size else None

@@ -17,23 +17,10 @@ The mm names are MindSpeed-MM's for InternVL: the ViT's ``linear_qkv`` is the pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from mmzoo.convert.mapping import (
-    COLUMN,
-    GATE_UP,
-    GLU,
-    IDENTITY,
-    QKV,
-    ROW,
-    Concat,
-    Heads,
-    Op,
-    Rule,
-    TiedCopy,
-    WeightMapping,
-)
-from mmzoo.nn import DecoderConfig
+from mmzoo.convert import qwen2_llm
+from mmzoo.convert.mapping import COLUMN, IDENTITY, ROW, Concat, Heads, Op, Rule, WeightMapping
 from mmzoo_internvl3.config import InternVL3Config, VisionConfig
 
 
@@ -61,8 +48,6 @@ LAYER = VM + "encoder.layers.{i}."
 PROJECTOR = "image_encoder.projector."
 LLM = "language_model.model."
 LM_HEAD = "language_model.lm_head.weight"
-EMBEDDING = "text_decoder.embedding.word_embeddings.weight"
-OUTPUT = "text_decoder.output_layer.weight"
 
 
 @dataclass(frozen=True)
@@ -175,40 +160,15 @@ def projector_rules(names: _VisionNames) -> list[Rule]:
     ]
 
 
-def qwen2_rules(text: DecoderConfig, prefix: str, lm_head: str) -> tuple[list[Rule], tuple[TiedCopy, ...]]:
-    """A Qwen2 decoder whose HF names start with ``prefix`` (``embed_tokens``, ``layers.{i}.*``,
-    ``norm``), its output layer at ``lm_head``; and the tied copy a last stage holds when tied."""
-    qkv = QKV(text.num_heads, text.num_kv_heads, text.head_dim)
-    q_k_v = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    layer, mm = prefix + "layers.{i}.", "text_decoder.decoder.layers.{i}."
-
-    def rule(name: str, hf: tuple[str, ...], **kw) -> Rule:
-        return Rule(mm + name, tuple(layer + h for h in hf), layers="text", **kw)
-
-    table = [
-        Rule(EMBEDDING, (prefix + "embed_tokens.weight",), tp=COLUMN, place="text:first"),
-        rule("input_layernorm.weight", ("input_layernorm.weight",)),
-        rule("self_attention.linear_qkv.weight", tuple(n + ".weight" for n in q_k_v), op=qkv, tp=COLUMN),
-        rule("self_attention.linear_qkv.bias", tuple(n + ".bias" for n in q_k_v), op=qkv, tp=COLUMN),
-        rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), tp=ROW),
-        rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
-        rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), op=GATE_UP, tp=GLU),
-        rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), tp=ROW),
-        Rule("text_decoder.decoder.final_layernorm.weight", (prefix + "norm.weight",), place="last"),
-        # Tied: a checkpoint may still carry the output layer; it equals the embedding.
-        Rule(None, (lm_head,), optional=True)
-        if text.tie_word_embeddings
-        else Rule(OUTPUT, (lm_head,), tp=COLUMN, place="last"),
-    ]
-    tied = (TiedCopy(OUTPUT, EMBEDDING, tp=COLUMN, place="last"),) if text.tie_word_embeddings else ()
-    return table, tied
-
-
 def weight_mapping(config: InternVL3Config) -> WeightMapping:
     """The mapping for one config, in its ``hf_layout`` (layer counts, norms, biases, tying)."""
     names = _NAMES[config.hf_layout]
-    llm, tied = qwen2_rules(config.text, LLM, LM_HEAD)
+    # The LLM's embedding goes with its first layer (the first stage may hold only ViT layers).
+    llm = [
+        replace(rule, place="text:first") if rule.mm == qwen2_llm.EMBEDDING else rule
+        for rule in qwen2_llm.weight_rules(config.text, prefix=LLM, lm_head=LM_HEAD)
+    ]
     table = vision_rules(config.vision, names) + projector_rules(names) + llm
     aliases = HF_ALIASES if config.hf_layout == "hf" else {}
     counts = {"vision": config.vision.num_layers, "text": config.text.num_layers}
-    return WeightMapping.expand(table, counts, aliases, tied)
+    return WeightMapping.expand(table, counts, aliases, qwen2_llm.tied_copies(config.text))

@@ -193,3 +193,9 @@ def test_unsupported_fields_are_named(change, message):
 def test_neither_layout_is_an_error():
     with pytest.raises(MmzooError, match="neither text_config nor llm_config"):
         config_from_hf({"architectures": ["InternVLChatModel"]})
+
+
+def test_unsupported_llm_activation_is_named():
+    config = {**OPENGVLAB_1B, "llm_config": {**OPENGVLAB_1B["llm_config"], "hidden_act": "gelu"}}
+    with pytest.raises(ValueError, match="llm_config.hidden_act 'gelu' is not supported"):
+        config_from_hf(config)
