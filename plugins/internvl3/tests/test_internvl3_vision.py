@@ -14,7 +14,7 @@ from mmzoo_internvl3.config import VARIANTS
 from mmzoo_internvl3.mapping import weight_mapping
 from mmzoo_internvl3.vision import InternViT, Projector, build_projector, build_vision_encoder
 
-TINY_448 = dataclasses.replace(VARIANTS["tiny"].vision, hidden_size=32, ffn_hidden_size=64)
+TINY_448 = dataclasses.replace(VARIANTS["tiny"].vision, hidden_size=32, ffn_hidden_size=64, image_size=448)
 STYLES = {"300m": VIT_300M_STYLE, "6b": VIT_6B_STYLE, "300m-448px": TINY_448}
 
 
