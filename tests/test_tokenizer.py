@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 
 import pytest
@@ -75,7 +76,7 @@ def test_conversion_recovers_merges_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("MMZOO_CACHE", str(tmp_path / "cache"))
     calls = []
     convert = tk.convert_tiktoken_ranks
-    monkeypatch.setattr(tk, "convert_tiktoken_ranks", lambda ranks: calls.append(1) or convert(ranks))
+    monkeypatch.setattr(tk, "convert_tiktoken_ranks", lambda *args: calls.append(1) or convert(*args))
 
     first = tk.default_qwen_tokenizer()
     assert len(calls) == 1
@@ -91,10 +92,46 @@ def test_conversion_recovers_merges_and_is_cached(tmp_path, monkeypatch):
     assert second.encode("abcd abc xbc") == [259, 32, 258, 32, 120, 257]
     assert [p.name for p in out.parent.iterdir()] == [out.name], "temp directory left behind"
 
+    # Extra special tokens -> their own cache entry, after Qwen's 22 added tokens.
+    extra = tk.qwen_tokenizer_dir(("<x>",))
+    assert extra != out and len(calls) == 2
+    added = json.loads((extra / "tokenizer.json").read_text())["added_tokens"]
+    assert [(a["id"], a["content"]) for a in added[-2:]] == [(151664, "<|file_sep|>"), (151665, "<x>")]
+
     # New ranks -> new hash -> new cache entry.
     _write_ranks(ranks_file, [bytes([b]) for b in range(256)] + [b"ab"])
     assert tk.qwen_tokenizer_dir() != out
-    assert len(calls) == 2
+    assert len(calls) == 3
+
+
+# InternVL3's tokens after Qwen2.5's 22, in the order its training code adds them (ids 151665-151673).
+INTERNVL3 = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+
+def test_extra_special_tokens_follow_qwen_s(qwen):
+    tok = tk.default_qwen_tokenizer(INTERNVL3)
+    assert tok.convert_tokens_to_ids(list(INTERNVL3)) == list(range(151665, 151674))
+    assert len(tok) == 151674
+    assert tok("<img><IMG_CONTEXT><IMG_CONTEXT></img>")["input_ids"] == [151665, 151667, 151667, 151666]
+    text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + MIXED[2]
+    assert tok(text)["input_ids"] == qwen(text)["input_ids"]  # Qwen's own ids are untouched
+    assert tok.decode([151667, 9707], skip_special_tokens=True) == "Hello"
+    assert tk.qwen_tokenizer_dir(INTERNVL3) != tk.qwen_tokenizer_dir()
+    assert tk.qwen_tokenizer_dir(INTERNVL3) != tk.qwen_tokenizer_dir(INTERNVL3[:3])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("<img>", "<img>"), "'<img>' is given twice"),
+        (("<|im_end|>",), "'<|im_end|>' is one of Qwen2.5's"),
+        (("",), "'' is not a token"),
+        ("<img>", "not the string '<img>'"),
+    ],
+)
+def test_extra_special_token_errors(extra, message):
+    with pytest.raises(MmzooError, match=re.escape(message)):
+        tk.qwen_tokenizer_dir(extra)
 
 
 def test_missing_qwen_tokenizer_package(monkeypatch):

@@ -12,7 +12,7 @@ import torch
 
 from mmzoo.errors import MmzooError, nearest
 from mmzoo.model import VLModel
-from mmzoo.nn import LayerNorm, RMSNorm, TransformerLayer
+from mmzoo.nn.init import init_weights
 from mmzoo.registry import ModelSpec, get_model
 
 
@@ -41,19 +41,6 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> 
         raise MmzooError(f"invalid config override {where or ''}{overrides}: {exc}") from exc
 
 
-def init_weights(model: torch.nn.Module, std: float = 0.02) -> None:
-    """Random init as transformers does: normal(0, std) weights, zero biases, unit norms, layer
-    scales at their initial value."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv3d)):
-            torch.nn.init.normal_(module.weight, std=std)
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                torch.nn.init.zeros_(bias)
-        elif isinstance(module, (RMSNorm, LayerNorm, TransformerLayer)):
-            module.reset_parameters()
-
-
 def compose(spec: ModelSpec, config: Any) -> VLModel:
     """Build the family's parts from ``config`` and compose them into a :class:`VLModel`."""
     return VLModel(
@@ -71,7 +58,8 @@ def compose(spec: ModelSpec, config: Any) -> VLModel:
 def build_model(
     name: str, variant: str = "tiny", *, dtype: torch.dtype | None = None, **overrides: Any
 ) -> VLModel:
-    """A randomly initialised model of a registered family.
+    """A randomly initialised model of a registered family: by module type
+    (:func:`mmzoo.nn.init.init_weights`), then the family's ``init_weights`` hook.
 
     Args:
         name: registry name (see ``mmzoo list-models``), e.g. ``"qwen2_5_vl"``.
@@ -84,4 +72,7 @@ def build_model(
     config = apply_overrides(spec.variant(variant), overrides)
     model = compose(spec, config)
     init_weights(model)
+    if spec.init_weights is not None:
+        with torch.no_grad():
+            spec.init_weights(model, config)
     return model.to(dtype) if dtype is not None else model

@@ -31,12 +31,16 @@ class RecomputeConfig:
     num_layers: int = 1
 
 
+# The family `mmzoo train` trains when no model is named (`model.name`): the embedded demo's.
+DEFAULT_MODEL = "qwen2_5_vl"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to train and how.
 
     Attributes:
-        name: registry name (``mmzoo list-models``).
+        name: registry name (``mmzoo list-models``); default ``qwen2_5_vl``, the embedded demo's.
         variant: size for random init (ignored when ``load`` is set: checkpoints then record the
             variant whose config the loaded model's equals, or null).
         load: a Hugging Face checkpoint directory or an mm checkpoint to start from.
@@ -46,7 +50,7 @@ class ModelConfig:
         recompute_vision, recompute_text: activation recompute per tower.
     """
 
-    name: str = "qwen2_5_vl"
+    name: str = DEFAULT_MODEL
     variant: str = "tiny"
     load: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +76,8 @@ class DataConfig:
         cache_dir: keep preprocessed samples here (None: no cache).
         num_workers: data-loader worker processes (0: the training process).
         media: options for the family's media processor (min_pixels, max_pixels, fps, ...).
+        demo_media: lay ``media`` over the family's own options for the bundled demo (small
+            images for a CPU; ``media`` keys win); on in the embedded default (no --config).
     """
 
     data: str = "demo"
@@ -85,6 +91,7 @@ class DataConfig:
     cache_dir: str | None = None
     num_workers: int = 0
     media: dict[str, Any] = field(default_factory=dict)
+    demo_media: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,8 @@ class TrainConfig:
     """Optimisation, checkpoints and logging.
 
     Attributes:
-        output_dir: checkpoints, metrics.jsonl and TensorBoard events go here.
+        output_dir: checkpoints, metrics.jsonl and TensorBoard events go here (default:
+            ``outputs/{model.name}-{model.variant}-demo``).
         steps: optimizer steps (0: ``epochs`` passes over the data).
         epochs: passes over the data when ``steps`` is 0 (a step never spans two epochs).
         micro_batch_size: samples per micro-batch; with ``data.packing`` on, packed rows of
@@ -118,7 +126,7 @@ class TrainConfig:
         tensorboard: write TensorBoard events when ``tensorboard`` is installed.
     """
 
-    output_dir: str = "outputs/qwen2_5_vl-tiny-demo"
+    output_dir: str | None = None
     steps: int = 0
     epochs: int = 1
     micro_batch_size: int = 1
@@ -192,14 +200,7 @@ class Config:
 
 # The embedded default: a tiny model on the bundled demo data, about a minute on a laptop CPU.
 DEMO_OVERRIDES: dict[str, Any] = {
-    "data": {
-        "seq_length": 1024,
-        "media": {
-            "max_pixels": 128 * 28 * 28,
-            "video_min_pixels": 32 * 28 * 28,
-            "video_max_pixels": 64 * 28 * 28,
-        },
-    },
+    "data": {"seq_length": 1024, "demo_media": True},
     # Enough to learn the demo answers by heart, so `mmzoo infer` on the result gives them back.
     "train": {"steps": 120, "lr": 1e-2, "min_lr": 2e-3, "warmup": 0.1, "weight_decay": 0.0, "save_every": 60},
 }
@@ -320,8 +321,20 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """The config: defaults (the embedded demo when no file is given), the YAML file, then overrides."""
+def with_derived_defaults(config: Config) -> Config:
+    """``config`` with the defaults that depend on the chosen model filled in (``train.output_dir``)."""
+    if config.train.output_dir is not None:
+        return config
+    output_dir = f"outputs/{config.model.name}-{config.model.variant}-demo"
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, output_dir=output_dir))
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> Config:
+    """The config: defaults (the embedded demo when no file is given), the YAML file, the
+    ``--section.key`` overrides, then ``values`` (e.g. from command-line flags); the defaults that
+    depend on the model last."""
     config = Config()
     if path is None:
         config = merge(config, DEMO_OVERRIDES)
@@ -330,13 +343,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not file.is_file():
             raise MmzooError(f"config file {file} does not exist")
         try:
-            values = yaml.safe_load(file.read_text()) or {}
+            from_file = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as exc:
             raise MmzooError(f"{file}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-        config = merge(config, values)
+        config = merge(config, from_file)
     if overrides:
         config = merge(config, parse_overrides(overrides))
-    return config
+    if values:
+        config = merge(config, values)
+    return with_derived_defaults(config)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -47,6 +47,14 @@ class ModelSpec:
         template: the chat template (:class:`mmzoo.protocols.Template`).
         media_processor: ``(config, **options) ->`` :class:`mmzoo.protocols.MediaProcessor`.
         default_tokenizer: ``() -> tokenizer`` used when no checkpoint gives one (demo, tests).
+        init_weights: ``(model, config) -> None``, run (under ``no_grad``) after the random init by
+            module type (:func:`mmzoo.nn.init.init_weights`) to set what that leaves: parameters
+            registered directly on a module (class token, position embeddings, layer scale), or
+            a layer that needs another init; ``None`` when the type rules suffice.
+        mm_converters: the MindSpeed-MM converter class names this family answers to in
+            ``mm-convert <Converter> ...``, e.g. ``("Qwen2_5_VLConverter",)``.
+        demo_media: media processor options for the bundled demo (small sizes for a CPU run);
+            ``data.media`` is laid over them when ``data.demo_media`` is on (the embedded default).
     """
 
     name: str
@@ -67,6 +75,9 @@ class ModelSpec:
     default_tokenizer: Callable[[], Any] | None = None
     config_to_hf: Callable[[Any], dict] | None = None
     description: str = ""
+    init_weights: Callable[[nn.Module, Any], None] | None = None
+    mm_converters: tuple[str, ...] = ()
+    demo_media: Mapping[str, Any] = field(default_factory=dict)
 
     PARTS = (
         "build_vision_encoder",
@@ -227,3 +238,23 @@ def model_for_architecture(architecture: str) -> ModelSpec:
     raise MmzooError(
         f"no installed plugin reads the architecture '{architecture}'; readable: {', '.join(known) or 'none'}"
     )
+
+
+def model_for_converter(converter: str) -> ModelSpec:
+    """The spec whose ``mm_converters`` include ``converter`` (a MindSpeed-MM class name).
+
+    Raises:
+        MmzooError: no installed family, or two, declare ``converter``; the message lists them.
+    """
+    claims = [r for r in _collect().values() if converter in r.spec.mm_converters]
+    if len(claims) > 1:
+        raise MmzooError(
+            f"converter '{converter}' is declared by "
+            + " and ".join(f"model '{r.spec.name}' of plugin {r.plugin.label}" for r in claims)
+            + "; uninstall one or block it with MMZOO_BLOCK_PLUGINS"
+        )
+    if claims:
+        return claims[0].spec
+    known = {name: r.spec.name for r in _collect().values() for name in r.spec.mm_converters}
+    listed = ", ".join(f"{name} ({model})" for name, model in sorted(known.items())) or "none"
+    raise MmzooError(f"unknown converter '{converter}'{nearest(converter, known)}; installed: {listed}")

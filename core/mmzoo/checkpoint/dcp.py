@@ -131,9 +131,9 @@ class DCPSource:
                     f"{self.iteration}: shape mismatch for {name}: checkpoint gives {shape}, the "
                     f"model expects {tuple(expected[name].shape)}; {hint}"
                 )
-        self._check_files()
+        self.check_files()
 
-    def _check_files(self) -> None:
+    def check_files(self) -> None:
         """Every data file holding model entries is there and as long as ``.metadata`` says (a
         rank's file lost or cut short is an MmzooError)."""
         ends: dict[str, int] = {}

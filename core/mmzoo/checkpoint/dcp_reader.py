@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from mmzoo.errors import MmzooError
 
 # dcp.load(no_dist=True) says so on every call; reading in one process is the intent here.
-_SINGLE_PROCESS = re.escape("torch.distributed is disabled, unavailable or uninitialized")
+SINGLE_PROCESS = re.escape("torch.distributed is disabled, unavailable or uninitialized")
 
 
 class Reader(FileSystemReader):
@@ -43,7 +43,7 @@ class Reader(FileSystemReader):
         """Fill ``tensor`` in place with the entry ``name`` of the saved state dict's ``group``
         (DCP's ``group.name``), whatever the chunks it was saved in."""
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS, category=UserWarning)
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS, category=UserWarning)
             try:
                 # no_dist: this process reads alone, even inside a run's process group.
                 dcp.load({group: {name: tensor}}, storage_reader=self, no_dist=True)

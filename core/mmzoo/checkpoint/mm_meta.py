@@ -1,8 +1,9 @@
 """The meta of an mm checkpoint that has no ``mm_meta.json`` (MindSpeed-MM writes none).
 
 tp and pp come from the ``mp_rank_TT[_PPP]`` directories, each stage's layer counts from the
-layer indices in its tensor names, the layout (fused or canonical) from which layout's names
-the shards hold, and the tensors' shapes are checked against the config. The config comes
+layer indices its tensor names hold after each stack's prefix in the family's weight mapping,
+the layout (fused or canonical) from which layout's names the shards hold, and the tensors'
+shapes are checked against the config. The config comes
 from an HF ``config.json``: one the caller names, else ``hf_assets/config.json`` beside the
 shards; without either, every registered variant is tried and the one the names and shapes fit
 is taken.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +55,14 @@ def _grid(iteration: Path) -> tuple[int, int]:
     return tp, pp
 
 
-def _layers(names: set[str], prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return len({m.group(1) for n in names if (m := pattern.match(n))})
-
-
 def _fit(
     iteration: Path, spec: ModelSpec, config: Any, tp: int, stage_names: list[set[str]]
 ) -> dict[str, Any] | str:
     """The meta of the checkpoint read as ``config``, or why it does not fit."""
     mapping: WeightMapping = spec.weight_mapping(config)
     want = depths(mapping)
-    prefixes = mapping.layer_prefixes()
-    counts = {g: tuple(_layers(n, prefixes[g]) if g in prefixes else 0 for n in stage_names) for g in GROUPS}
+    held = [mapping.layers_held(names) for names in stage_names]
+    counts = {group: tuple(h.get(group, 0) for h in held) for group in GROUPS}
     for group in GROUPS:
         if sum(counts[group]) != want[group]:
             return f"the shards hold {sum(counts[group])} {group} layers, the config {want[group]}"

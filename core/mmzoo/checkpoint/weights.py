@@ -3,7 +3,8 @@
 Readers of every format (HF directories, mm shards of any split) give :class:`Weights`; a model
 built on the meta device is filled from it one tensor at a time, whether its parameters are
 plain tensors or FSDP shards (``DTensor``): each process then holds its parameters plus one
-tensor, never a second copy of the model.
+tensor, never a second copy of the model. The checkpoint fills parameters and persistent buffers;
+:func:`mmzoo.nn.init.materialize` recomputes the non-persistent buffers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from mmzoo.build import compose
 from mmzoo.errors import MmzooError
 from mmzoo.model import VLModel
+from mmzoo.nn.init import materialize, persistent_buffers
 
 
 @dataclass
@@ -42,7 +44,8 @@ class Weights:
     hint: str = ""
 
     def empty_model(self) -> VLModel:
-        """The model the weights describe, built on the meta device (no memory yet)."""
+        """The model the weights describe, built on the meta device (no memory yet; see
+        :func:`mmzoo.nn.init.materialize`)."""
         with torch.device("meta"):
             return compose(self.spec, self.config).to(self.dtype)
 
@@ -55,17 +58,21 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def fill_parameters(model: torch.nn.Module, weights: Weights) -> None:
-    """Copy every tensor of ``weights`` into the parameter of the same name, one at a time.
+    """Copy every tensor of ``weights`` into the parameter or persistent buffer of the same name,
+    one at a time.
 
     A parameter sharded by FSDP (a ``DTensor``) takes only its own shard of the tensor. Names
     the weights lack or the model lacks, and shapes that differ, are MmzooErrors.
     """
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **persistent_buffers(model)}
     loaded: set[str] = set()
     for name, tensor in weights.items():
         param = params.get(name)
         if param is None:
-            raise MmzooError(f"{weights.where}: '{name}' is not a parameter of the {weights.spec.name} model")
+            raise MmzooError(
+                f"{weights.where}: '{name}' is not a parameter or persistent buffer of the "
+                f"{weights.spec.name} model"
+            )
         if param.shape != tensor.shape:
             raise MmzooError(
                 f"{weights.where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
@@ -88,6 +95,7 @@ def fill_parameters(model: torch.nn.Module, weights: Weights) -> None:
 
 def load_weights(weights: Weights, device: str | torch.device = "cpu") -> VLModel:
     """The model ``weights`` describe, built once on ``device`` and filled one tensor at a time."""
-    model = weights.empty_model().to_empty(device=device)
+    model = weights.empty_model()
+    materialize(model, device)
     fill_parameters(model, weights)
     return model

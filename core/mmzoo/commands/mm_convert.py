@@ -1,6 +1,7 @@
-"""The ``mm-convert`` console script: the ``mm-convert <Family>Converter <op> --cfg.*`` form.
+"""The ``mm-convert`` console script: MindSpeed-MM's ``mm-convert <Converter> <op> --cfg.*`` form.
 
 Scripts written for that form keep working; each call runs the same code as ``mmzoo convert``.
+The converter class name picks the family (each declares its names in ``ModelSpec.mm_converters``).
 As MindSpeed-MM does, hf_to_mm writes ``model_optim_rng.pt`` shards (mmzoo reads them as they
 are); ``--cfg.common_model_config.enable_canonical_hf_struct true`` gives the canonical layout::
 
@@ -24,7 +25,7 @@ from typing import Any
 from mmzoo.errors import USER_ERRORS, MmzooError
 
 OPS = ("hf_to_mm", "mm_to_hf", "resplit")
-USAGE = "usage: mm-convert <Family>Converter {hf_to_mm,mm_to_hf,resplit} --cfg.KEY VALUE ..."
+USAGE = "usage: mm-convert CONVERTER {hf_to_mm,mm_to_hf,resplit} --cfg.KEY VALUE ..."
 # Keys other tools' scripts pass that mean nothing here (the model config is read from the
 # checkpoints themselves).
 IGNORED = ("trust_remote_code", "save_lora_to_hf", "common_model_config", "pp_vpp_layers", "vpp_size")
@@ -123,12 +124,11 @@ def _parallel(cfg: dict[str, str], prefix: str) -> dict[str, Any]:
 def run(argv: Sequence[str]) -> int:
     """Run one conversion from ``mm-convert`` arguments."""
     from mmzoo.checkpoint import conversion as convert
-    from mmzoo.registry import get_model
+    from mmzoo.registry import model_for_converter
 
     if len(argv) < 2 or argv[1] not in OPS:
         raise MmzooError(USAGE)
-    family = argv[0].removesuffix("Converter").lower()
-    get_model(family)  # an unknown family is an error listing the installed ones
+    family = model_for_converter(argv[0]).name  # an unknown one is an error listing the installed
     cfg = parse_cfg(argv[2:])
     force = (_take(cfg, "force") or "false").lower() == "true"
     layout = _layout(cfg)
@@ -169,6 +169,13 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
+def _converters() -> str:
+    from mmzoo.registry import all_models
+
+    names = sorted((c, r.spec.name) for r in all_models() for c in r.spec.mm_converters)
+    return ", ".join(f"{converter} ({model})" for converter, model in names) or "none installed"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mm-convert`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -179,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Extra keys: --cfg.force true (replace an existing output), --cfg.layout fused|canonical, "
             "--cfg.format megatron|safetensors (hf_to_mm default megatron, resplit default: the source's)."
         )
+        print(f"Converters: {_converters()}")
         return 0
     try:
         return run(args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmzoo.config import dump, load_config, merge
+from mmzoo.config import DEFAULT_MODEL, dump, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
         allow_abbrev=False,
     )
-    p.add_argument("--model", help="model family (model.name), e.g. qwen2_5_vl")
+    p.add_argument("--model", help=f"model family (model.name; default {DEFAULT_MODEL})")
     p.add_argument("--config", help="YAML config file (see examples/configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
@@ -35,13 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mmzoo.train.loop import train
 
-    config = load_config(args.config, args.overrides)
     extra: dict = {}
     if args.model:
         extra["model"] = {"name": args.model}
     if args.save_hf:
         extra["train"] = {"save_hf": args.save_hf}
-    config = merge(config, extra)
+    config = load_config(args.config, args.overrides, extra)
     if args.print_config:
         print(dump(config), end="")
         return 0

@@ -12,11 +12,13 @@ which pipeline stage a non-layer tensor lives (``place``); layer tensors follow 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
 import torch
+
+from mmzoo.errors import MmzooError
 
 
 class Op(Protocol):
@@ -294,9 +296,44 @@ class WeightMapping:
         return name
 
     def layer_prefixes(self) -> dict[str, str]:
-        """Each layer group's mm name prefix before the layer index, e.g.
-        ``{"text": "text_decoder.decoder.layers."}``."""
-        return {r.layers: r.template.split("{i}")[0] for r in self.rules if r.layers and r.template}
+        """Each layer group's stack: its mm name prefix before the layer index, e.g.
+        ``{"text": "text_decoder.decoder.layers."}``.
+
+        Raises:
+            MmzooError: a group's templates name two stacks (give each its own group).
+        """
+        prefixes: dict[str, str] = {}
+        for rule in self.rules:
+            if rule.layers is None or rule.template is None:
+                continue
+            prefix = rule.template.split("{i}")[0]
+            if prefixes.setdefault(rule.layers, prefix) != prefix:
+                raise MmzooError(
+                    f"weight mapping: layer group '{rule.layers}' spans two stacks, "
+                    f"{prefixes[rule.layers]}{{i}} and {prefix}{{i}}; give each stack its own group"
+                )
+        return prefixes
+
+    def layer_counts(self) -> dict[str, int]:
+        """Layer group -> its number of layers (what the ``{i}`` templates expanded over)."""
+        counts: dict[str, int] = {}
+        for rule in self.rules:
+            if rule.layers is not None and rule.layer is not None:
+                counts[rule.layers] = max(counts.get(rule.layers, 0), rule.layer + 1)
+        return counts
+
+    def layers_held(self, names: Iterable[str]) -> dict[str, int]:
+        """Layer group -> how many of its layers ``names`` hold, each known by the index right
+        after its stack's prefix (an mm shard numbers its stage's layers from 0)."""
+        prefixes = self.layer_prefixes()
+        held: dict[str, set[str]] = {group: set() for group in prefixes}
+        for name in names:
+            for group, prefix in prefixes.items():
+                if name.startswith(prefix):
+                    index, dot, _ = name[len(prefix) :].partition(".")
+                    if dot and index.isdigit():
+                        held[group].add(index)
+        return {group: len(indices) for group, indices in held.items()}
 
     def mm_names(self) -> list[str]:
         return [r.mm for r in self.rules if r.mm is not None]

@@ -37,12 +37,19 @@ GROUPS = ("vision", "text")
 
 
 def depths(mapping: WeightMapping) -> dict[str, int]:
-    """Layers of each group (:data:`GROUPS`) in an expanded mapping."""
-    out = dict.fromkeys(GROUPS, 0)
-    for rule in mapping.rules:
-        if rule.layers in out and rule.layer is not None:
-            out[rule.layers] = max(out[rule.layers], rule.layer + 1)
-    return out
+    """Layers of each group (:data:`GROUPS`) in an expanded mapping.
+
+    Raises:
+        MmzooError: the mapping has a layer group the mm layouts do not place on stages.
+    """
+    counts = mapping.layer_counts()
+    unknown = sorted(set(counts) - set(GROUPS))
+    if unknown:
+        raise MmzooError(
+            f"weight mapping: layer group(s) {', '.join(unknown)}; mm checkpoints place only "
+            f"{' and '.join(GROUPS)} layers on pipeline stages, so name each stack's group one of those"
+        )
+    return {group: counts.get(group, 0) for group in GROUPS}
 
 
 def _unknown(kind: TpKind) -> MmzooError:

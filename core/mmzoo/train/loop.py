@@ -27,7 +27,7 @@ from mmzoo.build import build_model
 from mmzoo.checkpoint.dcp import DCP_META
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
 from mmzoo.checkpoint.weights import fill_parameters
-from mmzoo.config import Config, TrainConfig
+from mmzoo.config import Config, TrainConfig, with_derived_defaults
 from mmzoo.data.collate import batch_to
 from mmzoo.data.dataset import VLDataset, build_dataset
 from mmzoo.distributed.checkpoint import load_dcp_checkpoint, save_dcp_checkpoint
@@ -46,6 +46,7 @@ from mmzoo.distributed.fsdp import data_parallel_mesh, mixed_precision, shard_mo
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
+from mmzoo.nn.init import materialize
 from mmzoo.nn.recompute import set_recompute
 from mmzoo.registry import ModelSpec, get_model
 from mmzoo.train.checkpoint import (
@@ -179,7 +180,7 @@ def _sharded_model(cfg: Config, spec: ModelSpec, world: World, device: torch.dev
         model = weights.empty_model()
         _freeze_and_recompute(model, cfg, spec)
         shard_model(model, mesh, mp_policy=policy, **options)
-        model.to_empty(device=device)
+        materialize(model, device)
         with checked(world):
             fill_parameters(model, weights)
     else:
@@ -218,6 +219,7 @@ def _prepare_output(train_cfg: TrainConfig, *, resume: bool, overwrite: bool, ch
     An output directory that holds an earlier run needs ``resume`` or ``overwrite``. Without
     ``check`` (ranks other than 0) only the path is returned.
     """
+    assert train_cfg.output_dir is not None, "with_derived_defaults fills it"
     output = Path(train_cfg.output_dir).absolute()
     if not check:
         return output
@@ -338,6 +340,14 @@ def _check_parallel(cfg: Config, world: World) -> None:
         raise MmzooError("train.precision=fp16 is not supported on many ranks; use bf16")
 
 
+def with_demo_media(cfg: Config, spec: ModelSpec) -> Config:
+    """With ``data.demo_media``: ``data.media`` laid over the family's ``demo_media`` (its own keys win)."""
+    if not cfg.data.demo_media:
+        return cfg
+    media = {**spec.demo_media, **cfg.data.media}
+    return replace(cfg, data=replace(cfg.data, media=media, demo_media=False))
+
+
 def _set_up(
     cfg: Config,
     world: World,
@@ -351,6 +361,7 @@ def _set_up(
 
     Stop requests are noted from the moment the ranks have joined the process group.
     """
+    cfg = with_derived_defaults(cfg)  # a Config built in code rather than by load_config
     train_cfg = cfg.train
     _check_lr(train_cfg.lr)
     _check_parallel(cfg, world)
@@ -363,6 +374,7 @@ def _set_up(
     seed_everything(train_cfg.seed)
     kernels = _configure_kernels(cfg, device)
     spec = get_model(cfg.model.name)
+    cfg = with_demo_media(cfg, spec)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
     model, tokenizer = _model_and_tokenizer(cfg, spec, world, device)

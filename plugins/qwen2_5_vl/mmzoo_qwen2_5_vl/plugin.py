@@ -97,6 +97,13 @@ SPEC = ModelSpec(
         "projector": ("image_encoder.projector.",),
         "language": ("text_decoder.",),
     },
+    mm_converters=("Qwen2_5_VLConverter",),
+    # The bundled demo's photos and video at a few dozen tokens each: a CPU run in about a minute.
+    demo_media={
+        "max_pixels": 128 * 28 * 28,
+        "video_min_pixels": 32 * 28 * 28,
+        "video_max_pixels": 64 * 28 * 28,
+    },
 )
 
 

@@ -287,3 +287,20 @@ def test_convert_reads_the_checkpoint_of_a_two_rank_run(tmp_path):
     model = [key for key in ranks if key.startswith(MODEL + ".")]
     assert model and all(ranks[key][:2] == alone[key][:2] for key in ranks)
     assert {ranks[key][2] for key in model} == {2} and {alone[key][2] for key in ranks} == {1}
+
+
+# --- resuming from a damaged checkpoint ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["cut data file", "a corrupt entry"])
+def test_resuming_from_a_damaged_dcp_checkpoint_is_a_one_line_error(damage, hf_untied, tmp_path):
+    from mmzoo.distributed.checkpoint import load_dcp_checkpoint
+    from mmzoo.distributed.env import World
+
+    model = mmzoo.load_model(hf_untied)
+    iteration = write_dcp(model, tmp_path / "run")
+    DAMAGE[damage][0](iteration)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    with pytest.raises(MmzooError, match=f"{iteration.name}") as caught:
+        load_dcp_checkpoint(World(), iteration, TrainingCheckpoint(model, optimizer))
+    assert "\n" not in str(caught.value)

@@ -171,7 +171,8 @@ def assert_rows_close(got: list[dict], expected: list[dict], bf16: bool = False)
 
     The gradient norm is summed in fp32: over the 9.7M-entry embedding gradient one process is
     about 1e-5 below the float64 value, a rank with half of it less. Under bf16 autocast weights
-    that differ in their last fp32 bits round to other bf16 values: norms differ by up to 1e-4.
+    that differ in their last fp32 bits round to other bf16 values: norms differ by up to 1e-4,
+    and after two updates losses by up to about 4e-5 (a wrong normalisation is off by percents).
     """
 
     def counts(rows: list[dict]) -> list[tuple]:
@@ -181,7 +182,7 @@ def assert_rows_close(got: list[dict], expected: list[dict], bf16: bool = False)
         ]
 
     assert counts(got) == counts(expected)
-    for key, rtol in (("loss", 1e-5 if bf16 else 1e-6), ("grad_norm", 5e-4 if bf16 else 4e-5)):
+    for key, rtol in (("loss", 1e-4 if bf16 else 1e-6), ("grad_norm", 5e-4 if bf16 else 4e-5)):
         torch.testing.assert_close(
             [r[key] for r in got], [r[key] for r in expected], rtol=rtol, atol=0, msg=key
         )

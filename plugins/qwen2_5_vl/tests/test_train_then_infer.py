@@ -16,7 +16,6 @@ import torch
 import mmzoo
 from mmzoo.cli import build_parser, main
 from mmzoo.commands.infer import load_chat
-from mmzoo.config import DEMO_OVERRIDES
 from mmzoo.train.checkpoint import TrainingCheckpoint, save_training_checkpoint
 from mmzoo.train.loop import DEMO_DATA
 
@@ -48,7 +47,7 @@ def test_trained_answers_come_back_from_infer(tmp_path, capsys):
 
 
 def test_infer_sizes_media_as_training_did_unless_told_otherwise(tmp_path, capsys):
-    trained = DEMO_OVERRIDES["data"]["media"]  # what `mmzoo train` on the demo saves
+    trained = dict(mmzoo.get_model("qwen2_5_vl").demo_media)  # what `mmzoo train` on the demo saves
     model = mmzoo.build_model("qwen2_5_vl", "tiny")
     optimizer = torch.optim.AdamW(model.parameters())
     save_training_checkpoint(tmp_path, 1, TrainingCheckpoint(model, optimizer, variant="tiny", media=trained))
