@@ -35,6 +35,9 @@ SPEC = ModelSpec(
         "projector": ("image_encoder.projector.",),
         "language": ("text_decoder.",),
     },
+    mm_converters=("InternVLConverter",),
+    # The demo's photos in at most 4 tiles (+ thumbnail) of 16 tokens: a CPU run of a minute or two.
+    demo_media={"max_tiles": 4},
 )
 
 

@@ -8,7 +8,7 @@ is InternVL's), so the text is InternVL's own, less the final newline after the 
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
 from mmzoo.data.template import ChatTemplate
 from mmzoo.data.tokenizer import default_qwen_tokenizer
@@ -42,8 +42,5 @@ INTERNVL_TOKENS = (
 )
 
 
-def default_tokenizer() -> Any:
-    """Qwen2.5's tokenizer with InternVL's nine added tokens (vocabulary 151,674), no download."""
-    tokenizer = default_qwen_tokenizer()
-    tokenizer.add_tokens(list(INTERNVL_TOKENS), special_tokens=True)
-    return tokenizer
+# Qwen2.5's tokenizer with InternVL's nine added tokens (vocabulary 151,674), no download.
+default_tokenizer = partial(default_qwen_tokenizer, INTERNVL_TOKENS)

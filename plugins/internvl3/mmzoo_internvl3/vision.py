@@ -30,6 +30,13 @@ class Embeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, width))
         self.patch_embedding = nn.Conv2d(config.in_channels, width, kernel_size=patch, stride=patch)
         self.position_embedding = nn.Parameter(torch.zeros(1, config.grid**2 + 1, width))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The class token and positions normal(0, 0.02), as the Linear and Conv weights (random
+        init; checkpoints overwrite them). The patch convolution is initialised by its type."""
+        nn.init.normal_(self.class_embedding, std=0.02)
+        nn.init.normal_(self.position_embedding, std=0.02)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, S, S)`` tiles -> ``(N, 1 + (S/14)^2, C)``."""

@@ -102,8 +102,8 @@ def test_convert_cli_round_trip(hello_dir, tmp_path):
     assert json.loads((back / "config.json").read_text()) == json.loads(
         (hello_dir / "config.json").read_text()
     )
-    first, second = mmzoo.load_model(hello_dir), mmzoo.load_model(back)
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    first, second = mmzoo.load_model(hello_dir).state_dict(), mmzoo.load_model(back).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_train_from_an_hf_checkpoint(hello_dir, tmp_path):
@@ -112,3 +112,36 @@ def test_train_from_an_hf_checkpoint(hello_dir, tmp_path):
     assert main([*args, "--data.media", "{max_tiles: 2}"]) == 0
     model = mmzoo.load_model(tmp_path)
     assert model.name == "internvl3" and model.config.hf_layout == hello_dir.name
+
+
+def test_mm_convert_form(hello_dir, tmp_path):
+    """MindSpeed-MM's command form, as its InternVL scripts write it."""
+    from mmzoo.commands.mm_convert import main as mm_convert
+
+    mm, back = tmp_path / "mm", tmp_path / "back"
+    args = [
+        "InternVLConverter",
+        "hf_to_mm",
+        "--cfg.mm_dir",
+        str(mm),
+        "--cfg.hf_config.hf_dir",
+        str(hello_dir),
+    ]
+    args += [
+        "--cfg.parallel_config.llm_pp_layers",
+        "[[1,1]]",
+        "--cfg.parallel_config.vit_pp_layers",
+        "[[2,0]]",
+    ]
+    assert mm_convert([*args, "--cfg.parallel_config.tp_size", "2", "--cfg.trust_remote_code", "True"]) == 0
+    assert sorted(p.name for p in (mm / "release").glob("mp_rank_*")) == [
+        "mp_rank_00_000",
+        "mp_rank_00_001",
+        "mp_rank_01_000",
+        "mp_rank_01_001",
+    ]
+    assert (mm / "release" / "mp_rank_01_001" / "model_optim_rng.pt").is_file()
+    args = ["InternVLConverter", "mm_to_hf", "--cfg.save_hf_dir", str(back), "--cfg.mm_dir", str(mm)]
+    assert mm_convert([*args, "--cfg.hf_config.hf_dir", str(hello_dir)]) == 0
+    first, second = mmzoo.load_model(hello_dir).state_dict(), mmzoo.load_model(back).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
