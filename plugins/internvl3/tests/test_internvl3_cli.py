@@ -145,3 +145,30 @@ def test_mm_convert_form(hello_dir, tmp_path):
     assert mm_convert([*args, "--cfg.hf_config.hf_dir", str(hello_dir)]) == 0
     first, second = mmzoo.load_model(hello_dir).state_dict(), mmzoo.load_model(back).state_dict()
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_infer_media_options_reach_the_processor(hello_dir, capsys):
+    prompt = ["--image", CAT, "--prompt", "Who?", "--media", "max_tiles=1", "--media", "thumbnail=false"]
+    assert main(infer_args(hello_dir, *prompt)) == 0
+    assert capsys.readouterr().out == "Hello\n"
+    assert main(infer_args(hello_dir, "--image", CAT, "--prompt", "Who?", "--media", "max_pixels=100")) == 2
+    assert "unexpected keyword argument 'max_pixels'" in capsys.readouterr().err
+    assert main(infer_args(hello_dir, "--prompt", "Who?", "--media", "max_tiles")) == 2
+    assert "--media max_tiles: write it as KEY=VALUE" in capsys.readouterr().err
+
+
+def test_the_example_config_reads():
+    from mmzoo.config import load_config
+
+    config = load_config("examples/configs/internvl3_8b.yaml")
+    spec = mmzoo.get_model(config.model.name)
+    processor = spec.media_processor(spec.variant(config.model.variant), **config.data.media)
+    assert (processor.max_tiles, processor.tile_size, processor.tokens_per_tile) == (6, 448, 256)
+
+
+def test_data_inspect(capsys):
+    demo = "core/mmzoo/demo/demo.jsonl"
+    assert main(["data", "inspect", "--model", "internvl3", "--data", demo, "--media", "max_tiles=2"]) == 0
+    out = capsys.readouterr().out
+    assert "image 0: frames (N, H, W) = (3, 448, 448) -> 768 tokens" in out  # 2 tiles + thumbnail, 1b
+    assert "<img><IMG_CONTEXT>x768</img>What animal is this?" in out
