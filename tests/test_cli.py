@@ -23,8 +23,11 @@ def run(*args, env=None):
 def test_list_models_text(capsys):
     assert main(["list-models"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("qwen2_5_vl  (mmzoo-qwen2_5_vl ")
+    assert "\nqwen2_5_vl  (mmzoo-qwen2_5_vl " in f"\n{out}"
     assert "variants: 3b, 7b, 32b, 72b, tiny" in out
+    assert out.startswith("internvl3  (mmzoo-internvl3 ")  # sorted by name
+    assert "variants: 1b, 2b, 8b, 14b, 38b, 78b, tiny" in out
+    assert "reads:    InternVLForConditionalGeneration, InternVLChatModel" in out
     assert "position_ids:    mmzoo_qwen2_5_vl.rope_index.position_ids" in out
 
 
@@ -36,6 +39,8 @@ def test_list_models_json_and_pattern(capsys):
     assert rows[0]["hf_architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
     assert rows[0]["parts"]["vision_encoder"].endswith("build_vision_encoder")
     assert main(["list-models", "internvl", "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["internvl3"]
+    assert main(["list-models", "llava", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
 
 

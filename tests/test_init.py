@@ -13,6 +13,7 @@ import mmzoo
 from mmzoo.checkpoint.conversion import hf_to_mm
 from mmzoo.checkpoint.hf_export import save_hf
 from mmzoo.config import load_config
+from mmzoo.convert.parallel import depths
 from mmzoo.distributed.env import World
 from mmzoo.nn import RMSNorm
 from mmzoo.nn.init import materialize
@@ -45,7 +46,8 @@ def _checkpoints(name, tmp_path, **overrides):
     if marker is not None:
         marker.marker.copy_(torch.tensor([5.0, 6.0, 7.0, 8.0]))
     hf = save_hf(model, tmp_path / "hf")
-    depth, layers = model.config.vision.depth, model.config.text.num_layers
+    stacks = depths(mmzoo.get_model(name).weight_mapping(model.config))
+    depth, layers = stacks["vision"], stacks["text"]
     mm = hf_to_mm(
         hf, tmp_path / "mm", vit_pp_layers=[depth, 0], llm_pp_layers=[1, layers - 1], report=lambda line: None
     )

@@ -90,10 +90,11 @@ def test_disable_autoload_keeps_only_builtins(site, monkeypatch):
 def test_block_one_plugin(site, monkeypatch):
     install(site, "fakeplug", "1.0", "fake", "fakeplug_g", FAKE_PLUGIN.format(name="fake_vl"))
     monkeypatch.setenv("MMZOO_BLOCK_PLUGINS", "qwen2_5_vl")
-    assert names() == ["fake_vl"]  # fake reuses the qwen spec object but only its own hook ran
+    # fake reuses the qwen spec object but only its own hook ran; other installed plugins still load
+    assert "fake_vl" in names() and "qwen2_5_vl" not in names()
     monkeypatch.setenv("MMZOO_BLOCK_PLUGINS", "fake")
     plugins.reset()
-    assert names() == ["qwen2_5_vl"]
+    assert "qwen2_5_vl" in names() and "fake_vl" not in names()
 
 
 def test_every_hook_is_documented_in_the_plugin_guide():

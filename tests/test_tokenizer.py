@@ -155,3 +155,14 @@ def test_load_tokenizer_from_checkpoint_dir(qwen, tmp_path):
     loaded = tk.load_tokenizer(checkpoint)
     assert loaded.encode("你好 world <|im_end|>") == qwen.encode("你好 world <|im_end|>")
     assert loaded.eos_token_id == 151645
+
+
+def test_load_tokenizer_beside_a_config_naming_remote_code(qwen, tmp_path, capfd):
+    """OpenGVLab-style config.json (remote code in auto_map): loaded without asking, no noise."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tk.qwen_tokenizer_dir(), checkpoint)
+    auto_map = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "auto_map": auto_map}))
+    loaded = tk.load_tokenizer(checkpoint)
+    assert loaded.encode("你好 <|im_end|>") == qwen.encode("你好 <|im_end|>")
+    assert capfd.readouterr().err == ""

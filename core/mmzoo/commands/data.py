@@ -7,6 +7,7 @@ import sys
 from itertools import groupby
 
 import mmzoo
+from mmzoo.commands.infer import key_values
 from mmzoo.config import DataConfig
 from mmzoo.data.records import SkipReport, read_records
 from mmzoo.errors import MmzooError
@@ -35,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="which usable record to show, counted as training does (default 0)",
     )
-    p.add_argument("--variant", default="7b", help="variant whose config sets token ids and patch sizes")
+    p.add_argument(
+        "--variant", help="variant whose config sets token ids and media sizes (default: the family's first)"
+    )
     p.add_argument("--tokenizer", help="checkpoint directory with the tokenizer (default: the family's own)")
     p.add_argument("--dataset-dir", help="base of relative media paths (default: the data file's directory)")
     p.add_argument("--seq-length", type=int, default=4096, help="truncation length (default 4096)")
@@ -43,6 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-history", action="store_true", help="train only the last assistant turn")
     p.add_argument("--min-pixels", type=int, help="least resized image area")
     p.add_argument("--max-pixels", type=int, help="largest resized image area")
+    p.add_argument(
+        "--media",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any option of the family's media processor, e.g. max_tiles=6 for InternVL3 (repeatable)",
+    )
     p.add_argument(
         "--color", choices=("auto", "always", "never"), default="auto", help="colour trained spans"
     )
@@ -95,11 +105,12 @@ def inspect(args: argparse.Namespace) -> int:
     from mmzoo.data.pipeline import Preprocessor
 
     spec = mmzoo.get_model(args.model)
-    config = spec.variant(args.variant)
+    config = spec.variant(args.variant or next(iter(spec.variants)))
     tokenizer = _tokenizer(spec, args.tokenizer)
     media = {
         k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None
     }
+    media.update(key_values(args.media))
     data = DataConfig(
         data=args.data,
         dataset_dir=args.dataset_dir,

@@ -26,6 +26,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, help="largest resized image/frame area (default: as trained)")
     p.add_argument("--fps", type=float, help="video frames sampled per second (default: as trained)")
     p.add_argument("--video-maxlen", type=int, help="most frames sampled from a video (default: as trained)")
+    p.add_argument(
+        "--media",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any option of the family's media processor, e.g. max_tiles=6 for InternVL3 (repeatable)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
 
 
@@ -89,6 +96,7 @@ def media_options(args: argparse.Namespace) -> dict[str, Any]:
         for key in ("min_pixels", "max_pixels", "fps", "video_maxlen")
         if (value := getattr(args, key, None)) is not None
     }
+    given.update(key_values(getattr(args, "media", [])))
     if "max_pixels" in given:  # one knob for both: frames are images too
         given.setdefault("video_max_pixels", given["max_pixels"])
         given.setdefault("video_min_pixels", min(given["max_pixels"], given.get("min_pixels", 128 * 28 * 28)))
@@ -97,6 +105,19 @@ def media_options(args: argparse.Namespace) -> dict[str, Any]:
         settings = ", ".join(f"{k}={v}" for k, v in trained.items())
         print(f"mmzoo: media as in training: {settings}", file=sys.stderr)
     return {**trained, **given}
+
+
+def key_values(items: list[str]) -> dict[str, Any]:
+    """``--media KEY=VALUE`` options, each value read as YAML (``6`` an int, ``false`` a bool)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise MmzooError(f"--media {item}: write it as KEY=VALUE, e.g. --media max_tiles=6")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def _hf_assets(path: Path) -> Path | None:

@@ -5,7 +5,8 @@ each rule's op knows both directions, so the reverse mapping is derived, never w
 ``mm=None`` drops an HF tensor (optional rules may be absent from a checkpoint).
 
 Rules also say how a tensor is split for tensor parallelism (``tp``: :data:`COLUMN`,
-:data:`ROW`, :data:`GLU` or :data:`REPLICATE`, as Megatron-core holds it on each rank) and on
+:data:`ROW`, :data:`GLU`, :data:`REPLICATE` or by :class:`Heads`, as Megatron-core holds it on
+each rank) and on
 which pipeline stage a non-layer tensor lives (``place``); layer tensors follow their layer.
 """
 
@@ -134,11 +135,63 @@ IDENTITY = Identity()
 GATE_UP = Concat(dim=0, count=2, names=("gate_proj", "up_proj"))
 
 # Tensor-parallel kinds: what each of ``tp`` ranks holds at run time in Megatron-core.
-COLUMN = "column"  # column-parallel linear / vocab-parallel embedding: rows split in tp blocks
-ROW = "row"  # row-parallel linear weight: columns (dim 1) split in tp blocks
+# column-parallel linear / vocab-parallel embedding: rows split in tp blocks, the first
+# rows % tp ranks one row more (MindSpeed-MM's split of a vocabulary tp does not divide)
+COLUMN = "column"
+ROW = "row"  # row-parallel linear weight: columns (dim 1) split in tp equal blocks
 GLU = "glu"  # fused [gate; up]: rank r holds [gate_r; up_r]
 REPLICATE = "replicate"  # norms, patch embedding, row-parallel biases: every rank holds all
 TP_KINDS = (COLUMN, ROW, GLU, REPLICATE)
+
+
+@dataclass(frozen=True)
+class Heads:
+    """The tensor-parallel kind of attention tensors split by whole heads, as MindSpeed-MM splits
+    a ViT's: the first ``num_heads % tp`` ranks hold one head more (25 heads at tp 2: 13 and 12).
+
+    Attributes:
+        num_heads: heads in each block.
+        blocks: blocks of ``num_heads`` heads stacked along ``dim``; rank r holds its heads of
+            every block, in block order (a ViT's ``[Q; K; V]``: 3, rank r ``[q_r; k_r; v_r]``).
+        dim: 0 splits output rows (qkv weight and bias), 1 input columns (the output projection).
+    """
+
+    num_heads: int
+    blocks: int = 1
+    dim: int = 0
+
+    def __str__(self) -> str:
+        return f"heads({self.num_heads} x {self.blocks}, dim {self.dim})"
+
+    def heads(self, tp: int) -> list[int]:
+        """Heads of each rank."""
+        return [self.num_heads // tp + (rank < self.num_heads % tp) for rank in range(tp)]
+
+    def split(self, tensor: torch.Tensor, tp: int) -> list[torch.Tensor]:
+        """Rank 0..tp-1's slices of ``tensor``."""
+        head = tensor.shape[self.dim] // (self.blocks * self.num_heads)  # rows (or columns) a head
+        sizes = [n * head for n in self.heads(tp)]
+        blocks = [block.split(sizes, dim=self.dim) for block in tensor.chunk(self.blocks, dim=self.dim)]
+        return [torch.cat([pieces[rank] for pieces in blocks], dim=self.dim) for rank in range(tp)]
+
+    def merge(self, slices: list[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's slice (the inverse of :meth:`split`)."""
+        per_rank = [piece.chunk(self.blocks, dim=self.dim) for piece in slices]
+        return torch.cat([pieces[b] for b in range(self.blocks) for pieces in per_rank], dim=self.dim)
+
+    def problem(self, shape: tuple[int, ...], tp: int) -> str | None:
+        """Why a tensor of ``shape`` cannot be split ``tp`` ways, or ``None``."""
+        if len(shape) <= self.dim:
+            return f"shape {shape} has no dim {self.dim} to split by heads"
+        if shape[self.dim] % (self.blocks * self.num_heads):
+            return f"dim {self.dim} ({shape[self.dim]}) is not {self.blocks} x {self.num_heads} heads"
+        if self.num_heads < tp:
+            return f"{self.num_heads} heads cannot give each of tp {tp} ranks one"
+        return None
+
+
+# A tensor-parallel kind: one of :data:`TP_KINDS` or a :class:`Heads` split.
+TpKind = str | Heads
 
 
 @dataclass(frozen=True)
@@ -151,7 +204,7 @@ class Rule:
         op: the transform (identity, :class:`Concat`, :class:`QKV`).
         layers: the layer group the ``{i}`` template expands over (``"vision"``, ``"text"``).
         optional: the HF tensors may be absent.
-        tp: tensor-parallel kind, one of :data:`TP_KINDS`.
+        tp: tensor-parallel kind, one of :data:`TP_KINDS` or a :class:`Heads`.
         place: pipeline stage of a non-layer tensor: ``"first"``, ``"last"``, or
             ``"<group>:first"`` / ``"<group>:last"`` (the stage holding that group's first or
             last layer).
@@ -164,7 +217,7 @@ class Rule:
     op: Op = IDENTITY
     layers: str | None = None
     optional: bool = False
-    tp: str = REPLICATE
+    tp: TpKind = REPLICATE
     place: str = "first"
     layer: int | None = None
     template: str | None = None
@@ -179,7 +232,7 @@ class TiedCopy:
 
     name: str
     source: str
-    tp: str = COLUMN
+    tp: TpKind = COLUMN
     place: str = "last"
 
 

@@ -21,8 +21,10 @@ from mmzoo.convert.mapping import (
     REPLICATE,
     ROW,
     TP_KINDS,
+    Heads,
     Op,
     Rule,
+    TpKind,
     WeightMapping,
 )
 from mmzoo.errors import MmzooError
@@ -50,24 +52,32 @@ def depths(mapping: WeightMapping) -> dict[str, int]:
     return {group: counts.get(group, 0) for group in GROUPS}
 
 
-def split_tp(tensor: torch.Tensor, kind: str, tp: int) -> list[torch.Tensor]:
+def _unknown(kind: TpKind) -> MmzooError:
+    return MmzooError(f"unknown tensor-parallel kind '{kind}'; use one of {', '.join(TP_KINDS)} or a Heads")
+
+
+def split_tp(tensor: torch.Tensor, kind: TpKind, tp: int) -> list[torch.Tensor]:
     """The ``tp`` slices rank 0..tp-1 hold of ``tensor`` (views where possible)."""
     if tp == 1 or kind == REPLICATE:
         return [tensor] * tp
-    if kind == COLUMN:
-        return list(tensor.chunk(tp, dim=0))
+    if isinstance(kind, Heads):
+        return kind.split(tensor, tp)
+    if kind == COLUMN:  # uneven when tp does not divide the rows: the first rows % tp get one more
+        return list(tensor.tensor_split(tp, dim=0))
     if kind == ROW:
         return list(tensor.chunk(tp, dim=1))
     if kind == GLU:
         gate, up = tensor.chunk(2, dim=0)
         return [torch.cat(pair) for pair in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
-    raise MmzooError(f"unknown tensor-parallel kind '{kind}'; use one of {', '.join(TP_KINDS)}")
+    raise _unknown(kind)
 
 
-def merge_tp(slices: list[torch.Tensor], kind: str) -> torch.Tensor:
+def merge_tp(slices: list[torch.Tensor], kind: TpKind) -> torch.Tensor:
     """The full tensor from the slices of every rank (the inverse of :func:`split_tp`)."""
     if len(slices) == 1 or kind == REPLICATE:
         return slices[0]
+    if isinstance(kind, Heads):
+        return kind.merge(slices)
     if kind == COLUMN:
         return torch.cat(slices, dim=0)
     if kind == ROW:
@@ -75,20 +85,35 @@ def merge_tp(slices: list[torch.Tensor], kind: str) -> torch.Tensor:
     if kind == GLU:
         halves = [s.chunk(2, dim=0) for s in slices]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
-    raise MmzooError(f"unknown tensor-parallel kind '{kind}'; use one of {', '.join(TP_KINDS)}")
+    raise _unknown(kind)
 
 
-def tp_problem(name: str, shape: tuple[int, ...], kind: str, tp: int) -> str | None:
+def tp_problem(name: str, shape: tuple[int, ...], kind: TpKind, tp: int) -> str | None:
     """Why ``name`` cannot be split ``tp`` ways as ``kind``, or ``None``."""
     if tp == 1 or kind == REPLICATE:
         return None
+    if isinstance(kind, Heads):
+        problem = kind.problem(shape, tp)
+        return None if problem is None else f"{name}: {problem}"
     dim = 1 if kind == ROW else 0
     if len(shape) <= dim:
         return f"{name} has shape {shape}, which a {kind}-parallel split needs {dim + 1} dims for"
     size = shape[dim] // 2 if kind == GLU else shape[dim]
-    if size % tp:
+    if kind == COLUMN and size < tp:
+        return f"{name}: dim 0 ({size}) is smaller than tp {tp}"
+    if kind != COLUMN and size % tp:
         return f"{name}: dim {dim} ({size}{' per half' if kind == GLU else ''}) is not divisible by tp {tp}"
     return None
+
+
+def part_kind(kind: TpKind) -> TpKind:
+    """How each HF part of a fused tensor of ``kind`` is split when stored apart (canonical layout):
+    ``[gate; up]`` parts by rows, a stacked ``[Q; K; V]``'s parts by their own heads."""
+    if kind == GLU:
+        return COLUMN
+    if isinstance(kind, Heads):
+        return replace(kind, blocks=1)
+    return kind
 
 
 @dataclass(frozen=True)
@@ -100,7 +125,7 @@ class Entry:
     name: str
     source: str
     part: int | None
-    kind: str
+    kind: TpKind
     copy: bool = False
     op: Op = IDENTITY
 
@@ -245,7 +270,7 @@ class ParallelLayout:
         under the mm name, several under the op's part names in place of the mm leaf module
         (``self_attention.linear_qkv.weight`` -> ``self_attention.q_proj.weight``, ...)."""
         assert rule.mm is not None
-        kind = COLUMN if rule.tp == GLU else rule.tp  # a GLU split of [gate; up] is a row split of each
+        kind = part_kind(rule.tp)
         module, _, param = name.rpartition(".")
         if self.legacy:  # format 1: "<module>.<q|k|v|gate|up>.<param>"
             op = _legacy_op(rule.op)

@@ -71,6 +71,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
         MmzooError: the directory is missing or holds no tokenizer.
     """
     from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     directory = Path(path)
     if not directory.is_dir():
@@ -83,11 +84,18 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
             f"{directory}: no tokenizer here (none of {', '.join(_TOKENIZER_FILES)}); "
             "copy the tokenizer files from the base model into this directory"
         )
+    # mmzoo runs no checkpoint code: without trust_remote_code=False transformers stops to ask
+    # when config.json names some (OpenGVLab's InternVL checkpoints), and it warns that the
+    # config's model type is not the tokenizer's: quiet while loading.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(directory))
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MmzooError(f"{directory}: cannot load the tokenizer ({first_line})") from exc
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
