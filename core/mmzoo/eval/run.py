@@ -117,6 +117,45 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = dist_env()
+    owned = world > 1 and _join_group()
+    try:
+        parts, done = _answer_all(out, questions, dataset, generate, batch_size, run, log, rank, world)
+    finally:
+        if owned:  # a gloo group left alive at exit can abort the process ("terminate called ...")
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return None
+    predictions = merge(questions, [done, *parts])
+    scored = [score_question(q, p, dataset) for q, p in zip(questions, predictions, strict=True)]
+    summary = summarize(dataset, questions, scored)
+    write_reports(out, dataset, result_rows(questions, predictions, scored), summary)
+    return summary
+
+
+def _join_group() -> bool:
+    """Join the ranks' gloo group unless the caller did; whether this call created it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
+def _answer_all(
+    out: Path,
+    questions: Sequence[Question],
+    dataset: Dataset,
+    generate: GenerateFn,
+    batch_size: int,
+    run: dict[str, Any] | None,
+    log: Callable[[str], None],
+    rank: int,
+    world: int,
+) -> tuple[list[Any], dict[str, str]]:
+    """This rank's answers of the questions not cached, gathered from every rank, and the cached ones."""
     done = _cached(out, questions, {"dataset": dataset.name, **(run or {})}, rank, world)
     pending = [q for q in questions if q.index not in done]
     mine = shard(pending, rank, world)
@@ -136,13 +175,7 @@ def evaluate(
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, answered)
         parts = gathered
-    if rank != 0:
-        return None
-    predictions = merge(questions, [done, *parts])
-    scored = [score_question(q, p, dataset) for q, p in zip(questions, predictions, strict=True)]
-    summary = summarize(dataset, questions, scored)
-    write_reports(out, dataset, result_rows(questions, predictions, scored), summary)
-    return summary
+    return parts, done
 
 
 def _cached(
@@ -155,8 +188,6 @@ def _cached(
     if world > 1:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
         shared = [done]  # rank 0's view, so every rank slices the same pending list
         dist.broadcast_object_list(shared, src=0)
         done = shared[0]
