@@ -10,15 +10,13 @@ family's ``init_weights`` hook sets. The weight mapping carries all of them.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 import torch
-from throwaway_plugin import install
+from throwaway_plugin import installed_family
 from torch import nn
 
 import mmzoo
-from mmzoo import plugins
 from mmzoo.convert.mapping import Rule
 from mmzoo_qwen2_5_vl.config import config_to_hf
 from mmzoo_qwen2_5_vl.plugin import SPEC as QWEN
@@ -113,23 +111,7 @@ def mmzoo_register_models(register):
     register(SPEC)
 
 
-@pytest.fixture
-def extras(tmp_path, monkeypatch):
+@pytest.fixture(name="extras")
+def extras_fixture(tmp_path, monkeypatch):
     """This family installed as a plugin beside the real ones; gives its spec."""
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    for var in ("MMZOO_PLUGINS", "MMZOO_DISABLE_PLUGIN_AUTOLOAD", "MMZOO_BLOCK_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    plugins.reset()
-    install(
-        site,
-        "extrasplug",
-        "1.0",
-        "extras",
-        "extrasplug_a",
-        "from extras_family import mmzoo_register_models\n",
-    )
-    yield mmzoo.get_model(NAME)
-    sys.modules.pop("extrasplug_a", None)
-    plugins.reset()
+    yield from installed_family(tmp_path, monkeypatch, "extras_family", NAME)

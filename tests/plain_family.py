@@ -6,7 +6,6 @@ plugin (``throwaway_plugin.install``) to show a new family needs no change to th
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from throwaway_plugin import install
+from throwaway_plugin import installed_family
 from torch import nn
 
 import mmzoo
-from mmzoo import plugins
 from mmzoo.convert.mapping import Rule, WeightMapping
 from mmzoo.data.media import load_image
 from mmzoo.data.template import ChatTemplate
@@ -206,15 +204,4 @@ def mmzoo_register_models(register):
 @pytest.fixture(name="plain")
 def plain_fixture(tmp_path, monkeypatch):
     """This family installed as a plugin beside the real ones; gives its spec."""
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    for var in ("MMZOO_PLUGINS", "MMZOO_DISABLE_PLUGIN_AUTOLOAD", "MMZOO_BLOCK_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    plugins.reset()
-    install(
-        site, "plainplug", "1.0", "plain", "plainplug_a", "from plain_family import mmzoo_register_models\n"
-    )
-    yield mmzoo.get_model(NAME)
-    sys.modules.pop("plainplug_a", None)
-    plugins.reset()
+    yield from installed_family(tmp_path, monkeypatch, "plain_family", NAME)

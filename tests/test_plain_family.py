@@ -4,7 +4,7 @@ through the protocols and trains, with no change to the core (tests/plain_family
 from __future__ import annotations
 
 import torch
-from plain_family import NAME, plain_fixture  # noqa: F401  (the fixture "plain")
+from plain_family import NAME
 
 import mmzoo
 from mmzoo.cli import main

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
+from collections.abc import Iterator
 
 FAKE_PLUGIN = textwrap.dedent(
     """
@@ -25,3 +27,24 @@ def install(site, dist, version, ep_name, module, body):
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     (info / "entry_points.txt").write_text(f"[mmzoo]\n{ep_name} = {module}\n")
+
+
+def installed_family(tmp_path, monkeypatch, module: str, name: str) -> Iterator:
+    """Install the test module ``module`` (which implements ``mmzoo_register_models``) as a plugin
+    beside the real ones and yield the spec of its family ``name``; uninstall it afterwards."""
+    import mmzoo
+    from mmzoo import plugins
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    for var in ("MMZOO_PLUGINS", "MMZOO_DISABLE_PLUGIN_AUTOLOAD", "MMZOO_BLOCK_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    plugins.reset()
+    plugin_module = f"{module}_plugin"
+    install(
+        site, f"{module}-dist", "1.0", module, plugin_module, f"from {module} import mmzoo_register_models\n"
+    )
+    yield mmzoo.get_model(name)
+    sys.modules.pop(plugin_module, None)
+    plugins.reset()

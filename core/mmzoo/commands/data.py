@@ -7,7 +7,7 @@ import sys
 from itertools import groupby
 
 import mmzoo
-from mmzoo.commands.infer import key_values
+from mmzoo.commands.infer import add_media_arg, key_values
 from mmzoo.config import DataConfig
 from mmzoo.data.records import SkipReport, read_records
 from mmzoo.errors import MmzooError
@@ -46,13 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-history", action="store_true", help="train only the last assistant turn")
     p.add_argument("--min-pixels", type=int, help="least resized image area")
     p.add_argument("--max-pixels", type=int, help="largest resized image area")
-    p.add_argument(
-        "--media",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any option of the family's media processor, e.g. max_tiles=6 for InternVL3 (repeatable)",
-    )
+    add_media_arg(p)
     p.add_argument(
         "--color", choices=("auto", "always", "never"), default="auto", help="colour trained spans"
     )

@@ -26,13 +26,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, help="largest resized image/frame area (default: as trained)")
     p.add_argument("--fps", type=float, help="video frames sampled per second (default: as trained)")
     p.add_argument("--video-maxlen", type=int, help="most frames sampled from a video (default: as trained)")
-    p.add_argument(
-        "--media",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any option of the family's media processor, e.g. max_tiles=6 for InternVL3 (repeatable)",
-    )
+    add_media_arg(p)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
 
 
@@ -105,6 +99,17 @@ def media_options(args: argparse.Namespace) -> dict[str, Any]:
         settings = ", ".join(f"{k}={v}" for k, v in trained.items())
         print(f"mmzoo: media as in training: {settings}", file=sys.stderr)
     return {**trained, **given}
+
+
+def add_media_arg(p: argparse.ArgumentParser) -> None:
+    """``--media KEY=VALUE`` (repeatable): any option of the family's media processor."""
+    p.add_argument(
+        "--media",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any option of the family's media processor, e.g. max_tiles=6 for InternVL3 (repeatable)",
+    )
 
 
 def key_values(items: list[str]) -> dict[str, Any]:
