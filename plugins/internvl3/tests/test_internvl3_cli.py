@@ -172,3 +172,48 @@ def test_data_inspect(capsys):
     out = capsys.readouterr().out
     assert "image 0: frames (N, H, W) = (3, 448, 448) -> 768 tokens" in out  # 2 tiles + thumbnail, 1b
     assert "<img><IMG_CONTEXT>x768</img>What animal is this?" in out
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_demo_and_the_dcp_checkpoint_loads(tmp_path):
+    """``torchrun --nproc-per-node 2 -m mmzoo train --model internvl3``: FSDP2 over both ranks
+    (gloo), a DCP checkpoint that ``mmzoo.load_model`` reads and ``mmzoo convert`` exports."""
+    import os
+    import subprocess
+    import sys
+
+    from mmzoo.testing import free_port
+
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "mmzoo",
+        "train",
+        "--model",
+        "internvl3",
+        "--data.max_samples",
+        "6",
+        "--train.steps",
+        "2",
+        "--train.tensorboard",
+        "false",
+        "--train.output_dir",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "iter_0000002" / "dcp_meta.json").is_file()
+    model = mmzoo.load_model(out)
+    assert model.name == "internvl3"
+    assert main(["convert", "mm-to-hf", "--mm-dir", str(out), "--hf-dir", str(tmp_path / "hf")]) == 0
+    assert mmzoo.load_model(tmp_path / "hf").name == "internvl3"
