@@ -23,7 +23,16 @@ from mmzoo.data.template import ChatTemplate
 from mmzoo.data.tokenizer import default_qwen_tokenizer
 from mmzoo.errors import MmzooError
 from mmzoo.loss import causal_lm_loss
-from mmzoo.nn import MLP, DecoderConfig, LayerNorm, LayerStack, SelfAttention, TextDecoder, TransformerLayer
+from mmzoo.nn import (
+    MLP,
+    DecoderConfig,
+    LayerNorm,
+    LayerStack,
+    SelfAttention,
+    TextDecoder,
+    TransformerLayer,
+    text_position_ids,
+)
 from mmzoo.protocols import MediaItem
 
 NAME = "plain_vl"
@@ -126,12 +135,6 @@ class PlainProcessor:
         return MediaItem("image", np.zeros((1, SIZE, SIZE, 3), dtype=np.uint8))
 
 
-def position_ids(config, input_ids, attention_mask=None, media=None) -> torch.Tensor:
-    """One row of positions counting each row's real tokens from 0 (0 on padding)."""
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    return ((mask.cumsum(-1) - 1).clamp(min=0) * mask)[None]
-
-
 def feature_slots(config, media) -> list[tuple[int, int]]:
     return [(IMAGE_TOKEN, media["pixel_values"].shape[0] * (SIZE // PATCH) ** 2)]
 
@@ -177,7 +180,7 @@ SPEC = mmzoo.ModelSpec(
         out_size=config.text.hidden_size,
     ),
     build_text_decoder=lambda config: TextDecoder(config.text),
-    position_ids=position_ids,
+    position_ids=text_position_ids,
     feature_slots=feature_slots,
     weight_mapping=weight_mapping,
     config_from_hf=lambda hf: PlainConfig(),

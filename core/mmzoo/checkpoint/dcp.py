@@ -22,8 +22,8 @@ import torch
 
 from mmzoo.checkpoint.mm import read_json, read_tracker, spec_and_config
 from mmzoo.checkpoint.mm_meta import meta_state
-from mmzoo.checkpoint.sources import TensorSpec, listing
-from mmzoo.checkpoint.weights import Weights
+from mmzoo.checkpoint.sources import TensorSpec, first_dtype, listing
+from mmzoo.checkpoint.weights import Weights, resolve_dtype
 from mmzoo.convert.parallel import FUSED
 from mmzoo.errors import MmzooError
 
@@ -191,16 +191,5 @@ def open_dcp_weights(path: str | Path, dtype: torch.dtype | str | None = None) -
         for name in source.names:
             yield name, source.get(name)
 
-    hint = "is the checkpoint complete?"
-    return Weights(spec, config, source.iteration, _dtype(dtype, source), items, hint)
-
-
-def _dtype(dtype: torch.dtype | str | None, source: DCPSource) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return source.spec(source.names[0])[0] if source.names else torch.float32
-    resolved = getattr(torch, dtype or "float32", None)
-    if not isinstance(resolved, torch.dtype):
-        raise MmzooError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16, float16 or 'auto'")
-    return resolved
+    resolved = resolve_dtype(dtype, lambda: first_dtype(source))
+    return Weights(spec, config, source.iteration, resolved, items, "is the checkpoint complete?")

@@ -23,6 +23,13 @@ from mmzoo.errors import MmzooError
 SINGLE_PROCESS = re.escape("torch.distributed is disabled, unavailable or uninitialized")
 
 
+def first_error(exc: BaseException) -> tuple[BaseException, str]:
+    """The error behind ``exc`` (a ``CheckpointException``, DCP's BaseException wrapping each rank's
+    error, gives its first rank's) and its message on one line."""
+    error = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) else exc
+    return error, " ".join(str(error).split())
+
+
 class Reader(FileSystemReader):
     """A ``FileSystemReader`` that unpickles ``.metadata`` once, here (``dcp.load`` asks for it on
     every call, and it lists every entry of the model and the optimizer).
@@ -47,9 +54,8 @@ class Reader(FileSystemReader):
             try:
                 # no_dist: this process reads alone, even inside a run's process group.
                 dcp.load({group: {name: tensor}}, storage_reader=self, no_dist=True)
-            except CheckpointException as exc:  # a BaseException, wrapping each rank's error
-                error = next(iter(exc.failures.values()))[0]
-                detail = " ".join(str(error).split())  # one line
+            except CheckpointException as exc:  # a BaseException, not an Exception
+                error, detail = first_error(exc)
                 raise MmzooError(
                     f"{self.iteration}: cannot read {name} ({type(error).__name__}: {detail}); "
                     "the checkpoint is damaged"

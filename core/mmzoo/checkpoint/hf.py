@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mmzoo.checkpoint.weights import Weights
+from mmzoo.checkpoint.weights import Weights, resolve_dtype
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile
 from mmzoo.registry import model_for_architecture
@@ -97,20 +97,6 @@ class HFCheckpoint:
         self._handles.clear()
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, checkpoint: HFCheckpoint) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        return torch.float32
-    name = dtype
-    if dtype == "auto":
-        name = checkpoint.config.get("dtype") or checkpoint.config.get("torch_dtype") or "float32"
-    resolved = getattr(torch, str(name), None)
-    if not isinstance(resolved, torch.dtype):
-        raise MmzooError(f"unknown dtype '{name}'; use e.g. float32, bfloat16, float16 or 'auto'")
-    return resolved
-
-
 def open_hf_weights(path: str | Path, dtype: torch.dtype | str | None = None) -> Weights:
     """The mm tensors of a Hugging Face directory, produced by the family's mapping on demand.
 
@@ -149,4 +135,5 @@ def open_hf_weights(path: str | Path, dtype: torch.dtype | str | None = None) ->
             checkpoint.close()
 
     hint = "does config.json match the weights?"
-    return Weights(spec, config, where, _resolve_dtype(dtype, checkpoint), items, hint)
+    config_dtype = checkpoint.config.get("dtype") or checkpoint.config.get("torch_dtype") or "float32"
+    return Weights(spec, config, where, resolve_dtype(dtype, lambda: config_dtype), items, hint)

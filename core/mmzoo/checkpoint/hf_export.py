@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mmzoo.checkpoint.sources import TensorSource, TensorSpec
+from mmzoo.checkpoint.weights import resolve_dtype
 from mmzoo.convert.mapping import Rule, WeightMapping
 from mmzoo.errors import MmzooError
 from mmzoo.files import atomic_directory, save_safetensors
@@ -105,7 +106,11 @@ def export_hf(
         raise MmzooError(
             f"model '{spec.name}' cannot be exported to Hugging Face format: its plugin gives no config_to_hf"
         )
-    out_dtype = _resolve_dtype(dtype, source)
+
+    def floating() -> torch.dtype:  # the default: the source's own (of its first float tensor)
+        return next(d for d in (source.spec(n)[0] for n in source.names) if d.is_floating_point)
+
+    out_dtype = resolve_dtype(dtype or "auto", floating)
     mapping = spec.weight_mapping(config)
     _check_coverage(mapping, source.names, spec.name)
     hf_config = dict(spec.config_to_hf(config))
@@ -126,17 +131,6 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise MmzooError(f"{out}: already exists; choose a new directory or pass overwrite=True")
     if out.exists() and not out.is_dir():
         raise MmzooError(f"{out}: exists and is not a directory; it cannot be overwritten with a checkpoint")
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None, source: TensorSource) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        return next(d for d in (source.spec(n)[0] for n in source.names) if d.is_floating_point)
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise MmzooError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16 or float16")
-    return resolved
 
 
 def _check_coverage(mapping: WeightMapping, names: list[str], family: str) -> None:

@@ -31,8 +31,8 @@ import torch
 from mmzoo.build import apply_overrides
 from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS
 from mmzoo.checkpoint.mm_meta import infer_meta
-from mmzoo.checkpoint.sources import FORMAT_VERSION, META, WEIGHTS, MMSource
-from mmzoo.checkpoint.weights import Weights, load_weights
+from mmzoo.checkpoint.sources import FORMAT_VERSION, META, WEIGHTS, MMSource, first_dtype
+from mmzoo.checkpoint.weights import Weights, load_weights, resolve_dtype
 from mmzoo.convert.parallel import LAYOUTS, depths
 from mmzoo.errors import MmzooError
 from mmzoo.files import (
@@ -295,19 +295,6 @@ def load_mm_weights(model: torch.nn.Module, shard: Path) -> None:
                 param.copy_(f.get_tensor(name))
 
 
-def _dtype(dtype: torch.dtype | str | None, source: MMSource) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        return source.spec(source.names[0])[0] if source.names else torch.float32
-    resolved = getattr(torch, dtype, None)
-    if not isinstance(resolved, torch.dtype):
-        raise MmzooError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16, float16 or 'auto'")
-    return resolved
-
-
 def spec_and_config(meta: dict[str, Any], file: Path) -> tuple[Any, Any]:
     """The registry spec and the config an ``mm_meta.json`` (or ``dcp_meta.json``) describes;
     ``file``, the JSON file, is named in errors.
@@ -359,9 +346,8 @@ def open_mm_weights(
         for name in source.names:
             yield name, source.get(name)
 
-    return Weights(
-        spec, config, source.iteration, _dtype(dtype, source), items, "is the checkpoint complete?"
-    )
+    resolved = resolve_dtype(dtype, lambda: first_dtype(source))
+    return Weights(spec, config, source.iteration, resolved, items, "is the checkpoint complete?")
 
 
 def load_mm_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:

@@ -43,6 +43,11 @@ class TensorSource(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
 
 
+def first_dtype(source: TensorSource) -> torch.dtype:
+    """The dtype of the source's first tensor (float32 when it has none): a checkpoint's own dtype."""
+    return source.spec(source.names[0])[0] if source.names else torch.float32
+
+
 def _meta_tensor(spec: TensorSpec) -> torch.Tensor:
     return torch.empty(spec[1], dtype=spec[0], device="meta")
 

@@ -50,6 +50,18 @@ class Weights:
             return compose(self.spec, self.config).to(self.dtype)
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, auto: Callable[[], torch.dtype | str]) -> torch.dtype:
+    """``dtype`` as a torch dtype: ``None`` is float32, ``"auto"`` what ``auto()`` gives (the
+    checkpoint's own dtype), a name like ``"bfloat16"`` that dtype; an unknown name is an MmzooError."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = auto() if dtype == "auto" else dtype or "float32"
+    resolved = name if isinstance(name, torch.dtype) else getattr(torch, str(name), None)
+    if not isinstance(resolved, torch.dtype):
+        raise MmzooError(f"unknown dtype '{name}'; use e.g. float32, bfloat16, float16 or 'auto'")
+    return resolved
+
+
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     # A DTensor exists only once torch.distributed.tensor is imported (which takes most of a second).
     module = sys.modules.get("torch.distributed.tensor")

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mmzoo.checkpoint.dcp import DCP_META, MODEL, OPTIMIZER, DCPSource, dcp_meta, read_dcp_meta
-from mmzoo.checkpoint.dcp_reader import SINGLE_PROCESS
+from mmzoo.checkpoint.dcp_reader import SINGLE_PROCESS, first_error
 from mmzoo.checkpoint.mm import iteration_name, read_json, staged_iteration, write_json
 from mmzoo.distributed.env import World, agree, barrier
 from mmzoo.errors import MmzooError
@@ -114,9 +114,7 @@ def load_dcp_checkpoint(
             warnings.filterwarnings("ignore", message=SINGLE_PROCESS, category=UserWarning)
             dcp.load(state, checkpoint_id=str(iteration))
     except (CheckpointException, RuntimeError, ValueError, KeyError) as exc:
-        # CheckpointException: a BaseException wrapping each rank's error
-        error = next(iter(exc.failures.values()))[0] if isinstance(exc, CheckpointException) else exc
-        detail = " ".join(str(error).split())  # one line
+        _, detail = first_error(exc)
         what = "no optimizer state (pass train.load_optimizer=false)" if load_optimizer else "damage"
         raise MmzooError(f"{iteration}: cannot load it ({detail}); does it hold {what}?") from exc
     if load_optimizer:

@@ -10,7 +10,7 @@ from mmzoo.nn.layers import QKVLayout, SelfAttention, TransformerLayer
 from mmzoo.nn.mlp import ACTIVATIONS, MLP, activation_name
 from mmzoo.nn.norm import LayerNorm, NormKind, RMSNorm, build_norm
 from mmzoo.nn.recompute import LayerStack, set_recompute
-from mmzoo.nn.rotary import RotaryEmbedding
+from mmzoo.nn.rotary import RotaryEmbedding, text_position_ids
 
 __all__ = [
     "ACTIVATIONS",
@@ -28,4 +28,5 @@ __all__ = [
     "activation_name",
     "build_norm",
     "set_recompute",
+    "text_position_ids",
 ]

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
+
+
+def text_position_ids(
+    config: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    media: Mapping[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The ``ModelSpec.position_ids`` of a family with plain 1-D rotary: one row ``(1, B, S)`` in
+    which each row's real tokens count from 0 (media tokens too) and padding gets 0."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    return ((mask.cumsum(-1) - 1).clamp(min=0) * mask)[None]
 
 
 class RotaryEmbedding(nn.Module):

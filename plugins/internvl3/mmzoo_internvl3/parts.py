@@ -1,5 +1,6 @@
-"""The InternVL3 parts the spec names beside the vision tower: the decoder, 1-D positions, where
-the features go, and the small batch the generated tests run."""
+"""The InternVL3 parts the spec names beside the vision tower: the decoder, where the features go,
+and the small batch the generated tests run (positions: ``mmzoo.nn.text_position_ids``, plain 1-D
+rope)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,6 @@ from mmzoo_internvl3.config import InternVL3Config
 
 def build_text_decoder(config: InternVL3Config) -> TextDecoder:
     return TextDecoder(config.text)
-
-
-def position_ids(
-    config: InternVL3Config,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    media: Mapping[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """One row ``(1, B, S)``: each row's real tokens count from 0, padding gets 0. Media tokens
-    are ordinary positions (InternVL3 has plain 1-D rope)."""
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    return ((mask.cumsum(-1) - 1).clamp(min=0) * mask)[None]
 
 
 def feature_slots(config: InternVL3Config, media: Mapping[str, torch.Tensor]) -> list[tuple[int, int]]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from mmzoo import ModelSpec, hookimpl
 from mmzoo.loss import causal_lm_loss
+from mmzoo.nn import text_position_ids
 from mmzoo_internvl3.config import VARIANTS
 from mmzoo_internvl3.hf_config import HF_ARCHITECTURE, OPENGVLAB_ARCHITECTURE, config_from_hf, config_to_hf
 from mmzoo_internvl3.mapping import weight_mapping
 from mmzoo_internvl3.media import build_media_processor
-from mmzoo_internvl3.parts import build_text_decoder, example_batch, feature_slots, position_ids
+from mmzoo_internvl3.parts import build_text_decoder, example_batch, feature_slots
 from mmzoo_internvl3.template import TEMPLATE, default_tokenizer
 from mmzoo_internvl3.vision import build_projector, build_vision_encoder
 
@@ -19,7 +20,7 @@ SPEC = ModelSpec(
     build_vision_encoder=build_vision_encoder,
     build_projector=build_projector,
     build_text_decoder=build_text_decoder,
-    position_ids=position_ids,
+    position_ids=text_position_ids,
     feature_slots=feature_slots,
     weight_mapping=weight_mapping,
     config_from_hf=config_from_hf,

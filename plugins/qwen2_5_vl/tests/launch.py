@@ -10,10 +10,8 @@ from pathlib import Path
 
 from mmzoo.testing import free_port
 
-# The tiny demo run the multi-rank tests share: 8 samples, 2 packed rows of at most 448 tokens.
-SMALL_RUN = [
-    "--model",
-    "qwen2_5_vl",
+# Eight demo samples of 52-96 tokens (two packed rows per epoch), images of at most 16 tokens.
+SMALL = [
     "--data.max_samples",
     "8",
     "--data.seq_length",
@@ -22,6 +20,12 @@ SMALL_RUN = [
     "{min_pixels: 3136, max_pixels: 12544}",
     "--train.tensorboard",
     "false",
+]
+# The tiny demo run the multi-rank tests share.
+SMALL_RUN = [
+    "--model",
+    "qwen2_5_vl",
+    *SMALL,
     "--train.lr",
     "1e-3",
     "--train.warmup",

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from launch import SMALL  # data.media as SMALL_MEDIA
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import mmzoo
@@ -32,18 +33,6 @@ from mmzoo.train.loop import DEMO_DATA, train
 
 REPO = Path(__file__).resolve().parents[3]
 SMALL_MEDIA = {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28}
-# Eight demo samples of 52-96 tokens (two packed rows per epoch), images of at most 16 tokens
-# (data.media as SMALL_MEDIA).
-SMALL = [
-    "--data.max_samples",
-    "8",
-    "--data.seq_length",
-    "448",
-    "--data.media",
-    "{min_pixels: 3136, max_pixels: 12544}",
-    "--train.tensorboard",
-    "false",
-]
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "samples_per_s", "seconds"}
 
 # The run the resume tests reproduce: 6 steps (3 epochs of 2 packed rows) at a high lr, saving at
