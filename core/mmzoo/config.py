@@ -157,11 +157,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Training on many ranks (``torchrun``): FSDP2 shards parameters, gradients and optimizer
-    state over the data-parallel ranks; one process ignores this section.
+    """Training on many ranks (``torchrun``): one device mesh of pipeline (``pp``), data-parallel
+    (``dp_shard``, FSDP2), context-parallel (``cp``) and tensor-parallel (``tp``) ranks, whose
+    product is the number of ranks. One process ignores this section.
 
     Attributes:
-        dp_shard: data-parallel (FSDP) ranks; 0: every rank of the run.
+        dp_shard: data-parallel (FSDP) ranks; 0: the ranks left over by ``tp * cp * pp``.
+        tp: tensor-parallel ranks (the LLM's heads, MLP and vocabulary split over them).
+        cp: context-parallel ranks (Ulysses: each holds 1/cp of every sequence).
+        pp: pipeline stages.
+        sequence_parallel: with ``tp`` > 1, keep activations between the tensor-parallel regions
+            split along the sequence.
+        pp_schedule: ``1f1b`` or ``interleaved`` (several stages per rank).
+        vit_pp_layers: vision layers on each pipeline stage (MindSpeed-MM's ``vit_pp_layers``);
+            empty: all on the first stage.
+        llm_pp_layers: LLM layers on each pipeline stage; empty: spread evenly.
         offload: keep parameters, gradients and optimizer state in CPU memory between uses (for
             few devices; slower).
         reshard_after_forward: free each layer's gathered parameters after its forward (less
@@ -170,6 +180,13 @@ class ParallelConfig:
     """
 
     dp_shard: int = 0
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = True
+    pp_schedule: Literal["1f1b", "interleaved"] = "1f1b"
+    vit_pp_layers: tuple[int, ...] = ()
+    llm_pp_layers: tuple[int, ...] = ()
     offload: bool = False
     reshard_after_forward: bool = True
     timeout_s: int = 1800

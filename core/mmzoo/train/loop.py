@@ -42,7 +42,9 @@ from mmzoo.distributed.env import (
     node_first,
     world_from_env,
 )
-from mmzoo.distributed.fsdp import data_parallel_mesh, mixed_precision, shard_model
+from mmzoo.distributed.fsdp import mixed_precision, shard_model
+from mmzoo.distributed.mesh import FSDP_DIM, MeshShape, TrainMesh, check_text_decoder, mesh_shape
+from mmzoo.distributed.parallelize import parallelize
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
@@ -162,15 +164,17 @@ def load_tokenizer_for(cfg: Config, spec: ModelSpec) -> Any:
     )
 
 
-def _sharded_model(cfg: Config, spec: ModelSpec, world: World, device: torch.device) -> VLModel:
-    """The model sharded over the ranks with FSDP2, frozen and recompute set before sharding.
+def _sharded_model(
+    cfg: Config, spec: ModelSpec, world: World, mesh: TrainMesh, device: torch.device
+) -> VLModel:
+    """The model split over the mesh (:func:`parallelize`) and sharded with FSDP2 over its
+    ``dp_shard x cp`` ranks, frozen and recompute set before sharding.
 
     From a checkpoint it is built on the meta device, sharded, and each rank copies only its
     shards from the checkpoint, one full tensor at a time. A random init is built whole on every
     rank (the same seed gives the same weights) and then sharded: that is for small variants.
     """
     model_cfg, train_cfg = cfg.model, cfg.train
-    mesh = data_parallel_mesh(world, device)
     policy, parallel = mixed_precision(train_cfg.precision, device), cfg.parallel
     options = {"offload": parallel.offload, "reshard_after_forward": parallel.reshard_after_forward}
     if model_cfg.load:
@@ -178,15 +182,17 @@ def _sharded_model(cfg: Config, spec: ModelSpec, world: World, device: torch.dev
             weights = open_weights(model_cfg.load)
             _check_family(weights.spec.name, spec)
         model = weights.empty_model()
-        _freeze_and_recompute(model, cfg, spec)
-        shard_model(model, mesh, mp_policy=policy, **options)
+    else:
+        model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides).to(device)
+    with checked(world):
+        check_text_decoder(mesh.shape, model.text_decoder.config)
+    _freeze_and_recompute(model, cfg, spec)
+    parallelize(model, mesh, parallel)
+    shard_model(model, mesh[FSDP_DIM], mp_policy=policy, **options)
+    if model_cfg.load:
         materialize(model, device)
         with checked(world):
             fill_parameters(model, weights)
-    else:
-        model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides)
-        _freeze_and_recompute(model, cfg, spec)
-        shard_model(model.to(device), mesh, mp_policy=policy, **options)
     return model.train()
 
 
@@ -282,6 +288,7 @@ class _Run:
 
     cfg: Config  # with ``data.data: demo`` resolved to the bundled file
     world: World
+    mesh: TrainMesh
     output: Path
     device: torch.device
     spec: ModelSpec
@@ -320,25 +327,22 @@ def _freeze_and_recompute(model: VLModel, cfg: Config, spec: ModelSpec) -> None:
 
 
 def _model_and_tokenizer(
-    cfg: Config, spec: ModelSpec, world: World, device: torch.device
+    cfg: Config, spec: ModelSpec, world: World, mesh: TrainMesh, device: torch.device
 ) -> tuple[VLModel, Any]:
-    """The model on ``device`` in train mode (sharded on many ranks) and its tokenizer."""
+    """The model on ``device`` in train mode (split and sharded on many ranks) and its tokenizer."""
     if world.distributed:
-        return _sharded_model(cfg, spec, world, device), load_tokenizer_for(cfg, spec)
+        return _sharded_model(cfg, spec, world, mesh, device), load_tokenizer_for(cfg, spec)
     model, tokenizer = build(cfg, spec)
     _freeze_and_recompute(model, cfg, spec)
     return model.to(device).train(), tokenizer
 
 
-def _check_parallel(cfg: Config, world: World) -> None:
-    """The ``parallel`` section against the ranks ``torchrun`` started."""
-    dp_shard = cfg.parallel.dp_shard
-    if dp_shard not in (0, world.size):
-        raise MmzooError(
-            f"parallel.dp_shard={dp_shard} but the run has {world.size} ranks; set it to {world.size} or 0"
-        )
+def _check_parallel(cfg: Config, world: World) -> MeshShape:
+    """The ``parallel`` section against the ranks ``torchrun`` started; returns the mesh's shape."""
+    shape = mesh_shape(cfg.parallel, world.size)
     if world.distributed and cfg.train.precision == "fp16":
         raise MmzooError("train.precision=fp16 is not supported on many ranks; use bf16")
+    return shape
 
 
 def with_demo_media(cfg: Config, spec: ModelSpec) -> Config:
@@ -365,10 +369,11 @@ def _set_up(
     cfg = with_derived_defaults(cfg)  # a Config built in code rather than by load_config
     train_cfg = cfg.train
     _check_lr(train_cfg.lr)
-    _check_parallel(cfg, world)
+    shape = _check_parallel(cfg, world)
     save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
     device = world.device(_training_device(train_cfg))
     init_process_group(world, device, cfg.parallel.timeout_s)
+    mesh = TrainMesh.build(shape, world, device)
     stops.listen()
     with checked(world):
         output = _prepare_output(train_cfg, resume=resume, overwrite=overwrite, check=world.main)
@@ -378,7 +383,7 @@ def _set_up(
     cfg = with_demo_media(cfg, spec)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
-    model, tokenizer = _model_and_tokenizer(cfg, spec, world, device)
+    model, tokenizer = _model_and_tokenizer(cfg, spec, world, mesh, device)
     # A loaded model is the variant its config equals, if any; model.variant names only random inits.
     variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
     log = None if world.main else _silent  # rank 0 reports the preprocessing and skipped records
@@ -393,12 +398,13 @@ def _set_up(
         with checked(world):
             dataset = prepare()
     optimizer = make_optimizer(model, train_cfg, device)
-    per_epoch = steps_per_epoch(dataset, train_cfg, world.size)
+    per_epoch = steps_per_epoch(dataset, train_cfg, mesh.dp_size)
     total = train_cfg.steps if train_cfg.steps > 0 else sum(per_epoch)
     scheduler = make_scheduler(optimizer, train_cfg, total)
     run = _Run(
         cfg=cfg,
         world=world,
+        mesh=mesh,
         output=output,
         device=device,
         spec=spec,
@@ -466,19 +472,20 @@ def _announce(run: _Run, out: Callable[[str], None]) -> None:
 # --- the data order: micro-batches grouped into optimizer steps ----------------------------------
 
 
-def _steps(dataset: VLDataset, cfg: Config, world: World, epoch: int, position: int) -> Iterator[StepData]:
+def _steps(dataset: VLDataset, cfg: Config, mesh: TrainMesh, epoch: int, position: int) -> Iterator[StepData]:
     """This rank's part of each optimizer step, forever, from micro-batch ``position`` of ``epoch``.
 
-    A step takes ``grad_accum * ranks`` micro-batches, fewer at the end of an epoch: steps never
+    A step takes ``grad_accum * dp`` micro-batches (``dp``: the data-parallel replicas, whose
+    ranks all read their replica's micro-batches), fewer at the end of an epoch: steps never
     span two epochs, so ``train.epochs`` epochs are exactly the steps :func:`steps_per_epoch`
     counts. The order is global, so a run resumes on another number of ranks where it stopped.
     """
     train_cfg = cfg.train
-    per_step = train_cfg.grad_accum * world.size
+    per_step = train_cfg.grad_accum * mesh.dp_size
     while True:
         plan = dataset.batches(train_cfg.micro_batch_size, train_cfg.seed, epoch)
         blocks = [plan[start : start + per_step] for start in range(position, len(plan), per_step)]
-        mine = [_share(block, world) for block in blocks]
+        mine = [_share(block, mesh.dp_rank, mesh.dp_size) for block in blocks]
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=[indices for share in mine for indices in share],
@@ -494,13 +501,13 @@ def _steps(dataset: VLDataset, cfg: Config, world: World, epoch: int, position: 
         epoch, position = epoch + 1, 0
 
 
-def _share(block: list[list[int]], world: World) -> list[list[int]]:
-    """Rank ``world.rank``'s micro-batches of ``block``, padded with empty (loss-free) ones."""
-    share = block[world.rank :: world.size]
-    return share + [[]] * (math.ceil(len(block) / world.size) - len(share))
+def _share(block: list[list[int]], replica: int, replicas: int) -> list[list[int]]:
+    """Data-parallel replica ``replica``'s micro-batches of ``block``, padded with empty (loss-free) ones."""
+    share = block[replica::replicas]
+    return share + [[]] * (math.ceil(len(block) / replicas) - len(share))
 
 
-def steps_per_epoch(dataset: VLDataset, train_cfg: TrainConfig, ranks: int = 1) -> list[int]:
+def steps_per_epoch(dataset: VLDataset, train_cfg: TrainConfig, replicas: int = 1) -> list[int]:
     """Optimizer steps of each epoch the run covers: ``train.epochs`` epochs, or as many as
     ``train.steps`` reaches into. Packing after the shuffle changes the rows per epoch, so each is counted."""
     steps, epochs = train_cfg.steps, train_cfg.epochs
@@ -509,7 +516,7 @@ def steps_per_epoch(dataset: VLDataset, train_cfg: TrainConfig, ranks: int = 1) 
     counts: list[int] = []
     while (sum(counts) < steps) if steps > 0 else (len(counts) < epochs):
         micro_batches = len(dataset.batches(train_cfg.micro_batch_size, train_cfg.seed, len(counts)))
-        counts.append(math.ceil(micro_batches / (train_cfg.grad_accum * ranks)))
+        counts.append(math.ceil(micro_batches / (train_cfg.grad_accum * replicas)))
     return counts
 
 
@@ -536,7 +543,7 @@ class _Updater:
     def __init__(self, run: _Run) -> None:
         train_cfg = run.cfg.train
         self.model, self.optimizer, self.scheduler = run.model, run.optimizer, run.scheduler
-        self.device, self.world = run.device, run.world
+        self.device, self.world, self.mesh = run.device, run.world, run.mesh
         self.reduction = train_cfg.loss_reduction
         self.clip = train_cfg.clip_grad if train_cfg.clip_grad > 0 else float("inf")
         self.scaler = torch.amp.GradScaler(run.device.type) if train_cfg.precision == "fp16" else None
@@ -550,7 +557,9 @@ class _Updater:
         those of one process running the whole step; the loss and counts returned are global.
         """
         counts = [batch_target_counts(micro_batch.batch) for micro_batch in step.micro_batches]
-        mine = [sum(column) for column in zip(*counts, strict=True)]
+        # The ranks of a replica share its micro-batches: only its first rank counts them.
+        leader = self.mesh.data_leader
+        mine = [sum(column) if leader else 0 for column in zip(*counts, strict=True)]
         targets, samples = (int(n) for n in all_sum(self.world, *mine))
         reduction = LossReduction(self.reduction, step.count, targets, samples)
         loss = torch.zeros((), device=self.device)
@@ -561,8 +570,8 @@ class _Updater:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
-        tokens = sum(micro_batch.tokens for micro_batch in step.micro_batches)
-        total_loss, total_tokens = all_sum(self.world, loss.item(), tokens)
+        tokens = sum(micro_batch.tokens for micro_batch in step.micro_batches) if leader else 0
+        total_loss, total_tokens = all_sum(self.world, loss.item() * self.mesh.loss_share, tokens)
         return _Accumulated(total_loss, grad_norm.item(), int(total_tokens), samples)
 
     def _forward_backward(self, batch: dict[str, Any], reduction: LossReduction) -> torch.Tensor:
@@ -797,7 +806,7 @@ def _take_steps(
     On many ranks a Ctrl-C on any of them stops all of them before the same step (``stops``).
     """
     state = run.state
-    batches = _steps(run.dataset, run.cfg, run.world, state["epoch"], state["position"])
+    batches = _steps(run.dataset, run.cfg, run.mesh, state["epoch"], state["position"])
     while state["step"] < run.total:
         stops.check()
         started = time.monotonic()

@@ -339,7 +339,7 @@ def test_the_data_plan_gives_ranks_text_only_and_padded_micro_batches(work):
         plan = dataset.batches(1, cfg.train.seed, epoch)
         assert len(plan) == 5
         blocks = [plan[i : i + 2 * per_rank] for i in range(0, len(plan), 2 * per_rank)]
-        return [[_share(block, World(rank, 2)) for rank in range(2)] for block in blocks]
+        return [[_share(block, rank, 2) for rank in range(2)] for block in blocks]
 
     def text_only(micro_batch: list[int]) -> bool:
         return bool(micro_batch) and not any(media[i] for i in micro_batch)
