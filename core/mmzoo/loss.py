@@ -66,6 +66,56 @@ def batch_target_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return target_counts(labels[mask], cu_seqlens)
 
 
+def loss_targets(
+    labels: torch.Tensor, cu_seqlens: torch.Tensor, reduction: LossReduction | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's next-token target and its weight in the micro-batch's loss.
+
+    The loss is ``sum(token_loss * weight)``: a linear sum over tokens, so any split of the tokens
+    (context-parallel slices, pipeline stages) adds up to it. Weights come from whole sequences:
+    compute them before slicing.
+
+    Args:
+        labels: ``(T,)`` packed, aligned with the inputs (shifted here, never across sequences).
+        cu_seqlens: ``(S + 1,)`` sequence boundaries.
+        reduction: the step's reduction and its global counts (plain token mean when None).
+
+    Returns:
+        ``target`` ``(T,)`` (``IGNORE_INDEX`` where none) and ``weight`` ``(T,)`` fp32 (0 there).
+    """
+    target = shift_labels(labels, cu_seqlens)
+    valid = target != IGNORE_INDEX
+    count = max(int(valid.sum()), 1)
+    if reduction is None or reduction.kind == "default":
+        micro_batches = 1 if reduction is None else reduction.micro_batches
+        per_token = torch.full(target.shape, 1.0 / count / micro_batches, device=target.device)
+    elif reduction.kind == "per_token":
+        per_token = torch.full(target.shape, 1.0 / max(reduction.total_tokens, 1), device=target.device)
+    else:  # per_sample: each target weighs 1 / (its sample's targets) / (samples in the step)
+        lengths = cu_seqlens.diff().long()
+        per_sample = torch.segment_reduce(valid.float(), "sum", lengths=lengths)
+        per_token = (1.0 / per_sample.clamp(min=1)).repeat_interleave(lengths)
+        per_token = per_token / max(reduction.total_samples, 1)
+    return target, torch.where(valid, per_token, 0.0)
+
+
+def weighted_cross_entropy(
+    hidden: torch.Tensor, output_weight: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """``sum(cross_entropy(hidden @ output_weight.T, target) * weight)`` over the tokens with a target.
+
+    Logits are computed only for tokens that have a target (answers are a small part of most
+    multimodal samples), and through ``mmzoo_kernels.cross_entropy`` (``kernels.cross_entropy``),
+    whose default ``chunked`` backend computes them a chunk of tokens at a time, fused with the
+    output projection, so no ``(tokens x vocab)`` matrix exists in training.
+    """
+    valid = (target != IGNORE_INDEX).nonzero().squeeze(1)
+    losses = mmzoo_kernels.cross_entropy(
+        hidden.index_select(0, valid), output_weight, target[valid]
+    )  # (N,) fp32
+    return (losses * weight[valid]).sum()
+
+
 def causal_lm_loss(
     hidden: torch.Tensor,
     output_weight: torch.Tensor,
@@ -73,12 +123,8 @@ def causal_lm_loss(
     cu_seqlens: torch.Tensor,
     reduction: LossReduction | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy, reduced as ``reduction`` says (plain token mean when None).
-
-    Logits are computed only for tokens that have a target (answers are a small part of most
-    multimodal samples), and through ``mmzoo_kernels.cross_entropy`` (``kernels.cross_entropy``),
-    whose default ``chunked`` backend computes them a chunk of tokens at a time, fused with the
-    output projection, so no ``(tokens x vocab)`` matrix exists in training.
+    """Next-token cross-entropy, reduced as ``reduction`` says (plain token mean when None):
+    :func:`weighted_cross_entropy` with the weights of :func:`loss_targets`.
 
     Args:
         hidden: ``(T, H)`` final hidden states of packed tokens.
@@ -87,19 +133,5 @@ def causal_lm_loss(
         cu_seqlens: ``(S + 1,)`` sequence boundaries.
         reduction: the step's reduction and its global counts.
     """
-    target = shift_labels(labels, cu_seqlens)
-    valid = (target != IGNORE_INDEX).nonzero().squeeze(1)
-    # (N,) fp32; the ``chunked`` kernel (auto) never holds the (N, V) logits of the targets either
-    losses = mmzoo_kernels.cross_entropy(hidden.index_select(0, valid), output_weight, target[valid])
-    if reduction is None:
-        return losses.sum() / max(valid.numel(), 1)
-    if reduction.kind == "default":
-        return losses.sum() / max(valid.numel(), 1) / reduction.micro_batches
-    if reduction.kind == "per_token":
-        return losses.sum() / max(reduction.total_tokens, 1)
-    samples = cu_seqlens.numel() - 1
-    owner = torch.searchsorted(cu_seqlens[1:].long(), valid, right=True)  # sample of each target
-    sums = losses.new_zeros(samples).index_add_(0, owner, losses)
-    counts = losses.new_zeros(samples).index_add_(0, owner, torch.ones_like(losses))
-    means = sums / counts.clamp(min=1)  # samples without targets contribute 0
-    return means.sum() / max(reduction.total_samples, 1)
+    target, weight = loss_targets(labels, cu_seqlens, reduction)
+    return weighted_cross_entropy(hidden, output_weight, target, weight)
