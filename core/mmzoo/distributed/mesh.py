@@ -74,7 +74,7 @@ def mesh_shape(parallel: ParallelConfig, ranks: int) -> MeshShape:
             else f"make dp_shard x cp x tp x pp equal {ranks}"
         )
         raise MmzooError(
-            f"parallel: {shape.describe()} needs {shape.size} ranks but the run has {ranks}; {hint}"
+            f"parallel: {shape.describe()} needs {shape.size} ranks, the run has {ranks}; {hint}"
         )
     return shape
 
