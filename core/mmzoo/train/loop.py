@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import mmzoo_kernels
 from mmzoo.api import load_model, open_weights
-from mmzoo.build import build_model
+from mmzoo.build import build_model, use_text_backend
 from mmzoo.checkpoint.dcp import DCP_META
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
 from mmzoo.checkpoint.weights import fill_parameters
@@ -139,7 +139,7 @@ def build(cfg: Config, spec: ModelSpec) -> tuple[VLModel, Any]:
         _check_family(model.name, spec)
     else:
         model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides)
-    return model, load_tokenizer_for(cfg, spec)
+    return use_text_backend(model, model_cfg.text_backend), load_tokenizer_for(cfg, spec)
 
 
 def _check_family(name: str, spec: ModelSpec) -> None:
@@ -342,7 +342,24 @@ def _check_parallel(cfg: Config, world: World) -> MeshShape:
     shape = mesh_shape(cfg.parallel, world.size)
     if world.distributed and cfg.train.precision == "fp16":
         raise MmzooError("train.precision=fp16 is not supported on many ranks; use bf16")
+    _check_text_backend(cfg, world)
     return shape
+
+
+def _check_text_backend(cfg: Config, world: World) -> None:
+    """``model.text_backend: megatron`` runs in one process, without activation recompute."""
+    if cfg.model.text_backend == "native":
+        return
+    if world.distributed:
+        raise MmzooError(
+            f"model.text_backend=megatron runs in one process, not {world.size} ranks; "
+            "use model.text_backend=native with torchrun"
+        )
+    if cfg.model.recompute_text.granularity != "none":
+        raise MmzooError(
+            "model.recompute_text is not supported with model.text_backend=megatron; "
+            "set model.recompute_text.granularity to none"
+        )
 
 
 def with_demo_media(cfg: Config, spec: ModelSpec) -> Config:
