@@ -122,7 +122,9 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
     """``(1, 1, T, T)`` bool, True where attention is masked: causal within each sample of a packed
     row, nothing across samples."""
     index = torch.arange(tokens, device=cu_seqlens.device)
-    sample = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=cu_seqlens.device), cu_seqlens.diff())
+    sample = torch.repeat_interleave(
+        torch.arange(len(cu_seqlens) - 1, device=cu_seqlens.device), cu_seqlens.diff()
+    )
     allowed = (sample[:, None] == sample[None, :]) & (index[None, :] <= index[:, None])
     return ~allowed[None, None]
 
@@ -193,7 +195,9 @@ class MegatronTextDecoder(nn.Module):
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
             spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-            self.embedding = LanguageModelEmbedding(mcore, config.vocab_size, 0, position_embedding_type="rope")
+            self.embedding = LanguageModelEmbedding(
+                mcore, config.vocab_size, 0, position_embedding_type="rope"
+            )
             self.decoder = TransformerBlock(mcore, spec, post_layer_norm=True)
             self.output_layer = (
                 None
@@ -213,7 +217,9 @@ class MegatronTextDecoder(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding.word_embeddings(input_ids)
 
-    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
         """Hidden states ``(T, H)`` after the final norm."""
         on_cpu = embeds.device.type == "cpu"
         with cuda_calls_on_cpu(on_cpu):
