@@ -86,13 +86,7 @@ def transformer_config(config: DecoderConfig) -> Any:
     """Megatron's ``TransformerConfig`` for ``config``: GQA, SwiGLU, RMSNorm, no dropout, no fusions."""
     from megatron.core.transformer import TransformerConfig
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron-core's own default
-        return _transformer_config(TransformerConfig, config)
-
-
-def _transformer_config(cls: Any, config: DecoderConfig) -> Any:
-    return cls(
+    settings = dict(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.ffn_hidden_size,
@@ -116,6 +110,9 @@ def _transformer_config(cls: Any, config: DecoderConfig) -> Any:
         gradient_accumulation_fusion=False,
         params_dtype=torch.float32,
     )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron-core's own default
+        return TransformerConfig(**settings)
 
 
 def packed_causal_mask(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -149,9 +146,7 @@ class _Rotary(nn.Module):
         )
 
         self.mrope_section = list(config.mrope_section) if config.mrope_section else None
-        base = int(config.rope_theta)
-        if float(base) != config.rope_theta:
-            raise MmzooError(f"text_backend megatron: rope_theta {config.rope_theta} must be a whole number")
+        base: Any = config.rope_theta  # typed int in megatron-core; a float computes the same frequencies
         self.rope = (
             MultimodalRotaryEmbedding(config.head_dim, 1.0, rotary_base=base)
             if self.mrope_section

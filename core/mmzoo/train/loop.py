@@ -342,18 +342,23 @@ def _check_parallel(cfg: Config, world: World) -> MeshShape:
     shape = mesh_shape(cfg.parallel, world.size)
     if world.distributed and cfg.train.precision == "fp16":
         raise MmzooError("train.precision=fp16 is not supported on many ranks; use bf16")
-    _check_text_backend(cfg, world)
     return shape
 
 
-def _check_text_backend(cfg: Config, world: World) -> None:
-    """``model.text_backend: megatron`` runs in one process, without activation recompute."""
+def _check_text_backend(cfg: Config, world: World, device: torch.device) -> None:
+    """``model.text_backend: megatron`` runs in one process, without activation recompute, and
+    with autocast on CUDA only (its linears' backward follows CUDA autocast alone)."""
     if cfg.model.text_backend == "native":
         return
     if world.distributed:
         raise MmzooError(
             f"model.text_backend=megatron runs in one process, not {world.size} ranks; "
             "use model.text_backend=native with torchrun"
+        )
+    if cfg.train.precision != "fp32" and device.type != "cuda":
+        raise MmzooError(
+            f"train.precision={cfg.train.precision} with model.text_backend=megatron needs CUDA "
+            f"(megatron-core's linears follow CUDA autocast only); use fp32 on {device.type}"
         )
     if cfg.model.recompute_text.granularity != "none":
         raise MmzooError(
@@ -389,6 +394,7 @@ def _set_up(
     shape = _check_parallel(cfg, world)
     save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
     device = world.device(_training_device(train_cfg))
+    _check_text_backend(cfg, world, device)
     init_process_group(world, device, cfg.parallel.timeout_s)
     mesh = TrainMesh.build(shape, world, device)
     stops.listen()

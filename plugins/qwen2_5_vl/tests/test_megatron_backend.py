@@ -168,12 +168,19 @@ def test_without_megatron_core_the_error_says_what_to_install(monkeypatch):
         use_text_backend(mmzoo.build_model("qwen2_5_vl", "tiny"), "megatron")
 
 
-def test_many_ranks_and_recompute_are_refused():
+@pytest.mark.parametrize(
+    "options, world, error",
+    [
+        ([], World(size=2), "runs in one process, not 2 ranks"),
+        (["--model.recompute_text.granularity", "full"], World(), "model.recompute_text is not supported"),
+        (["--train.precision", "bf16"], World(), "train.precision=bf16 .* needs CUDA"),
+    ],
+    ids=["two ranks", "recompute", "bf16 on cpu"],
+)
+def test_unsupported_settings_are_refused(options, world, error):
     from mmzoo.train.loop import _check_text_backend
 
-    config = load_config(None, ["--model.text_backend", "megatron"])
-    with pytest.raises(MmzooError, match="runs in one process, not 2 ranks"):
-        _check_text_backend(config, World(size=2))
-    options = ["--model.text_backend", "megatron", "--model.recompute_text.granularity", "full"]
-    with pytest.raises(MmzooError, match="model.recompute_text is not supported"):
-        _check_text_backend(load_config(None, options), World())
+    config = load_config(None, ["--model.text_backend", "megatron", *options])
+    with pytest.raises(MmzooError, match=error):
+        _check_text_backend(config, world, torch.device("cpu"))
+    _check_text_backend(load_config(None, options), world, torch.device("cpu"))  # native: any
