@@ -177,7 +177,6 @@ class MegatronTextDecoder(nn.Module):
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
-        _megatron()
         one_process_model_parallel()
         from megatron.core import tensor_parallel
         from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
