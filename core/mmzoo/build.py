@@ -6,12 +6,13 @@ Below the checkpoint layer: checkpoint readers build their model here, then fill
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from mmzoo.errors import MmzooError, nearest
 from mmzoo.model import VLModel
+from mmzoo.nn import TextDecoder
 from mmzoo.nn.init import init_weights
 from mmzoo.registry import ModelSpec, get_model
 
@@ -55,8 +56,31 @@ def compose(spec: ModelSpec, config: Any) -> VLModel:
     )
 
 
+def use_text_backend(model: VLModel, backend: str) -> VLModel:
+    """``model`` with its text decoder built by ``backend`` (``model.text_backend``): ``native``
+    keeps it; ``megatron`` replaces it by a :class:`mmzoo.nn.megatron_decoder.MegatronTextDecoder`
+    holding the same weights under the same names."""
+    if backend == "native":
+        return model
+    if backend != "megatron":
+        raise MmzooError(f"model.text_backend: {backend!r} is not one of native, megatron")
+    from mmzoo.nn.megatron_decoder import MegatronTextDecoder
+
+    native = model.text_decoder
+    weight = native.output_weight
+    megatron = MegatronTextDecoder(native.config).to(device=weight.device, dtype=weight.dtype)
+    megatron.load_state_dict(native.state_dict(), strict=True)
+    model.text_decoder = cast(TextDecoder, megatron)  # the same interface (embed, forward, logits)
+    return model
+
+
 def build_model(
-    name: str, variant: str = "tiny", *, dtype: torch.dtype | None = None, **overrides: Any
+    name: str,
+    variant: str = "tiny",
+    *,
+    dtype: torch.dtype | None = None,
+    text_backend: str = "native",
+    **overrides: Any,
 ) -> VLModel:
     """A randomly initialised model of a registered family: by module type
     (:func:`mmzoo.nn.init.init_weights`), then the family's ``init_weights`` hook.
@@ -65,6 +89,7 @@ def build_model(
         name: registry name (see ``mmzoo list-models``), e.g. ``"qwen2_5_vl"``.
         variant: size, e.g. ``"tiny"`` or ``"7b"``.
         dtype: parameter dtype (default float32).
+        text_backend: ``native`` or ``megatron`` (:func:`use_text_backend`; the same initial weights).
         **overrides: config fields to change; nested configs take dicts,
             e.g. ``text=dict(num_layers=2)``.
     """
@@ -75,4 +100,5 @@ def build_model(
     if spec.init_weights is not None:
         with torch.no_grad():
             spec.init_weights(model, config)
+    model = use_text_backend(model, text_backend)
     return model.to(dtype) if dtype is not None else model

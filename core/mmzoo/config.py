@@ -48,6 +48,9 @@ class ModelConfig:
         tokenizer: tokenizer directory (default: ``load`` when set, else the family's own).
         freeze: groups to freeze (``vision``, ``projector``, ``language``).
         recompute_vision, recompute_text: activation recompute per tower.
+        text_backend: the LLM's implementation: ``native`` (mmzoo's layers) or ``megatron``
+            (megatron-core's GPT blocks, same weights and names; one process; needs
+            ``pip install mmzoo[megatron]``).
     """
 
     name: str = DEFAULT_MODEL
@@ -58,6 +61,7 @@ class ModelConfig:
     freeze: tuple[str, ...] = ()
     recompute_vision: RecomputeConfig = RecomputeConfig()
     recompute_text: RecomputeConfig = RecomputeConfig()
+    text_backend: Literal["native", "megatron"] = "native"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import mmzoo_kernels
 from mmzoo.api import load_model, open_weights
-from mmzoo.build import build_model
+from mmzoo.build import build_model, use_text_backend
 from mmzoo.checkpoint.dcp import DCP_META
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
 from mmzoo.checkpoint.weights import fill_parameters
@@ -139,7 +139,7 @@ def build(cfg: Config, spec: ModelSpec) -> tuple[VLModel, Any]:
         _check_family(model.name, spec)
     else:
         model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides)
-    return model, load_tokenizer_for(cfg, spec)
+    return use_text_backend(model, model_cfg.text_backend), load_tokenizer_for(cfg, spec)
 
 
 def _check_family(name: str, spec: ModelSpec) -> None:
@@ -345,6 +345,28 @@ def _check_parallel(cfg: Config, world: World) -> MeshShape:
     return shape
 
 
+def _check_text_backend(cfg: Config, world: World, device: torch.device) -> None:
+    """``model.text_backend: megatron`` runs in one process, without activation recompute, and
+    with autocast on CUDA only (its linears' backward follows CUDA autocast alone)."""
+    if cfg.model.text_backend == "native":
+        return
+    if world.distributed:
+        raise MmzooError(
+            f"model.text_backend=megatron runs in one process, not {world.size} ranks; "
+            "use model.text_backend=native with torchrun"
+        )
+    if cfg.train.precision != "fp32" and device.type != "cuda":
+        raise MmzooError(
+            f"train.precision={cfg.train.precision} with model.text_backend=megatron needs CUDA "
+            f"(megatron-core's linears follow CUDA autocast only); use fp32 on {device.type}"
+        )
+    if cfg.model.recompute_text.granularity != "none":
+        raise MmzooError(
+            "model.recompute_text is not supported with model.text_backend=megatron; "
+            "set model.recompute_text.granularity to none"
+        )
+
+
 def with_demo_media(cfg: Config, spec: ModelSpec) -> Config:
     """With ``data.demo_media``: ``data.media`` laid over the family's ``demo_media`` (its own keys win)."""
     if not cfg.data.demo_media:
@@ -372,6 +394,7 @@ def _set_up(
     shape = _check_parallel(cfg, world)
     save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
     device = world.device(_training_device(train_cfg))
+    _check_text_backend(cfg, world, device)
     init_process_group(world, device, cfg.parallel.timeout_s)
     mesh = TrainMesh.build(shape, world, device)
     stops.listen()
