@@ -305,7 +305,7 @@ def test_cp_runs_equal_one_process_with_the_same_global_batch(cp_runs, one_proce
     assert trained.keys() == single.keys() == initial.keys()
     # Adam moves a weight by up to lr per step whatever its gradient (test_distributed.py).
     assert max((trained[k] - single[k]).abs().max() for k in single) < 2e-4
-    assert max((single[k] - initial[k]).abs().max() for k in single) > 2e-3
+    assert max((single[k] - initial[k]).abs().max() for k in single) > 1e-3  # two steps of lr <= 1e-3
 
 
 @pytest.mark.slow
