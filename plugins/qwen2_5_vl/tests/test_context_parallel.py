@@ -5,10 +5,11 @@ plain attention over the whole packed sequences (GQA with KV heads that do and d
 ``cp``, causal and not), and the tiny Qwen2.5-VL's summed per-rank losses and gradients equal the
 whole model's for the three reductions; the naive layouts (local ``cu_seqlens``, labels shifted
 per rank) give other values. Training level (the harness of ``test_distributed.py``): ``mmzoo
-train`` with cp=2 on 2 ranks and dp_shard=2 x cp=2 on 4 ranks equals the 1-process run with the
-same global batch (packed rows with images and a video: loss and gradient norm per step, the
-weights after 2 steps); DCP checkpoints resume across meshes; ``train.save_hf`` exports a cp run;
-InternVL3 trains with cp=2.
+train`` with cp=2 on 2 ranks (fp32, and bf16 with the attention core recomputed), cp=4 (KV heads
+repeated) and dp_shard=2 x cp=2 on 4 ranks equals the 1-process run with the same global batch
+(packed rows with images and a video: loss and gradient norm per step, the weights after 2
+steps); DCP checkpoints resume across meshes (cp=2 -> 1 process, dp_shard=2 -> cp=2);
+``train.save_hf`` exports a cp run; InternVL3 with cp=2 equals its 1-process run.
 """
 
 from __future__ import annotations
@@ -214,6 +215,8 @@ def test_context_parallel_refuses_a_model_with_a_loss_of_its_own():
 
 PER_TOKEN = ["--train.loss_reduction", "per_token", "--train.steps", "2"]  # 4 micro-batches, then 1
 PER_SAMPLE = ["--train.loss_reduction", "per_sample", "--train.steps", "2"]  # 2 micro-batches, then 2
+DEFAULT = ["--train.loss_reduction", "default", "--train.steps", "2", "--train.precision", "bf16"]
+SELECTIVE = ["--model.recompute_text.granularity", "selective"]
 # (options of the cp run, options of the 1-process run with the same global batch); every run
 # saves each step, so that the resume tests can start from step 1.
 PARITY = {
@@ -224,11 +227,14 @@ PARITY = {
         [*PER_TOKEN, "--parallel.dp_shard", "2", "--parallel.cp", "2", "--train.grad_accum", "2"],
         "per_token",
     ),
+    # bf16 autocast (bf16 all-to-alls) and the attention core recomputed in backward.
+    "cp2_default_bf16": ([*DEFAULT, *SELECTIVE, "--parallel.cp", "2", "--train.grad_accum", "2"], "default"),
     # 2 KV heads over cp=4: each is repeated twice.
     "cp4_per_token": ([*PER_TOKEN, "--parallel.cp", "4", "--train.grad_accum", "4"], "per_token"),
 }
 ONE_PROCESS = {
     "per_token": [*PER_TOKEN, "--train.grad_accum", "4"],
+    "default": [*DEFAULT, "--train.grad_accum", "2"],
     "per_sample": [*PER_SAMPLE, "--train.grad_accum", "2"],
 }
 EVERY_STEP = ["--train.save_every", "1"]
@@ -267,6 +273,7 @@ def cp_runs(work) -> Path:
     runs = work / "cp"
     two = [
         _job(work, "cp2_per_token", *PARITY["cp2_per_token"][0], *EVERY_STEP),
+        _job(work, "cp2_default_bf16", *PARITY["cp2_default_bf16"][0]),
         _job(work, "cp2_per_sample", *PARITY["cp2_per_sample"][0], "--train.save_hf", str(runs / "hf")),
         _job(work, "dp2_per_token", *PER_TOKEN, "--train.grad_accum", "2", *EVERY_STEP),
         {"cut": [str(runs / "dp2_per_token"), 1, str(runs / "dp2_to_cp2")]},
@@ -298,7 +305,10 @@ def test_cp_runs_equal_one_process_with_the_same_global_batch(cp_runs, one_proce
     """Loss and gradient norm per step, and the weights the two updates made."""
     got, expected = metrics(cp_runs / name), metrics(one_process / PARITY[name][1])
     assert len(got) == len(expected) == 2
-    assert_rows_close(got, expected)
+    bf16 = "bf16" in PARITY[name][0]
+    assert_rows_close(got, expected, bf16=bf16)
+    if bf16:
+        return  # weights that differ in their last bits round to other bf16 values (test_distributed.py)
     trained, single = weights(cp_runs / name), weights(one_process / PARITY[name][1])
     torch.manual_seed(42)  # train.seed: the weights both runs started from
     initial = mmzoo.build_model("qwen2_5_vl", "tiny").state_dict()
