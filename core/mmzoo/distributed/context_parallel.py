@@ -138,9 +138,14 @@ def apply_context_parallel(model: VLModel, group: dist.ProcessGroup) -> ContextP
             f"parallel.cp: model '{model.name}' has a loss of its own; context parallel computes "
             "mmzoo.loss.causal_lm_loss per slice of tokens, so set parallel.cp=1"
         )
+    attentions = [m for m in model.text_decoder.modules() if isinstance(m, SelfAttention)]
+    if not attentions:
+        raise MmzooError(
+            f"parallel.cp: the text decoder of '{model.name}' has no mmzoo SelfAttention to run "
+            "the all-to-all around; use the native text decoder or set parallel.cp=1"
+        )
     context_parallel = ContextParallel(group)
     model.context_parallel = context_parallel
-    for module in model.text_decoder.modules():
-        if isinstance(module, SelfAttention):
-            module.context_parallel = context_parallel
+    for attention in attentions:
+        attention.context_parallel = context_parallel
     return context_parallel

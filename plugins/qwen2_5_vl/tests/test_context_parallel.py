@@ -211,6 +211,13 @@ def test_context_parallel_refuses_a_model_with_a_loss_of_its_own():
         apply_context_parallel(model, None)  # type: ignore[arg-type]
 
 
+def test_context_parallel_refuses_a_decoder_without_self_attention():
+    model = mmzoo.build_model("qwen2_5_vl", "tiny")
+    model.text_decoder.decoder = torch.nn.Identity()  # e.g. another backend's blocks
+    with pytest.raises(MmzooError, match="parallel.cp: the text decoder of 'qwen2_5_vl' has no mmzoo"):
+        apply_context_parallel(model, None)  # type: ignore[arg-type]
+
+
 # --- training level: mmzoo train with cp against one process ------------------------------------
 
 PER_TOKEN = ["--train.loss_reduction", "per_token", "--train.steps", "2"]  # 4 micro-batches, then 1
