@@ -17,6 +17,17 @@ torch threads. On a machine with fewer cores than ``N x threads`` the ranks shar
 (oversubscribed) and the efficiency says more about the machine than about mmzoo. The
 preprocessing cache is built by the first launch and read by the others. Prints a markdown
 table; run with ``python benchmarks/train_dist.py``.
+
+``--cp-memory``: activation memory per rank of context parallel (``parallel.cp``) against the
+packed sequence length instead. For each cp size one ``torchrun --nproc-per-node CP`` launch runs
+the text decoder (``--layers`` x ``--hidden``, a 4,096-token vocabulary) on packed text rows of
+every ``--cp-tokens`` length in turn (samples of ``--cp-sample`` tokens, the last quarter of each
+answer), one forward and backward each, with ``mmzoo.distributed.parallelize`` splitting the
+tokens over the group. The model is replicated (no FSDP): its parameters are the same at every cp
+size and the activations are what cp splits. Activation memory is tracked, not sampled: the bytes
+of the distinct storages autograd saves for backward (``saved_tensors_hooks``), parameters left
+out, the maximum over ranks; the table also gives each rank's peak resident set after the length
+(``VmHWM``; lengths ascend, so it is the peak of the largest length so far).
 """
 
 from __future__ import annotations
@@ -36,10 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from machine import cpu_model  # benchmarks/machine.py
 
 import mmzoo
 from mmzoo.testing import free_port
+
+CP_VOCAB = 4096
 
 DEMO = Path(mmzoo.__file__).parent / "demo"
 PHOTOS = ["astronaut.jpg", "camera.jpg", "chelsea.jpg", "coffee.jpg", "hubble.jpg", "rocket.jpg"]
@@ -70,6 +84,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--timeout", type=float, default=600, help="seconds per launch before it is stopped (default 600)")
     add("--work", type=Path, help="working directory (default: a temporary one, removed at the end)")
     add("--worker", type=Path, help=argparse.SUPPRESS)  # set by the launches: write the rank's peak here
+    add("--cp-memory", action="store_true", help="context-parallel activation memory per rank instead")
+    add("--cp", type=int, nargs="+", default=[1, 2, 4], help="cp sizes of --cp-memory (default 1 2 4)")
+    add(
+        "--cp-tokens",
+        type=int,
+        nargs="+",
+        default=[4096, 8192, 16384, 32768, 65536],
+        help="packed sequence lengths of --cp-memory, ascending (default 4096 ... 65536)",
+    )
+    add("--cp-sample", type=int, default=2048, help="tokens per packed sample of --cp-memory (default 2048)")
+    add("--cp-worker", type=Path, help=argparse.SUPPRESS)  # set by the --cp-memory launches
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
@@ -251,10 +276,165 @@ def print_table(results: list[Result]) -> None:
         print(f"\n{', '.join(map(str, busy))} rank(s) on {cores} cores: oversubscribed, ranks share cores.")
 
 
+# --- context parallel: activation memory per rank against sequence length -----------------------
+
+
+def cp_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The small Qwen2.5-VL of ``--cp-memory`` (the vision tower is not run: text rows only)."""
+    heads = args.hidden // 64
+    text = {
+        "num_layers": args.layers,
+        "hidden_size": args.hidden,
+        "ffn_hidden_size": args.ffn,
+        "num_heads": heads,
+        "num_kv_heads": max(1, heads // 2),
+        "vocab_size": CP_VOCAB,
+        "mrope_section": [8, 12, 12],
+    }
+    torch.manual_seed(args.seed)
+    vision = {"out_hidden_size": args.hidden}
+    return mmzoo.build_model("qwen2_5_vl", "tiny", text=text, vision=vision).train()
+
+
+def cp_batch(tokens: int, sample: int, seed: int) -> dict[str, torch.Tensor]:
+    """One packed text row of ``tokens`` tokens in samples of ``sample`` (the last one shorter)."""
+    lengths = [min(sample, tokens - start) for start in range(0, tokens, sample)]
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, CP_VOCAB, (1, tokens), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    own_length = torch.tensor(lengths).repeat_interleave(torch.tensor(lengths))  # per token
+    labels = torch.where(positions >= own_length * 3 // 4, input_ids, -100)
+    cu_seqlens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": positions.expand(3, 1, tokens),
+        "cu_seqlens": cu_seqlens,
+    }
+
+
+def saved_activation_bytes(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[int, torch.Tensor]:
+    """The forward's loss and the bytes of the distinct non-parameter storages it saved for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch, return_logits=False).loss
+    return sum(saved.values()), loss
+
+
+def cp_worker(args: argparse.Namespace) -> None:
+    """One rank of a ``--cp-memory`` launch: every length in turn, its numbers into ``args.cp_worker``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mmzoo.config import ParallelConfig
+    from mmzoo.distributed.mesh import MESH_DIMS, MeshShape, TrainMesh
+    from mmzoo.distributed.parallelize import parallelize
+
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    shape = MeshShape(cp=size)
+    mesh = TrainMesh(shape, init_device_mesh("cpu", shape.sizes, mesh_dim_names=MESH_DIMS))
+    model = cp_model(args)
+    parallelize(model, mesh, ParallelConfig(cp=size))
+    rows = []
+    for tokens in args.cp_tokens:
+        batch = cp_batch(tokens, args.cp_sample, args.seed)
+        dist.barrier()
+        started = time.perf_counter()
+        activation, loss = saved_activation_bytes(model, batch)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        dist.barrier()
+        seconds = time.perf_counter() - started
+        rows.append(
+            {"tokens": tokens, "activation": activation, "hwm_kib": status_kib("VmHWM"), "s": seconds}
+        )
+        del loss
+    (args.cp_worker / f"rank_{rank}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def cp_launch(args: argparse.Namespace, work: Path, cp: int) -> list[dict]:
+    """One ``--cp-memory`` launch on ``cp`` ranks; per length, the maxima over its ranks."""
+    out = work / f"cp_{cp}"
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        str(Path(__file__).resolve()), "--cp-worker", str(out), "--threads", str(args.threads),
+        "--layers", str(args.layers), "--hidden", str(args.hidden), "--ffn", str(args.ffn),
+        "--seed", str(args.seed), "--cp-sample", str(args.cp_sample),
+        "--cp-tokens", *map(str, args.cp_tokens),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if done.returncode != 0:
+        sys.exit(f"train_dist: the cp={cp} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    ranks = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(cp)]
+    return [
+        {
+            "tokens": rows[0]["tokens"],
+            "activation": max(row["activation"] for row in rows),
+            "hwm_kib": max(row["hwm_kib"] for row in rows),
+            "s": max(row["s"] for row in rows),
+        }
+        for rows in zip(*ranks, strict=True)
+    ]
+
+
+def cp_memory(args: argparse.Namespace) -> None:
+    """``--cp-memory``: every cp size in its own launch, then one table by sequence length."""
+    print(f"Date: {datetime.date.today().isoformat()}")
+    print(
+        f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}, "
+        f"torch {torch.__version__}; gloo, fp32, {args.threads} torch thread(s) per rank"
+    )
+    print(
+        f"Model: qwen2_5_vl text decoder, {args.layers} layers x {args.hidden} (ffn {args.ffn}, heads of 64, "
+        f"vocab {CP_VOCAB}), replicated; packed text rows in samples of {args.cp_sample} tokens; "
+        "one forward and backward per length"
+    )
+    work = args.work or Path(tempfile.mkdtemp(prefix="mmzoo-train-dist-cp-"))
+    try:
+        results = {cp: cp_launch(args, work, cp) for cp in args.cp}
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(
+        "| tokens | cp | tokens per rank | activations per rank, MiB | vs cp=1 | peak RSS per rank, GiB | s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for i, tokens in enumerate(args.cp_tokens):
+        base = results[args.cp[0]][i]["activation"]
+        for cp in args.cp:
+            row = results[cp][i]
+            print(
+                f"| {tokens} | {cp} | {-(-tokens // cp)} | {row['activation'] / 2**20:.1f} | "
+                f"{row['activation'] / base:.3f} | {row['hwm_kib'] / 2**20:.2f} | {row['s']:.1f} |"
+            )
+
+
 def main() -> None:
     args = parse_args()
     if args.worker is not None:
         worker(args)
+        return
+    if args.cp_worker is not None:
+        cp_worker(args)
+        return
+    if args.cp_memory:
+        cp_memory(args)
         return
     bad = [n for n in args.ranks if args.rows % n]
     if bad:

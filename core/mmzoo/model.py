@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmzoo.errors import MmzooError
-from mmzoo.loss import LossReduction
+from mmzoo.loss import LossReduction, loss_targets, weighted_cross_entropy
 from mmzoo.nn import TextDecoder
+
+if TYPE_CHECKING:
+    from mmzoo.distributed.context_parallel import ContextParallel
 
 
 def real_tokens(
@@ -93,6 +96,8 @@ class VLModel(nn.Module):
         self.loss_fn = loss
         self.config = config
         self.name = name
+        # Set by mmzoo.distributed.context_parallel: the decoder then runs on this rank's tokens.
+        self.context_parallel: ContextParallel | None = None
 
     def embed_inputs(
         self, input_ids: torch.Tensor, media: Mapping[str, torch.Tensor] | None = None
@@ -148,6 +153,10 @@ class VLModel(nn.Module):
             mask = None if attention_mask is None else keep
             position_ids = self.compute_position_ids(self.config, input_ids, attention_mask=mask, media=media)
 
+        if self.context_parallel is not None:
+            return self._context_parallel_loss(
+                embeds[keep], position_ids[:, keep], cu_seqlens, labels, keep, loss_reduction, return_logits
+            )
         hidden = self.text_decoder(embeds[keep], position_ids[:, keep], cu_seqlens)  # (T, H)
         loss = None
         if labels is not None:
@@ -161,6 +170,32 @@ class VLModel(nn.Module):
         padded = logits.new_zeros(*keep.shape, logits.shape[-1])  # (B, S, V)
         padded[keep] = logits
         return VLOutput(logits=padded, loss=loss)
+
+    def _context_parallel_loss(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        labels: torch.Tensor | None,
+        keep: torch.Tensor,
+        reduction: LossReduction | None,
+        return_logits: bool,
+    ) -> VLOutput:
+        """This rank's slice of the packed tokens through the decoder, and its part of the loss:
+        targets and weights come from the whole sequences, so the ranks' parts add up to it."""
+        assert self.context_parallel is not None
+        if labels is None or return_logits:
+            raise MmzooError(
+                "context parallel (parallel.cp > 1) computes the training loss only: "
+                "pass labels and return_logits=False"
+            )
+        target, weight = loss_targets(labels[keep], cu_seqlens, reduction)
+        part = self.context_parallel.shard(embeds, position_ids, cu_seqlens, target, weight)
+        hidden = self.text_decoder(part.embeds, part.position_ids, part.cu_seqlens)  # (T/cp, H)
+        output_weight = self.text_decoder.output_weight
+        return VLOutput(
+            logits=None, loss=weighted_cross_entropy(hidden, output_weight, part.target, part.weight)
+        )
 
 
 def _scatter(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mmzoo.config import ParallelConfig
+from mmzoo.distributed.context_parallel import apply_context_parallel
 from mmzoo.distributed.mesh import TrainMesh
 from mmzoo.errors import MmzooError
 from mmzoo.model import VLModel
@@ -10,6 +11,8 @@ from mmzoo.model import VLModel
 
 def parallelize(model: VLModel, mesh: TrainMesh, parallel: ParallelConfig) -> None:
     """Split ``model`` over the mesh's ``tp`` and ``cp`` ranks, in place."""
-    for name in ("tp", "cp", "pp"):
+    for name in ("tp", "pp"):
         if getattr(mesh.shape, name) > 1:
             raise MmzooError(f"parallel.{name} > 1 is not supported yet")
+    if mesh.shape.cp > 1:
+        apply_context_parallel(model, mesh["cp"].get_group())

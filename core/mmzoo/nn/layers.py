@@ -19,6 +19,7 @@ import mmzoo_kernels
 from mmzoo.nn.norm import NormKind, build_norm
 
 if TYPE_CHECKING:
+    from mmzoo.distributed.context_parallel import ContextParallel
     from mmzoo.nn.kv_cache import LayerCache
 
 QKVLayout = Literal["grouped", "stacked"]
@@ -77,6 +78,8 @@ class SelfAttention(nn.Module):
         )
         self.linear_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=proj_bias)
         self.recompute_core = False  # selective recompute: keep no attention internals for backward
+        # Set by mmzoo.distributed.context_parallel: the core then attends over the group's tokens.
+        self.context_parallel: ContextParallel | None = None
 
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(T, (Hq + 2 Hkv) D)`` -> q ``(T, Hq, D)``, k and v ``(T, Hkv, D)`` (views)."""
@@ -108,12 +111,13 @@ class SelfAttention(nn.Module):
         if cos is not None and sin is not None:
             q = mmzoo_kernels.rotary(q, cos, sin)
             k = mmzoo_kernels.rotary(k, cos, sin)
+        core = mmzoo_kernels.attention if self.context_parallel is None else self.context_parallel.attention
         if cache is not None and cache.decoding:
             out = cache.attend(q, k, v, self.head_dim**-0.5)
         elif self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(mmzoo_kernels.attention, q, k, v, cu_seqlens, self.causal, use_reentrant=False)
+            out = checkpoint(core, q, k, v, cu_seqlens, self.causal, use_reentrant=False)
         else:
-            out = mmzoo_kernels.attention(q, k, v, cu_seqlens, self.causal)  # (T, Hq, D)
+            out = core(q, k, v, cu_seqlens, self.causal)  # (T, Hq, D)
             if cache is not None:
                 cache.store(k, v, cu_seqlens)
         return self.linear_proj(out.reshape(tokens, self.num_heads * self.head_dim))
