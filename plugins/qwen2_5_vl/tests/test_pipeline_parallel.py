@@ -49,6 +49,7 @@ ONE = ["--train.grad_accum", "2", *LAYERS]
 PER_TOKEN = ["--train.loss_reduction", "per_token", "--train.steps", "3", "--train.save_every", "2"]
 PER_SAMPLE = ["--train.loss_reduction", "per_sample", "--train.steps", "3"]
 LOAD = ["--train.steps", "1", "--train.lr", "0"]
+FOUR = ["--train.loss_reduction", "per_token", "--train.steps", "2"]  # 4 micro-batches, then 1
 CUT = 2
 # A negative control: the jobs file asks this script to skip the tied embedding's gradient sum.
 UNSUMMED = "unsummed_tied"
@@ -121,6 +122,7 @@ def one_process(pp_work) -> dict[str, Path]:
         "per_token": [*ONE, *PER_TOKEN],
         "per_sample": [*ONE, *PER_SAMPLE],
         "load_mm": [*ONE, *LOAD, "--model.load", str(pp_work / "mm")],
+        "four": [*LAYERS, "--train.grad_accum", "4", *FOUR],
     }
     for name, options in runs.items():
         train(load_config(None, args(data, out / name, *options)), out=quiet)
@@ -260,6 +262,17 @@ def test_two_stages_equal_one_process(pp_runs, one_process, pp_work, name, expec
 def test_the_vision_encoder_runs_on_the_first_stage_only(pp_runs):
     """Rank 0 (stage 0) encodes media in each of the 6 micro-batches of 3 steps; rank 1 never."""
     assert [rank["1f1b"]["encode_media"] for rank in pp_runs] == [6, 0]
+
+
+@pytest.mark.slow
+def test_two_replicas_of_two_stages_equal_one_process(one_process, pp_work):
+    """4 ranks: dp_shard=2 x pp=2 (FSDP within each stage, a tied-gradient group per replica)."""
+    out = pp_work / "four"
+    job = {"name": "four", "args": args(pp_work / "data.jsonl", out, *PP, *FOUR)}
+    ranks = torchrun_jobs(4, [job], pp_work / "results_four")
+    assert [rank["four"]["steps"] for rank in ranks] == [2] * 4
+    assert_rows_close(metrics(out), metrics(one_process["four"]))
+    assert_weights_close(weights(out), weights(one_process["four"]))
 
 
 # --- checkpoints across meshes --------------------------------------------------------------------
