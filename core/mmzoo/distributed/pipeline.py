@@ -127,8 +127,9 @@ def check_schedule(parallel: ParallelConfig, micro_batches: int, packing: bool) 
     rounds = max(1, micro_batches // pp)
     if parallel.pp_schedule == "interleaved" and micro_batches % rounds:
         raise MmzooError(
-            f"train.grad_accum={micro_batches}: the interleaved schedule needs a multiple of "
-            f"parallel.pp={pp} micro-batches per step (or fewer than pp)"
+            f"train.grad_accum={micro_batches}: the interleaved schedule runs the micro-batches in "
+            f"rounds of about parallel.pp={pp} and needs a multiple of the {rounds} rounds; "
+            f"give a multiple of {pp}"
         )
 
 

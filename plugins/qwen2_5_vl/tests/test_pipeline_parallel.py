@@ -78,7 +78,7 @@ def assert_weights_close(got: dict[str, torch.Tensor], expected: dict[str, torch
 @pytest.fixture(scope="module")
 def pp_work(tmp_path_factory) -> Path:
     """The data file, and a random tiny model (4 LLM layers) as an HF directory and as an mm
-    checkpoint split like the pipeline's stages (vision and LLM layers 0-1 on stage 0)."""
+    checkpoint split like the pipeline's stages (vision and LLM layers 0-1 on stage 0), tp 2."""
     from mmzoo.checkpoint.hf_export import save_hf
     from mmzoo.cli import main
     from mmzoo.testing import spread_weights_
@@ -89,7 +89,7 @@ def pp_work(tmp_path_factory) -> Path:
     model = spread_weights_(mmzoo.build_model("qwen2_5_vl", "tiny", text={"num_layers": 4}), std=0.05)
     save_hf(model, root / "hf")
     convert = ["convert", "hf-to-mm", "--hf-dir", str(root / "hf"), "--mm-dir", str(root / "mm")]
-    assert main([*convert, "--llm-pp-layers", "2,2", "--vit-pp-layers", "4,0"]) == 0
+    assert main([*convert, "--tp", "2", "--llm-pp-layers", "2,2", "--vit-pp-layers", "4,0"]) == 0
     return root
 
 
@@ -217,7 +217,7 @@ def test_invalid_stage_splits_fail_in_one_line(parallel, message):
     [
         ({}, 1, True, r"train.grad_accum=1: the 1F1B schedule needs at least parallel.pp=2"),
         ({}, 2, False, r"needs data.packing=true"),
-        ({"pp_schedule": "interleaved"}, 5, True, r"a multiple of parallel.pp=2 micro-batches"),
+        ({"pp_schedule": "interleaved"}, 5, True, r"needs a multiple of the 2 rounds; give a multiple of 2"),
     ],
 )
 def test_schedules_check_the_micro_batches_before_any_work(parallel, grad_accum, packing, message):
