@@ -489,6 +489,13 @@ def _announce(run: _Run, out: Callable[[str], None]) -> None:
     load = run.cfg.model.load
     origin = f"{run.variant or 'no registered variant'}" + (f", from {load}" if load else "")
     out(f"model {run.spec.name} ({origin}) on {run.device}, {len(run.dataset)} samples")
+    if run.pipeline is not None:
+        plan = run.pipeline.plan
+        layers = ", ".join(f"{start}-{end - 1}" if end > start else "-" for start, end in plan.llm)
+        out(
+            f"pipeline: {plan.stages} stages on {plan.pp} ranks ({run.cfg.parallel.pp_schedule}), LLM "
+            f"layers {layers}; the parameters below are rank 0's"
+        )
     out("\n".join(trainable_summary(run.model, run.spec.freeze_groups)))
     out("kernels: " + ", ".join(f"{op}={backend}" for op, backend in run.kernels.items()))
     fewest, most = min(run.per_epoch), max(run.per_epoch)
