@@ -6,8 +6,9 @@ embeddings: the last stage holds its own copy of the embedding). One torchrun la
 2-rank job; the 1-process runs they are compared with run in the test process.
 
 Checked: loss and gradient norm per step, and the weights, of 1F1B and interleaved 1F1B (2 stages
-per rank) equal one process with the same global batch, a step with a loss-free filler
-micro-batch included; a pp=2 DCP checkpoint resumes in one process and on 2 data-parallel
+per rank, with a frozen vision tower and activation recompute) and of dp 2 x pp 2 on 4 ranks
+equal one process with the same global batch, a step with a loss-free filler micro-batch
+included; a pp=2 DCP checkpoint resumes in one process and on 2 data-parallel
 ranks, and a 2-rank data-parallel one on pp=2, with the same next losses; an mm checkpoint split
 like the stages loads with each rank reading only its own tensors; ``--train.save_hf`` exports
 from pp; invalid splits fail in one line before any work. Negative control: without summing the
@@ -47,7 +48,16 @@ DP = ["--train.grad_accum", "1", *LAYERS]  # 2 data-parallel ranks: the same glo
 ONE = ["--train.grad_accum", "2", *LAYERS]
 # 5 micro-batches per epoch, 2 per step: step 3 holds one, and a loss-free filler on pp.
 PER_TOKEN = ["--train.loss_reduction", "per_token", "--train.steps", "3", "--train.save_every", "2"]
-PER_SAMPLE = ["--train.loss_reduction", "per_sample", "--train.steps", "3"]
+# The interleaved run also freezes the vision tower and recomputes activations (on each stage).
+PER_SAMPLE = [
+    "--train.loss_reduction",
+    "per_sample",
+    "--train.steps",
+    "3",
+    "--model.freeze",
+    "[vision, projector]",
+]
+RECOMPUTE = ["--model.recompute_text.granularity", "full", "--model.recompute_text.num_layers", "1"]
 LOAD = ["--train.steps", "1", "--train.lr", "0"]
 FOUR = ["--train.loss_reduction", "per_token", "--train.steps", "2"]  # 4 micro-batches, then 1
 CUT = 2
@@ -108,7 +118,7 @@ def pp_runs(pp_work) -> list[dict]:
         job("dp", *DP, *PER_TOKEN),
         {"cut": [str(out / "dp"), CUT, str(out / "on_pp")]},
         job("on_pp", *PP, *PER_TOKEN, resume=True),
-        job("interleaved", *INTERLEAVED, *PER_SAMPLE),
+        job("interleaved", *INTERLEAVED, *PER_SAMPLE, *RECOMPUTE),
         job("load_mm", *PP, *LOAD, "--model.load", str(pp_work / "mm")),
     ]
     return torchrun_jobs(2, jobs, pp_work / "results")
