@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from extras_family import CLS_VALUE, NAME, SCALE_VALUE, SMALL
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 import mmzoo
 from mmzoo.checkpoint.conversion import hf_to_mm
@@ -93,11 +94,10 @@ def test_the_sharded_path_recomputes_and_loads_buffers(extras, poisoned, tmp_pat
     store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        device_mesh = torch.distributed.device_mesh.init_device_mesh(
-            "cpu", (1, 1, 1, 1), mesh_dim_names=MESH_DIMS
-        )
+        device_mesh = init_device_mesh("cpu", (1, 1, 1, 1), mesh_dim_names=MESH_DIMS)
         device_mesh[("dp_shard", "cp")]._flatten(FSDP_DIM)
-        model = _sharded_model(cfg, extras, World(), TrainMesh(MeshShape(), device_mesh), torch.device("cpu"))
+        mesh = TrainMesh(MeshShape(), device_mesh)
+        model, _ = _sharded_model(cfg, extras, World(), mesh, torch.device("cpu"))
         extras_ = model.image_encoder.projector.extras
         assert extras_.ones.tolist() == [1.0]
         assert extras_.marker.tolist() == [5.0, 6.0, 7.0, 8.0]

@@ -192,4 +192,5 @@ def open_dcp_weights(path: str | Path, dtype: torch.dtype | str | None = None) -
             yield name, source.get(name)
 
     resolved = resolve_dtype(dtype, lambda: first_dtype(source))
-    return Weights(spec, config, source.iteration, resolved, items, "is the checkpoint complete?")
+    hint = "is the checkpoint complete?"
+    return Weights(spec, config, source.iteration, resolved, items, hint, read=source.get)

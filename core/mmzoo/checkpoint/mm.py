@@ -347,7 +347,8 @@ def open_mm_weights(
             yield name, source.get(name)
 
     resolved = resolve_dtype(dtype, lambda: first_dtype(source))
-    return Weights(spec, config, source.iteration, resolved, items, "is the checkpoint complete?")
+    hint = "is the checkpoint complete?"
+    return Weights(spec, config, source.iteration, resolved, items, hint, read=source.get)
 
 
 def load_mm_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:

@@ -34,6 +34,8 @@ class Weights:
         dtype: the parameter dtype to build the model in.
         items: a function giving ``(mm name, full tensor)`` pairs, one tensor read at a time.
         hint: what to check when a shape does not match.
+        read: the full tensor of one mm name, for readers that merge tensors on demand (mm
+            shards, DCP): a pipeline stage then reads only its own tensors.
     """
 
     spec: Any
@@ -42,6 +44,20 @@ class Weights:
     dtype: torch.dtype
     items: Callable[[], Iterator[tuple[str, torch.Tensor]]]
     hint: str = ""
+    read: Callable[[str], torch.Tensor] | None = None
+
+    def subset(self, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` of ``names`` only: read one by one where the reader can, else
+        filtered from the whole stream (read and dropped one tensor at a time)."""
+        if self.read is not None:
+            for name in sorted(names):
+                try:
+                    tensor = self.read(name)
+                except KeyError:  # not in the checkpoint: the caller reports what stayed unfilled
+                    continue
+                yield name, tensor
+        else:
+            yield from ((name, tensor) for name, tensor in self.items() if name in names)
 
     def empty_model(self) -> VLModel:
         """The model the weights describe, built on the meta device (no memory yet; see
@@ -69,16 +85,17 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def fill_parameters(model: torch.nn.Module, weights: Weights) -> None:
+def fill_parameters(model: torch.nn.Module, weights: Weights, *, part: bool = False) -> None:
     """Copy every tensor of ``weights`` into the parameter or persistent buffer of the same name,
     one at a time.
 
     A parameter sharded by FSDP (a ``DTensor``) takes only its own shard of the tensor. Names
-    the weights lack or the model lacks, and shapes that differ, are MmzooErrors.
+    the weights lack or the model lacks, and shapes that differ, are MmzooErrors. With ``part``
+    the model is a part of the whole (a pipeline stage's): only its own names are read.
     """
     params = {**dict(model.named_parameters()), **persistent_buffers(model)}
     loaded: set[str] = set()
-    for name, tensor in weights.items():
+    for name, tensor in weights.subset(set(params)) if part else weights.items():
         param = params.get(name)
         if param is None:
             raise MmzooError(

@@ -38,12 +38,13 @@ def mixed_precision(precision: str, device: torch.device) -> MixedPrecisionPolic
 
 
 def layer_units(model: nn.Module) -> list[nn.Module]:
-    """The modules that become one FSDP unit each: every entry of an ``nn.ModuleList`` named ``layers``."""
+    """The modules that become one FSDP unit each: every entry of an ``nn.ModuleList`` named
+    ``layers`` (or of an ``nn.ModuleDict``: a pipeline stage's layers under their global indices)."""
     return [
         layer
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] == "layers"
-        for layer in module
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and name.rpartition(".")[2] == "layers"
+        for layer in (module.values() if isinstance(module, nn.ModuleDict) else module)
     ]
 
 

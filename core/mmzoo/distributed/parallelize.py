@@ -1,4 +1,5 @@
-"""Model parallelism applied to a model before FSDP shards it: tensor and context parallel."""
+"""Model parallelism applied to a model before FSDP shards it: tensor and context parallel
+(pipeline stages: :mod:`mmzoo.distributed.pipeline`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from mmzoo.model import VLModel
 
 def parallelize(model: VLModel, mesh: TrainMesh, parallel: ParallelConfig) -> None:
     """Split ``model`` over the mesh's ``tp`` and ``cp`` ranks, in place."""
-    for name in ("tp", "pp"):
+    for name in ("tp",):
         if getattr(mesh.shape, name) > 1:
             raise MmzooError(f"parallel.{name} > 1 is not supported yet")
     if mesh.shape.cp > 1:

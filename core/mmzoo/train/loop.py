@@ -45,6 +45,15 @@ from mmzoo.distributed.env import (
 from mmzoo.distributed.fsdp import mixed_precision, shard_model
 from mmzoo.distributed.mesh import FSDP_DIM, MeshShape, TrainMesh, check_text_decoder, mesh_shape
 from mmzoo.distributed.parallelize import parallelize
+from mmzoo.distributed.pipeline import (
+    PipelineModel,
+    PipelineSchedule,
+    check_schedule,
+    clip_grad_norm,
+    plan_stages,
+    split_model,
+    vision_depth,
+)
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
@@ -166,9 +175,10 @@ def load_tokenizer_for(cfg: Config, spec: ModelSpec) -> Any:
 
 def _sharded_model(
     cfg: Config, spec: ModelSpec, world: World, mesh: TrainMesh, device: torch.device
-) -> VLModel:
-    """The model split over the mesh (:func:`parallelize`) and sharded with FSDP2 over its
-    ``dp_shard x cp`` ranks, frozen and recompute set before sharding.
+) -> tuple[VLModel, PipelineModel | None]:
+    """The model split over the mesh (pipeline stages, :func:`parallelize`) and sharded with FSDP2
+    over its ``dp_shard x cp`` ranks, frozen and recompute set before sharding; with ``pp`` > 1
+    this rank's part and its stages.
 
     From a checkpoint it is built on the meta device, sharded, and each rank copies only its
     shards from the checkpoint, one full tensor at a time. A random init is built whole on every
@@ -186,14 +196,25 @@ def _sharded_model(
         model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides).to(device)
     with checked(world):
         check_text_decoder(mesh.shape, model.text_decoder.config)
+        layers = vision_depth(model), model.text_decoder.config.num_layers
+        plan = plan_stages(parallel, *layers) if mesh.shape.pp > 1 else None
     _freeze_and_recompute(model, cfg, spec)
+    pipeline = None if plan is None else split_model(model, plan, mesh.coordinate("pp"))
+    if pipeline is not None:
+        model = pipeline.model  # the rest of the model is dropped here
     parallelize(model, mesh, parallel)
-    shard_model(model, mesh[FSDP_DIM], mp_policy=policy, **options)
+    # FSDP roots: the model, or each stage (the schedule defers their gradient reduction).
+    roots = [model] if pipeline is None else list(pipeline.stages)
+    for root in roots:
+        shard_model(root, mesh[FSDP_DIM], mp_policy=policy, **options)
     if model_cfg.load:
-        materialize(model, device)
+        for root in roots:
+            materialize(root, device)
         with checked(world):
-            fill_parameters(model, weights)
-    return model.train()
+            fill_parameters(model, weights, part=pipeline is not None)
+    for root in roots:
+        root.train()
+    return model.train(), pipeline
 
 
 def _check_lr(lr: float) -> None:
@@ -303,6 +324,7 @@ class _Run:
     save_options: SaveOptions
     kernels: dict[str, str]  # op -> backend in use on the training device
     state: dict[str, Any] = field(default_factory=dict)  # step, epoch, position, tokens, samples
+    pipeline: PipelineModel | None = None  # this rank's pipeline stages (parallel.pp > 1)
 
 
 def _training_device(train_cfg: TrainConfig) -> torch.device:
@@ -328,13 +350,15 @@ def _freeze_and_recompute(model: VLModel, cfg: Config, spec: ModelSpec) -> None:
 
 def _model_and_tokenizer(
     cfg: Config, spec: ModelSpec, world: World, mesh: TrainMesh, device: torch.device
-) -> tuple[VLModel, Any]:
-    """The model on ``device`` in train mode (split and sharded on many ranks) and its tokenizer."""
+) -> tuple[VLModel, Any, PipelineModel | None]:
+    """The model on ``device`` in train mode (split and sharded on many ranks), its tokenizer, and
+    this rank's pipeline stages when there are several."""
     if world.distributed:
-        return _sharded_model(cfg, spec, world, mesh, device), load_tokenizer_for(cfg, spec)
+        model, pipeline = _sharded_model(cfg, spec, world, mesh, device)
+        return model, load_tokenizer_for(cfg, spec), pipeline
     model, tokenizer = build(cfg, spec)
     _freeze_and_recompute(model, cfg, spec)
-    return model.to(device).train(), tokenizer
+    return model.to(device).train(), tokenizer, None
 
 
 def _check_parallel(cfg: Config, world: World) -> MeshShape:
@@ -342,6 +366,8 @@ def _check_parallel(cfg: Config, world: World) -> MeshShape:
     shape = mesh_shape(cfg.parallel, world.size)
     if world.distributed and cfg.train.precision == "fp16":
         raise MmzooError("train.precision=fp16 is not supported on many ranks; use bf16")
+    if shape.pp > 1:
+        check_schedule(cfg.parallel, cfg.train.grad_accum, cfg.data.packing)
     return shape
 
 
@@ -406,7 +432,7 @@ def _set_up(
     cfg = with_demo_media(cfg, spec)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
-    model, tokenizer = _model_and_tokenizer(cfg, spec, world, mesh, device)
+    model, tokenizer, pipeline = _model_and_tokenizer(cfg, spec, world, mesh, device)
     # A loaded model is the variant its config equals, if any; model.variant names only random inits.
     variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
     log = None if world.main else _silent  # rank 0 reports the preprocessing and skipped records
@@ -441,6 +467,7 @@ def _set_up(
         total=total,
         save_options=save_options,
         kernels=kernels,
+        pipeline=pipeline,
     )
     run.state = _resume_or_start_over(run, resume=resume, overwrite=overwrite, out=out)
     return run
@@ -485,6 +512,13 @@ def _announce(run: _Run, out: Callable[[str], None]) -> None:
     load = run.cfg.model.load
     origin = f"{run.variant or 'no registered variant'}" + (f", from {load}" if load else "")
     out(f"model {run.spec.name} ({origin}) on {run.device}, {len(run.dataset)} samples")
+    if run.pipeline is not None:
+        plan = run.pipeline.plan
+        layers = ", ".join(f"{start}-{end - 1}" if end > start else "-" for start, end in plan.llm)
+        out(
+            f"pipeline: {plan.stages} stages on {plan.pp} ranks ({run.cfg.parallel.pp_schedule}), LLM "
+            f"layers {layers}; the parameters below are rank 0's"
+        )
     out("\n".join(trainable_summary(run.model, run.spec.freeze_groups)))
     out("kernels: " + ", ".join(f"{op}={backend}" for op, backend in run.kernels.items()))
     fewest, most = min(run.per_epoch), max(run.per_epoch)
@@ -579,12 +613,7 @@ class _Updater:
         Losses are scaled by the step's counts over all ranks, so the gradients the ranks sum are
         those of one process running the whole step; the loss and counts returned are global.
         """
-        counts = [batch_target_counts(micro_batch.batch) for micro_batch in step.micro_batches]
-        # The ranks of a replica share its micro-batches: only its first rank counts them.
-        leader = self.mesh.data_leader
-        mine = [sum(column) if leader else 0 for column in zip(*counts, strict=True)]
-        targets, samples = (int(n) for n in all_sum(self.world, *mine))
-        reduction = LossReduction(self.reduction, step.count, targets, samples)
+        reduction = self._reduction(step)
         loss = torch.zeros((), device=self.device)
         for micro_batch in step.micro_batches:
             loss += self._forward_backward(micro_batch.batch, reduction)
@@ -593,9 +622,24 @@ class _Updater:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
+        return self._accumulated(step, loss, grad_norm, reduction)
+
+    def _reduction(self, step: StepData) -> LossReduction:
+        """The step's loss reduction with its global counts."""
+        counts = [batch_target_counts(micro_batch.batch) for micro_batch in step.micro_batches]
+        # The ranks of a replica share its micro-batches: only its first rank counts them.
+        mine = [sum(column) if self.mesh.data_leader else 0 for column in zip(*counts, strict=True)]
+        targets, samples = (int(n) for n in all_sum(self.world, *mine))
+        return LossReduction(self.reduction, step.count, targets, samples)
+
+    def _accumulated(
+        self, step: StepData, loss: torch.Tensor, grad_norm: torch.Tensor, reduction: LossReduction
+    ) -> _Accumulated:
+        """The step's global loss (this rank's share of ``loss`` summed) and token count."""
+        leader = self.mesh.data_leader
         tokens = sum(micro_batch.tokens for micro_batch in step.micro_batches) if leader else 0
         total_loss, total_tokens = all_sum(self.world, loss.item() * self.mesh.loss_share, tokens)
-        return _Accumulated(total_loss, grad_norm.item(), int(total_tokens), samples)
+        return _Accumulated(total_loss, grad_norm.item(), int(total_tokens), reduction.total_samples)
 
     def _forward_backward(self, batch: dict[str, Any], reduction: LossReduction) -> torch.Tensor:
         """Add one micro-batch's gradients; returns its loss (detached)."""
@@ -625,6 +669,38 @@ class _Updater:
             self.scaler.update()  # after a drop: clears the unscale_ record (and lowers the scale)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class _PipelineUpdater(_Updater):
+    """Takes optimizer steps through the pipeline schedule (``parallel.pp`` > 1).
+
+    The step's micro-batches (``train.grad_accum`` per data-parallel replica, loss-free ones
+    filling a short step) are the pipeline's; the gradient norm is taken over every stage.
+    """
+
+    def __init__(self, run: _Run) -> None:
+        super().__init__(run)
+        assert run.pipeline is not None
+        cfg = run.cfg
+        feed, dummy = run.pipeline.feed, run.dataset.dummy
+        feed.length = cfg.train.micro_batch_size * cfg.data.seq_length + len(dummy)
+        feed.rows, feed.hidden_size = dummy.position_ids.shape[0], run.model.text_decoder.config.hidden_size
+        policy = mixed_precision(cfg.train.precision, run.device)
+        feed.hidden_dtype = policy.param_dtype if policy and policy.param_dtype else torch.float32
+        feed.autocast_dtype, feed.device_type = self.autocast_dtype, run.device.type
+        self.micro_batches = cfg.train.grad_accum
+        self.schedule = PipelineSchedule(run.pipeline, run.mesh, self.micro_batches, run.device)
+        self.counted = self.schedule.norm_params()
+        self.filler = run.dataset.collate([])  # the dummy image alone: no loss
+
+    def accumulate(self, step: StepData) -> _Accumulated:
+        """The step's forward and backward under the schedule, then the clipped gradients."""
+        reduction = self._reduction(step)
+        batches = [batch_to(m.batch, self.device) for m in step.micro_batches]
+        batches += [batch_to(self.filler, self.device)] * (self.micro_batches - len(batches))
+        loss = self.schedule.step(batches, reduction)
+        grad_norm = clip_grad_norm(self.params, self.counted, self.clip, self.mesh)
+        return self._accumulated(step, loss, grad_norm, reduction)
 
 
 # --- metrics and progress ------------------------------------------------------------------------
@@ -899,7 +975,8 @@ def _train(
 ) -> TrainResult:
     run = _set_up(cfg, world, stops, resume=resume, overwrite=overwrite, out=out)
     _announce(run, out)
-    updater, progress = _Updater(run), _Progress(run)
+    updater = _PipelineUpdater(run) if run.pipeline is not None else _Updater(run)
+    progress = _Progress(run)
     checkpoints = _Checkpoints(run, resume=resume)
     interrupted = False
     try:
