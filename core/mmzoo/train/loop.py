@@ -45,6 +45,7 @@ from mmzoo.distributed.env import (
 from mmzoo.distributed.fsdp import mixed_precision, shard_model
 from mmzoo.distributed.mesh import FSDP_DIM, MeshShape, TrainMesh, check_text_decoder, mesh_shape
 from mmzoo.distributed.parallelize import parallelize
+from mmzoo.distributed.tensor_parallel import clip_grad_norm_
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
@@ -567,9 +568,7 @@ class _Updater:
             loss += self._forward_backward(micro_batch.batch, reduction)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm_(self.params, self.clip)
         tokens = sum(micro_batch.tokens for micro_batch in step.micro_batches) if leader else 0
         total_loss, total_tokens = all_sum(self.world, loss.item() * self.mesh.loss_share, tokens)
         return _Accumulated(total_loss, grad_norm.item(), int(total_tokens), samples)
