@@ -181,7 +181,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w.to(shard.dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(hidden: torch.Tensor, output_weight: Any, target: torch.Tensor) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    hidden: torch.Tensor, output_weight: Any, target: torch.Tensor
+) -> torch.Tensor:
     """Per-token cross-entropy ``(N,)`` fp32 against ``target`` (all valid) with ``output_weight`` a
     DTensor split along the vocabulary over a 1-D tensor-parallel mesh; no rank gathers the logits.
 

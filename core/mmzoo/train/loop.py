@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import mmzoo_kernels
