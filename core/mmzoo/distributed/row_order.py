@@ -10,42 +10,57 @@ is copied or communicated.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+
+def _runs(
+    tensor: DTensor, order: torch.Tensor, coordinate: list[int]
+) -> list[tuple[int, list[int], list[int]]]:
+    """The rows the rank at ``coordinate`` of the tensor's mesh holds, as runs of consecutive
+    canonical rows: ``(first local row, canonical offsets, sizes)`` of each run."""
+    mesh = tensor.device_mesh
+    sizes, offsets = _compute_local_shape_and_global_offset(
+        tensor.shape, mesh.shape, coordinate, tensor.placements
+    )
+    rows = order[offsets[0] : offsets[0] + sizes[0]]
+    if not len(rows):
+        return []
+    cuts = ((rows.diff() != 1).nonzero().squeeze(1) + 1).tolist()
+    return [
+        (start, [int(rows[start]), *offsets[1:]], [end - start, *sizes[1:]])
+        for start, end in zip([0, *cuts], [*cuts, len(rows)], strict=True)
+    ]
 
 
 def canonical_view(tensor: DTensor, order: torch.Tensor) -> ShardedTensor | None:
-    """``tensor`` (held rows ``canonical[order]``) as chunks of the canonical tensor viewing this
-    rank's data; ``None`` when this rank holds no rows."""
-    sizes, offsets = compute_local_shape_and_global_offset(
-        tensor.shape, tensor.device_mesh, tensor.placements
-    )
-    local = tensor.to_local()
-    rows = order[offsets[0] : offsets[0] + sizes[0]]
-    if not len(rows):
+    """``tensor`` (held rows ``canonical[order]``) as chunks of the canonical tensor, this rank's
+    viewing its data; ``None`` when this rank holds no rows."""
+    mesh, local = tensor.device_mesh, tensor.to_local()
+    mine = list(mesh.get_coordinate() or [])
+    shards, everyone = [], []
+    for coordinate in itertools.product(*(range(n) for n in mesh.shape)):
+        rank = int(mesh.mesh[coordinate])
+        device = local.device if list(coordinate) == mine else local.device.type
+        for start, offsets, sizes in _runs(tensor, order, list(coordinate)):
+            metadata = ShardMetadata(offsets, sizes, placement=f"rank:{rank}/{device}")
+            everyone.append(metadata)
+            if list(coordinate) == mine:
+                shards.append(Shard(local[start : start + sizes[0]], metadata))
+    if not shards:
         return None
-    cuts = ((rows.diff() != 1).nonzero().squeeze(1) + 1).tolist()
-    shards = []
-    for start, end in zip([0, *cuts], [*cuts, len(rows)], strict=True):
-        metadata = ShardMetadata(
-            shard_offsets=[int(rows[start]), *offsets[1:]],
-            shard_sizes=[end - start, *sizes[1:]],
-            placement=f"rank:{dist.get_rank()}/{local.device}",
-        )
-        shards.append(Shard(local[start:end], metadata))
-    # Only this rank's chunks: DCP plans each rank's own and never checks the others.
-    global_metadata = ShardedTensorMetadata(
-        [shard.metadata for shard in shards], tensor.shape, TensorProperties.create_from_tensor(local)
+    properties = TensorProperties.create_from_tensor(local)
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        shards, ShardedTensorMetadata(everyone, tensor.shape, properties)
     )
-    return ShardedTensor._init_from_local_shards_and_global_metadata(shards, global_metadata)
 
 
 def in_canonical_order(state: dict[str, Any], orders: dict[str, torch.Tensor]) -> Callable[[], None]:
