@@ -59,8 +59,11 @@ def _write(world: World, tmp: Path, contents: TrainingCheckpoint, options: SaveO
     error: Exception | None = None
     try:
         state = _state(contents, options.save_optimizer)
-        in_canonical_order(state, held_row_orders(contents.model))
-        dcp.save(state, checkpoint_id=str(tmp))
+        restore = in_canonical_order(state, held_row_orders(contents.model))
+        try:
+            dcp.save(state, checkpoint_id=str(tmp))
+        finally:
+            restore()  # the state dict shares the optimizer's own per-parameter dicts
         if options.save_rng:
             rank_dir = _rank_dir(tmp, world.rank)
             rank_dir.mkdir(parents=True, exist_ok=True)

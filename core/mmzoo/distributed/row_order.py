@@ -66,7 +66,8 @@ def canonical_view(tensor: DTensor, order: torch.Tensor) -> ShardedTensor | None
 def in_canonical_order(state: dict[str, Any], orders: dict[str, torch.Tensor]) -> Callable[[], None]:
     """Swap, in place, every entry of a DCP state dict (``get_state_dict``'s ``model`` and ``optim``
     parts) whose parameter is held reordered for its :func:`canonical_view`; returns a function
-    that puts the original entries back (after ``dcp.load`` filled them through the views)."""
+    that puts the original entries back: after ``dcp.load`` filled them through the views, and
+    after ``dcp.save`` (the optimizer part shares the optimizer's own per-parameter dicts)."""
     swapped: list[tuple[MutableMapping[str, Any], str, Any]] = []
 
     def swap(entries: MutableMapping[str, Any], key: str, order: torch.Tensor) -> None:

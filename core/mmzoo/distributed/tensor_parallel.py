@@ -76,6 +76,7 @@ class _LocalNorm(ParallelStyle):
     def __init__(self, sequence_parallel: bool) -> None:
         super().__init__()
         self.grad_placement: Placement = Partial() if sequence_parallel else Replicate()
+        self.held: dict[str, nn.Parameter | None] = {}
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         for name, param in list(module.named_parameters(recurse=False)):
@@ -87,14 +88,14 @@ class _LocalNorm(ParallelStyle):
 
     def _to_local(self, module: nn.Module, args: Any) -> None:
         # Swapped in the parameter dict for the forward only (as torch.func does), then put back.
-        module._tp_params = dict(module._parameters)  # type: ignore[assignment]
-        for name, param in module._tp_params.items():  # type: ignore[union-attr]
+        self.held = dict(module._parameters)
+        for name, param in self.held.items():
             if isinstance(param, DTensor):
-                module._parameters[name] = param.to_local(grad_placements=[self.grad_placement])  # type: ignore[assignment]
+                local = param.to_local(grad_placements=[self.grad_placement])
+                module._parameters[name] = local  # type: ignore[assignment]
 
     def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
-        module._parameters.update(module._tp_params)  # type: ignore[arg-type]
-        del module._tp_params
+        module._parameters.update(self.held)
 
 
 def _tp_rank(mesh: DeviceMesh) -> tuple[int, int, dist.ProcessGroup]:
