@@ -152,9 +152,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             picked[start:end] = logits.gather(1, local[start:end, None]).squeeze(1)
             del logits
-        every = lse.new_empty(dist.get_world_size(group) * lse.shape[0])
+        ranks = dist.get_world_size(group)
+        every = lse.new_empty(ranks * lse.shape[0])
         dist.all_gather_into_tensor(every, lse, group=group)
-        lse = torch.logsumexp(every.view(-1, lse.shape[0]), dim=0)  # over the ranks' shards
+        lse = torch.logsumexp(every.view(ranks, lse.shape[0]), dim=0)  # over the ranks' shards
         picked = picked.masked_fill(~owned, 0.0)
         dist.all_reduce(picked, group=group)
         ctx.save_for_backward(hidden, shard, local, owned, lse)

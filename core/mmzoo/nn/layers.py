@@ -119,7 +119,7 @@ class SelfAttention(nn.Module):
             out = mmzoo_kernels.attention(q, k, v, cu_seqlens, self.causal)  # (T, Hq, D)
             if cache is not None:
                 cache.store(k, v, cu_seqlens)
-        return self.linear_proj(out.reshape(tokens, -1))  # (T, local heads * D)
+        return self.linear_proj(out.reshape(tokens, q.shape[1] * self.head_dim))  # (T, local heads * D)
 
 
 class TransformerLayer(nn.Module):
