@@ -102,14 +102,20 @@ def _tp_rank(mesh: DeviceMesh) -> tuple[int, int, dist.ProcessGroup]:
     return mesh.get_local_rank(), mesh.size(), mesh.get_group()
 
 
+def _own_part(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """This rank's ``1/tp`` of the rows of ``x`` (a multiple of ``tp`` rows)."""
+    rank, size, _ = _tp_rank(mesh)
+    rows = x.shape[0] // size
+    return x.narrow(0, rank * rows, rows).contiguous()
+
+
 class _SplitTokens(torch.autograd.Function):
     """Forward: this rank's ``1/tp`` of the tokens; backward: the gradients of all tokens gathered."""
 
     @staticmethod
     def forward(ctx, x, mesh):  # type: ignore[override]
-        rank, size, _ = _tp_rank(mesh)
         ctx.mesh = mesh
-        return x.chunk(size)[rank].contiguous()
+        return _own_part(x, mesh)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -127,8 +133,7 @@ class _GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        rank, size, _ = _tp_rank(ctx.mesh)
-        return grad.chunk(size)[rank].contiguous(), None
+        return _own_part(grad, ctx.mesh), None
 
 
 def _gather(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
