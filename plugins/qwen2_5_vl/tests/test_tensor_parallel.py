@@ -3,14 +3,14 @@
 The multi-rank runs use the harness of ``test_distributed.py`` (one torchrun launch runs several
 jobs; this file is the script torchrun starts, see the end). The data hold images, a video and
 text-only samples. Checked: loss and gradient norm per step of tp=2 on 2 ranks (with and without
-sequence parallel, with an untied output layer) and of a 2x2 mesh (dp_shard=2 x tp=2) on 4 ranks
-equal one process, and so do the weights after 2 steps; a plain row split of ``linear_fc1``
-``[gate; up]`` (rank 0 all of the gate) does not; DCP checkpoints move between tp=2 and tp=1 (one
-process, or FSDP on 2 ranks) with the same next step; ``train.save_hf`` exports the trained
-weights; loading an HF directory or an mm checkpoint fills each rank's shards; InternVL3 trains at
-tp=2. Fast tests: the vocabulary-parallel cross-entropy against the plain one (values and
-gradients, 2 processes), the row order the model holds ``linear_fc1`` in, and one-line errors for
-layouts tensor parallel cannot split.
+sequence parallel; with an untied output layer; with bf16, frozen towers and recompute) and of a
+2x2 mesh (dp_shard=2 x tp=2) on 4 ranks equal one process, and so do the weights after 2 steps; a
+plain row split of ``linear_fc1`` ``[gate; up]`` (rank 0 all of the gate) does not; DCP
+checkpoints move between tp=2 and tp=1 (one process, or FSDP on 2 ranks) with the same next step;
+``train.save_hf`` exports the trained weights; loading an HF directory or an mm checkpoint fills
+each rank's shards; InternVL3 trains at tp=2. Fast tests: the vocabulary-parallel cross-entropy
+against the plain one (values and gradients, 2 processes), the row order the model holds
+``linear_fc1`` in, and one-line errors for layouts tensor parallel cannot split.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_distributed import (
+    FROZEN,
+    RECOMPUTE,
     RECORDS,
     _cache_tokenizer,
     args,
@@ -48,6 +50,15 @@ NO_SP = ["--parallel.sequence_parallel", "false"]
 RUN = ["--train.loss_reduction", "per_token", "--train.steps", "3", "--train.save_every", "2"]
 CUT = 2
 LOAD = ["--train.steps", "1", "--train.lr", "0", "--train.grad_accum", "2"]
+# bf16 autocast, frozen vision tower and projector, full recompute of both towers.
+BF16 = [
+    "--train.loss_reduction", "default",
+    "--train.steps", "2",
+    "--train.grad_accum", "2",
+    "--train.precision", "bf16",
+    *FROZEN,
+    *RECOMPUTE,
+]  # fmt: skip
 # An output layer of its own (the tiny variant ties it to the embedding), split like the embedding.
 UNTIED = [
     *RUN,
@@ -129,6 +140,7 @@ def two_ranks(work) -> list[dict]:
         {"name": "dp_to_tp", "args": run_args(work, "dp_to_tp", *RUN, *grad_accum, *TP), "resume": True},
         {"name": "internvl3", "args": [*INTERNVL3, *TP, "--train.output_dir", str(work / "internvl3")]},
         {"name": "untied", "args": run_args(work, "untied", *UNTIED, *TP)},
+        {"name": "bf16", "args": run_args(work, "bf16", *BF16, *TP)},
     ]
     for kind in ("hf", "mm"):
         load = run_args(work, f"load_{kind}", *LOAD, *TP, "--model.load", str(work / kind))
@@ -143,6 +155,7 @@ def one_process(work) -> dict[str, Path]:
         "one": run_args(work, "one", *RUN, "--train.grad_accum", "2"),
         "internvl3": [*INTERNVL3, "--train.output_dir", str(work / "one_internvl3")],
         "untied": run_args(work, "one_untied", *UNTIED),
+        "bf16": run_args(work, "one_bf16", *BF16),
     }
     for kind in ("hf", "mm"):
         runs[f"load_{kind}"] = run_args(work, f"one_load_{kind}", *LOAD, "--model.load", str(work / kind))
@@ -177,6 +190,11 @@ def test_tp2_equals_one_process(two_ranks, one_process, work, name):
 def test_tp2_with_an_untied_output_layer_equals_one_process(two_ranks, one_process, work):
     assert_rows_close(metrics(work / "untied"), metrics(one_process["untied"]))
     assert "text_decoder.output_layer.weight" in weights(work / "untied")
+
+
+@pytest.mark.slow
+def test_tp2_with_bf16_frozen_towers_and_recompute_equals_one_process(two_ranks, one_process, work):
+    assert_rows_close(metrics(work / "bf16"), metrics(one_process["bf16"]), bf16=True)
 
 
 @pytest.mark.slow
