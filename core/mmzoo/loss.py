@@ -13,13 +13,16 @@ global batch is split into micro-batches.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import mmzoo_kernels
+from mmzoo_kernels.chunked import CHUNK_TOKENS
 
 IGNORE_INDEX = -100
 
@@ -110,10 +113,95 @@ def weighted_cross_entropy(
     output projection, so no ``(tokens x vocab)`` matrix exists in training.
     """
     valid = (target != IGNORE_INDEX).nonzero().squeeze(1)
-    losses = mmzoo_kernels.cross_entropy(
-        hidden.index_select(0, valid), output_weight, target[valid]
-    )  # (N,) fp32
+    if _vocab_sharded(output_weight):  # tensor parallel: each rank holds rows of the vocabulary
+        losses = vocab_parallel_cross_entropy(hidden.index_select(0, valid), output_weight, target[valid])
+    else:
+        losses = mmzoo_kernels.cross_entropy(
+            hidden.index_select(0, valid), output_weight, target[valid]
+        )  # (N,) fp32
     return (losses * weight[valid]).sum()
+
+
+def _vocab_sharded(weight: torch.Tensor) -> bool:
+    # A DTensor exists only once torch.distributed.tensor is imported.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(weight, module.DTensor) and weight.placements[-1].is_shard(0)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``hidden @ shard.T`` over a vocabulary split across the ranks of ``group``.
+
+    Each rank holds the logits of its rows only, a chunk of tokens at a time (as
+    ``mmzoo_kernels``' chunked kernel): the log-sum-exp comes from every rank's local one
+    (all-gathered), the target's logit from the rank that owns it (all-reduced). Backward
+    recomputes each chunk's logits; the gradient of ``hidden`` is summed over the ranks, that of
+    the shard is this rank's rows.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, shard, target, vocab_start, group):  # type: ignore[override]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        local = target - vocab_start
+        owned = (local >= 0) & (local < shard.shape[0])
+        local = local.masked_fill(~owned, 0)
+        lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        picked = torch.zeros_like(lse)
+        for start in range(0, hidden.shape[0], CHUNK_TOKENS):
+            end = start + CHUNK_TOKENS
+            logits = (hidden[start:end] @ shard.t()).to(acc)  # (chunk, V / tp)
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            picked[start:end] = logits.gather(1, local[start:end, None]).squeeze(1)
+            del logits
+        ranks = dist.get_world_size(group)
+        every = lse.new_empty(ranks * lse.shape[0])
+        dist.all_gather_into_tensor(every, lse, group=group)
+        lse = torch.logsumexp(every.view(ranks, lse.shape[0]), dim=0)  # over the ranks' shards
+        picked = picked.masked_fill(~owned, 0.0)
+        dist.all_reduce(picked, group=group)
+        ctx.save_for_backward(hidden, shard, local, owned, lse)
+        ctx.group = group
+        return lse - picked
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # type: ignore[override]
+        hidden, shard, local, owned, lse = ctx.saved_tensors
+        scale = grad_loss.to(lse.dtype)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(shard.shape, dtype=lse.dtype, device=shard.device)
+        for start in range(0, hidden.shape[0], CHUNK_TOKENS):
+            end = start + CHUNK_TOKENS
+            h = hidden[start:end]
+            probs = (h @ shard.t()).to(lse.dtype)  # (chunk, V / tp), turned into the gradient in place
+            probs.sub_(lse[start:end, None]).exp_().mul_(scale[start:end, None])
+            probs.scatter_add_(1, local[start:end, None], -(scale * owned)[start:end, None])
+            grad_logits = probs.to(hidden.dtype)
+            del probs
+            torch.matmul(grad_logits, shard, out=grad_h[start:end])
+            grad_w += grad_logits.t().to(lse.dtype) @ h.to(lse.dtype)
+        dist.all_reduce(grad_h, group=ctx.group)  # every vocabulary shard's part of d loss / d hidden
+        return grad_h, grad_w.to(shard.dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    hidden: torch.Tensor, output_weight: Any, target: torch.Tensor
+) -> torch.Tensor:
+    """Per-token cross-entropy ``(N,)`` fp32 against ``target`` (all valid) with ``output_weight`` a
+    DTensor split along the vocabulary over a 1-D tensor-parallel mesh; no rank gathers the logits.
+
+    ``hidden`` ``(N, H)`` is the same on every rank of the mesh (the loss is, too); the gradient
+    it gets is summed over the vocabulary shards.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = output_weight.device_mesh
+    _, offset = compute_local_shape_and_global_offset(output_weight.shape, mesh, output_weight.placements)
+    shard = output_weight.to_local()
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, shard = hidden.to(dtype), shard.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _VocabParallelCrossEntropy.apply(hidden, shard, target, offset[0], mesh.get_group())
 
 
 def causal_lm_loss(

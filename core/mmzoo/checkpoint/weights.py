@@ -21,6 +21,7 @@ from mmzoo.build import compose
 from mmzoo.errors import MmzooError
 from mmzoo.model import VLModel
 from mmzoo.nn.init import materialize, persistent_buffers
+from mmzoo.nn.tp_layout import held_row_orders
 
 
 @dataclass
@@ -89,11 +90,13 @@ def fill_parameters(model: torch.nn.Module, weights: Weights, *, part: bool = Fa
     """Copy every tensor of ``weights`` into the parameter or persistent buffer of the same name,
     one at a time.
 
-    A parameter sharded by FSDP (a ``DTensor``) takes only its own shard of the tensor. Names
+    A parameter sharded by FSDP or tensor parallel (a ``DTensor``) takes only its own shard of the
+    tensor (rows reordered first where the model holds them so, see :mod:`mmzoo.nn.tp_layout`). Names
     the weights lack or the model lacks, and shapes that differ, are MmzooErrors. With ``part``
     the model is a part of the whole (a pipeline stage's): only its own names are read.
     """
     params = {**dict(model.named_parameters()), **persistent_buffers(model)}
+    orders = held_row_orders(model)  # tensor parallel: rows held in per-rank blocks
     loaded: set[str] = set()
     for name, tensor in weights.subset(set(params)) if part else weights.items():
         param = params.get(name)
@@ -107,6 +110,8 @@ def fill_parameters(model: torch.nn.Module, weights: Weights, *, part: bool = Fa
                 f"{weights.where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
                 f"the model expects {tuple(param.shape)}; {weights.hint}"
             )
+        if name in orders:
+            tensor = tensor.index_select(0, orders[name])
         if _is_dtensor(param):
             from torch.distributed.tensor import distribute_tensor
 

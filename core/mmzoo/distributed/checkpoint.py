@@ -4,7 +4,8 @@ Every rank writes its shards of the model and optimizer state and its RNG states
 staging directory that rank 0 created; rank 0 adds the JSON files and, once every rank has
 succeeded, renames the directory into place and then points the tracker at it. A rank killed
 mid-save leaves the previous checkpoint as it was. DCP reshards on load, so a checkpoint resumes
-on any number of ranks, or in one process.
+on any number of ranks, or in one process; tensors a tensor-parallel model holds in another row
+order are saved and loaded in the checkpoints' order (:mod:`mmzoo.distributed.row_order`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from mmzoo.checkpoint.dcp import DCP_META, MODEL, OPTIMIZER, DCPSource, dcp_meta
 from mmzoo.checkpoint.dcp_reader import SINGLE_PROCESS, first_error
 from mmzoo.checkpoint.mm import iteration_name, read_json, staged_iteration, write_json
 from mmzoo.distributed.env import World, agree, barrier
+from mmzoo.distributed.row_order import in_canonical_order
 from mmzoo.errors import MmzooError
+from mmzoo.nn.tp_layout import held_row_orders
 from mmzoo.train.checkpoint import (
     MEDIA,
     SCHEDULER,
@@ -55,7 +58,12 @@ def _write(world: World, tmp: Path, contents: TrainingCheckpoint, options: SaveO
     """Every rank's part of a save into the staging directory ``tmp``; failures raise on all ranks."""
     error: Exception | None = None
     try:
-        dcp.save(_state(contents, options.save_optimizer), checkpoint_id=str(tmp))
+        state = _state(contents, options.save_optimizer)
+        restore = in_canonical_order(state, held_row_orders(contents.model))
+        try:
+            dcp.save(state, checkpoint_id=str(tmp))
+        finally:
+            restore()  # the state dict shares the optimizer's own per-parameter dicts
         if options.save_rng:
             rank_dir = _rank_dir(tmp, world.rank)
             rank_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +117,7 @@ def load_dcp_checkpoint(
         raise MmzooError(f"{iteration}: holds a '{meta['model']}' model, not '{contents.model.name}'")
     DCPSource(iteration).check_files()  # a rank's file lost or cut short: one line, not a traceback
     state = _state(contents, load_optimizer)
+    restore = in_canonical_order(state, held_row_orders(contents.model))
     try:
         with warnings.catch_warnings():  # one process resuming a run of many: torch says so, rightly
             warnings.filterwarnings("ignore", message=SINGLE_PROCESS, category=UserWarning)
@@ -117,6 +126,7 @@ def load_dcp_checkpoint(
         _, detail = first_error(exc)
         what = "no optimizer state (pass train.load_optimizer=false)" if load_optimizer else "damage"
         raise MmzooError(f"{iteration}: cannot load it ({detail}); does it hold {what}?") from exc
+    restore()  # the parameters' own entries, filled through the canonical views
     if load_optimizer:
         set_state_dict(
             contents.model,

@@ -6,14 +6,13 @@ from __future__ import annotations
 from mmzoo.config import ParallelConfig
 from mmzoo.distributed.context_parallel import apply_context_parallel
 from mmzoo.distributed.mesh import TrainMesh
-from mmzoo.errors import MmzooError
+from mmzoo.distributed.tensor_parallel import apply_tensor_parallel
 from mmzoo.model import VLModel
 
 
 def parallelize(model: VLModel, mesh: TrainMesh, parallel: ParallelConfig) -> None:
     """Split ``model`` over the mesh's ``tp`` and ``cp`` ranks, in place."""
-    for name in ("tp",):
-        if getattr(mesh.shape, name) > 1:
-            raise MmzooError(f"parallel.{name} > 1 is not supported yet")
+    if mesh.shape.tp > 1:
+        apply_tensor_parallel(model.text_decoder, mesh["tp"], sequence_parallel=parallel.sequence_parallel)
     if mesh.shape.cp > 1:
         apply_context_parallel(model, mesh["cp"].get_group())

@@ -82,14 +82,17 @@ class SelfAttention(nn.Module):
         self.context_parallel: ContextParallel | None = None
 
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(T, (Hq + 2 Hkv) D)`` -> q ``(T, Hq, D)``, k and v ``(T, Hkv, D)`` (views)."""
+        """``(T, (Hq + 2 Hkv) D)`` -> q ``(T, Hq, D)``, k and v ``(T, Hkv, D)`` (views); the head
+        counts are this rank's (a tensor-parallel rank holds whole KV groups)."""
         tokens, d = qkv.shape[0], self.head_dim
         if self.qkv_layout == "stacked":
             q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
             return q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)
         per_group = self.num_heads // self.num_kv_heads
-        grouped = qkv.view(tokens, self.num_kv_heads, per_group + 2, d)
-        q = grouped[:, :, :per_group].reshape(tokens, self.num_heads, d)  # (T, Hq, D)
+        # The KV groups this rank holds: all, or 1/tp of them under tensor parallel.
+        groups = qkv.shape[-1] // ((per_group + 2) * d)
+        grouped = qkv.view(tokens, groups, per_group + 2, d)
+        q = grouped[:, :, :per_group].reshape(tokens, groups * per_group, d)  # (T, Hq, D)
         return q, grouped[:, :, per_group], grouped[:, :, per_group + 1]  # k, v: (T, Hkv, D)
 
     def forward(
@@ -103,8 +106,8 @@ class SelfAttention(nn.Module):
         """``(T, hidden)`` -> ``(T, hidden)``; rotary angles ``cos``/``sin`` ``(T, head_dim)``, or
         ``None`` for none. With a ``cache`` (generation), prefill stores the keys/values; once
         decoding, ``x`` holds one token per cached row."""
-        tokens = x.shape[0]
         q, k, v = self._split(self.linear_qkv(x))
+        tokens = q.shape[0]  # all of them under sequence parallel, where x holds 1/tp
         if self.q_layernorm is not None and self.k_layernorm is not None:
             q = self.q_layernorm(q.reshape(tokens, -1)).view(q.shape)  # over the full width
             k = self.k_layernorm(k.reshape(tokens, -1)).view(k.shape)
@@ -120,7 +123,7 @@ class SelfAttention(nn.Module):
             out = core(q, k, v, cu_seqlens, self.causal)  # (T, Hq, D)
             if cache is not None:
                 cache.store(k, v, cu_seqlens)
-        return self.linear_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        return self.linear_proj(out.reshape(tokens, q.shape[1] * self.head_dim))  # (T, local heads * D)
 
 
 class TransformerLayer(nn.Module):

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import mmzoo_kernels
@@ -54,6 +53,7 @@ from mmzoo.distributed.pipeline import (
     split_model,
     vision_depth,
 )
+from mmzoo.distributed.tensor_parallel import clip_grad_norm_
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
@@ -619,9 +619,7 @@ class _Updater:
             loss += self._forward_backward(micro_batch.batch, reduction)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm_(self.params, self.clip)
         return self._accumulated(step, loss, grad_norm, reduction)
 
     def _reduction(self, step: StepData) -> LossReduction:
