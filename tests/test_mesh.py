@@ -44,6 +44,11 @@ def test_dp_shard_zero_takes_the_ranks_left_over(settings, ranks, expected):
         ({"dp_shard": 3, "tp": 2}, 4, "needs 6 ranks, the run has 4"),
         ({"cp": 0}, 2, "parallel.cp=0: give a size of at least 1"),
         ({"dp_shard": -1}, 2, "parallel.dp_shard=-1"),
+        (
+            {"pp": 2, "cp": 2},
+            4,
+            "pipeline stages (pp > 1) with context parallel (cp > 1) are not supported yet",
+        ),
     ],
 )
 def test_sizes_that_do_not_make_the_world_are_one_line_errors(settings, ranks, message):

@@ -39,12 +39,18 @@ class TokenShard:
 
 
 class ContextParallel:
-    """This rank's context-parallel group: the token slicing and the all-to-all attention."""
+    """This rank's context-parallel group: the token slicing and the all-to-all attention.
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    ``split`` is how many ways each rank's slice is split again (tensor-parallel ranks under
+    sequence parallel): tokens are padded to a multiple of ``size * split`` so that split needs no
+    padding of its own, which would break the slices' global order.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, split: int = 1) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.split = split
 
     def shard(
         self,
@@ -54,7 +60,7 @@ class ContextParallel:
         target: torch.Tensor,
         weight: torch.Tensor,
     ) -> TokenShard:
-        """This rank's contiguous slice of the packed tokens, padded to a multiple of ``size``.
+        """This rank's contiguous slice of the packed tokens, padded to a multiple of ``size * split``.
 
         Args:
             embeds: ``(T, H)`` embeddings, media features scattered in.
@@ -63,7 +69,7 @@ class ContextParallel:
             target, weight: ``(T,)`` from :func:`mmzoo.loss.loss_targets` on the whole sequences.
         """
         tokens = embeds.shape[0]
-        pad = -tokens % self.size
+        pad = -tokens % (self.size * self.split)
         if pad:  # a sequence of its own: it attends only to itself and has no targets
             cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([tokens + pad])])
         local = slice(self.rank * (tokens + pad) // self.size, (self.rank + 1) * (tokens + pad) // self.size)
@@ -130,9 +136,10 @@ def _exchange(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out
 
 
-def apply_context_parallel(model: VLModel, group: dist.ProcessGroup) -> ContextParallel:
+def apply_context_parallel(model: VLModel, group: dist.ProcessGroup, split: int = 1) -> ContextParallel:
     """Make ``model``'s forward slice its tokens over ``group`` and its text decoder's attention
-    trade shards with an all-to-all; the vision encoder runs whole on every rank."""
+    trade shards with an all-to-all; the vision encoder runs whole on every rank. ``split``: see
+    :class:`ContextParallel`."""
     if model.loss_fn is not causal_lm_loss:
         raise MmzooError(
             f"parallel.cp: model '{model.name}' has a loss of its own; context parallel computes "
@@ -144,7 +151,7 @@ def apply_context_parallel(model: VLModel, group: dist.ProcessGroup) -> ContextP
             f"parallel.cp: the text decoder of '{model.name}' has no mmzoo SelfAttention to run "
             "the all-to-all around; use the native text decoder or set parallel.cp=1"
         )
-    context_parallel = ContextParallel(group)
+    context_parallel = ContextParallel(group, split)
     model.context_parallel = context_parallel
     for attention in attentions:
         attention.context_parallel = context_parallel

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from torch import nn
+
 from mmzoo.config import ParallelConfig
 from mmzoo.distributed.context_parallel import apply_context_parallel
 from mmzoo.distributed.mesh import TrainMesh
@@ -10,9 +14,16 @@ from mmzoo.distributed.tensor_parallel import apply_tensor_parallel
 from mmzoo.model import VLModel
 
 
-def parallelize(model: VLModel, mesh: TrainMesh, parallel: ParallelConfig) -> None:
-    """Split ``model`` over the mesh's ``tp`` and ``cp`` ranks, in place."""
+def parallelize(
+    model: VLModel, mesh: TrainMesh, parallel: ParallelConfig, stacks: Sequence[nn.Module] = ()
+) -> None:
+    """Split ``model`` over the mesh's ``tp`` and ``cp`` ranks, in place; ``stacks``: the pipeline
+    stages' views of the LLM's layer stack (see :func:`apply_tensor_parallel`)."""
     if mesh.shape.tp > 1:
-        apply_tensor_parallel(model.text_decoder, mesh["tp"], sequence_parallel=parallel.sequence_parallel)
+        sequence_parallel = parallel.sequence_parallel
+        apply_tensor_parallel(
+            model.text_decoder, mesh["tp"], sequence_parallel=sequence_parallel, stacks=stacks
+        )
     if mesh.shape.cp > 1:
-        apply_context_parallel(model, mesh["cp"].get_group())
+        split = mesh.shape.tp if parallel.sequence_parallel else 1  # each cp slice split again over tp
+        apply_context_parallel(model, mesh["cp"].get_group(), split)

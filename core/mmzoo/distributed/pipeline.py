@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from mmzoo.config import ParallelConfig
 from mmzoo.convert.parallel import ParallelLayout
 from mmzoo.distributed.fsdp import layer_units
+from mmzoo.distributed.grad_norm import grad_norm
 from mmzoo.distributed.mesh import TrainMesh
 from mmzoo.errors import MmzooError
 from mmzoo.loss import IGNORE_INDEX, LossReduction
@@ -391,10 +392,7 @@ def clip_grad_norm(
 ) -> torch.Tensor:
     """Clip ``params``' gradients by the norm over every stage (``counted`` on this rank, summed
     over the pipeline ranks); returns that norm."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in counted if p.grad is not None])
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    square = norm.double().pow(2)
+    square = grad_norm(counted).double().pow(2)
     dist.all_reduce(square, group=mesh["pp"].get_group())
     total = square.sqrt().float()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_

@@ -20,6 +20,7 @@ after the last norm. The vision encoder is not split (see docs/architecture.md).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -188,9 +189,13 @@ def _layer_plan(layer: nn.Module, tp: int, sequence_parallel: bool) -> dict[str,
     }
 
 
-def apply_tensor_parallel(decoder: nn.Module, mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(
+    decoder: nn.Module, mesh: DeviceMesh, *, sequence_parallel: bool, stacks: Sequence[nn.Module] = ()
+) -> None:
     """Split ``decoder`` (a :class:`~mmzoo.nn.TextDecoder`) over the 1-D ``tp`` mesh, in place,
-    before FSDP shards it. Its weights may be real (a random init) or on the meta device."""
+    before FSDP shards it. Its weights may be real (a random init) or on the meta device.
+    ``stacks``: other layer stacks that run the decoder's layers (pipeline stages' views), which
+    split and gather the tokens under sequence parallel too."""
     tp = mesh.size()
     check_tensor_parallel(decoder, tp)
     assert isinstance(decoder, TextDecoder)
@@ -208,28 +213,6 @@ def apply_tensor_parallel(decoder: nn.Module, mesh: DeviceMesh, *, sequence_para
     parallelize_module(decoder, mesh, vocab)
     if sequence_parallel:
         hooks = _SequenceParallel(mesh)
-        stack.register_forward_pre_hook(hooks.split)
-        stack.register_forward_hook(hooks.gather)
-
-
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for parameters on different meshes and placements (the
-    vision encoder on FSDP's mesh, the LLM on FSDP x tp, replicated norms beside split linears):
-    each group's norm is reduced over its own mesh; returns the total norm, a plain tensor."""
-    groups: dict[Any, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            grad = param.grad
-            key = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
-            groups.setdefault(key, []).append(grad)
-    norms = []
-    for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    if not norms:
-        return torch.zeros(())
-    total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch clips, one group at a time
-    for grads in groups.values():
-        torch._foreach_mul_(grads, coef)
-    return total
+        for runner in (stack, *stacks):
+            runner.register_forward_pre_hook(hooks.split)
+            runner.register_forward_hook(hooks.gather)

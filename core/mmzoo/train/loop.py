@@ -42,6 +42,7 @@ from mmzoo.distributed.env import (
     world_from_env,
 )
 from mmzoo.distributed.fsdp import mixed_precision, shard_model
+from mmzoo.distributed.grad_norm import clip_grad_norm_
 from mmzoo.distributed.mesh import FSDP_DIM, MeshShape, TrainMesh, check_text_decoder, mesh_shape
 from mmzoo.distributed.parallelize import parallelize
 from mmzoo.distributed.pipeline import (
@@ -53,7 +54,6 @@ from mmzoo.distributed.pipeline import (
     split_model,
     vision_depth,
 )
-from mmzoo.distributed.tensor_parallel import clip_grad_norm_
 from mmzoo.errors import MmzooError
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
@@ -202,7 +202,8 @@ def _sharded_model(
     pipeline = None if plan is None else split_model(model, plan, mesh.coordinate("pp"))
     if pipeline is not None:
         model = pipeline.model  # the rest of the model is dropped here
-    parallelize(model, mesh, parallel)
+    stacks = [] if pipeline is None else [stage.text_decoder.decoder for stage in pipeline.stages]
+    parallelize(model, mesh, parallel, stacks)
     # FSDP roots: the model, or each stage (the schedule defers their gradient reduction).
     roots = [model] if pipeline is None else list(pipeline.stages)
     for root in roots:
