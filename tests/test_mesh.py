@@ -24,7 +24,8 @@ LLM_7B = DecoderConfig(
         ({}, 1, MeshShape()),
         ({}, 8, MeshShape(dp_shard=8)),
         ({"tp": 2}, 8, MeshShape(dp_shard=4, tp=2)),
-        ({"tp": 2, "cp": 2, "pp": 2}, 16, MeshShape(pp=2, dp_shard=2, cp=2, tp=2)),
+        ({"tp": 2, "pp": 2}, 16, MeshShape(pp=2, dp_shard=4, tp=2)),
+        ({"tp": 2, "cp": 2}, 16, MeshShape(dp_shard=4, cp=2, tp=2)),
         ({"dp_shard": 2, "cp": 2}, 4, MeshShape(dp_shard=2, cp=2)),
     ],
 )
