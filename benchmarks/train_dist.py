@@ -333,17 +333,15 @@ def saved_activation_bytes(
 
 def cp_worker(args: argparse.Namespace) -> None:
     """One rank of a ``--cp-memory`` launch: every length in turn, its numbers into ``args.cp_worker``."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     from mmzoo.config import ParallelConfig
-    from mmzoo.distributed.mesh import MESH_DIMS, MeshShape, TrainMesh
+    from mmzoo.distributed.mesh import MeshShape, TrainMesh
     from mmzoo.distributed.parallelize import parallelize
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     shape = MeshShape(cp=size)
-    mesh = TrainMesh(shape, init_device_mesh("cpu", shape.sizes, mesh_dim_names=MESH_DIMS))
+    mesh = TrainMesh.build(shape, torch.device("cpu"))
     model = cp_model(args)
     parallelize(model, mesh, ParallelConfig(cp=size))
     rows = []

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 from extras_family import CLS_VALUE, NAME, SCALE_VALUE, SMALL
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 
 import mmzoo
 from mmzoo.checkpoint.conversion import hf_to_mm
@@ -16,7 +15,7 @@ from mmzoo.checkpoint.hf_export import save_hf
 from mmzoo.config import load_config
 from mmzoo.convert.parallel import depths
 from mmzoo.distributed.env import World
-from mmzoo.distributed.mesh import FSDP_DIM, MESH_DIMS, MeshShape, TrainMesh
+from mmzoo.distributed.mesh import MeshShape, TrainMesh
 from mmzoo.nn import RMSNorm
 from mmzoo.nn.init import materialize
 from mmzoo.testing import free_port
@@ -94,9 +93,7 @@ def test_the_sharded_path_recomputes_and_loads_buffers(extras, poisoned, tmp_pat
     store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        device_mesh = init_device_mesh("cpu", (1, 1, 1, 1), mesh_dim_names=MESH_DIMS)
-        device_mesh[("dp_shard", "cp")]._flatten(FSDP_DIM)
-        mesh = TrainMesh(MeshShape(), device_mesh)
+        mesh = TrainMesh.build(MeshShape(), torch.device("cpu"))
         model, _ = _sharded_model(cfg, extras, World(), mesh, torch.device("cpu"))
         extras_ = model.image_encoder.projector.extras
         assert extras_.ones.tolist() == [1.0]

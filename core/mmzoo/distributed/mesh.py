@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from mmzoo.distributed.env import World
 from mmzoo.errors import MmzooError
 
 if TYPE_CHECKING:
@@ -118,25 +117,25 @@ def check_text_decoder(shape: MeshShape, config: DecoderConfig) -> None:
 class TrainMesh:
     """The run's :class:`~torch.distributed.device_mesh.DeviceMesh` and this rank's place in it.
 
-    One process has ``mesh`` None and every size 1.
+    One process has ``mesh`` None and every size 1; ``fsdp`` is the flattened ``dp_shard x cp``
+    mesh FSDP shards over.
     """
 
     shape: MeshShape
     mesh: DeviceMesh | None = None
+    fsdp: DeviceMesh | None = None
 
     @classmethod
-    def build(cls, shape: MeshShape, world: World, device: torch.device) -> TrainMesh:
-        if not world.distributed:
-            return cls(shape)
+    def build(cls, shape: MeshShape, device: torch.device) -> TrainMesh:
+        """The mesh over the ranks of the process group (initialised)."""
         mesh = init_device_mesh(device.type, shape.sizes, mesh_dim_names=MESH_DIMS)
-        mesh[("dp_shard", "cp")]._flatten(FSDP_DIM)
-        return cls(shape, mesh)
+        return cls(shape, mesh, mesh[("dp_shard", "cp")]._flatten(FSDP_DIM))
 
     def __getitem__(self, name: str) -> DeviceMesh:
         """The 1-D mesh of one dimension (``"tp"``, ``"cp"``, ``"pp"``, ``"dp_shard"``) or of
         FSDP's flattened ``"dp_shard_cp"``."""
-        assert self.mesh is not None, "one process has no mesh"
-        return self.mesh[name]
+        assert self.mesh is not None and self.fsdp is not None, "one process has no mesh"
+        return self.fsdp if name == FSDP_DIM else self.mesh[name]
 
     def coordinate(self, name: str) -> int:
         """This rank's index along a mesh dimension (0 in one process)."""

@@ -423,7 +423,7 @@ def _set_up(
     device = world.device(_training_device(train_cfg))
     _check_text_backend(cfg, world, device)
     init_process_group(world, device, cfg.parallel.timeout_s)
-    mesh = TrainMesh.build(shape, world, device)
+    mesh = TrainMesh.build(shape, device) if world.distributed else TrainMesh(shape)
     stops.listen()
     with checked(world):
         output = _prepare_output(train_cfg, resume=resume, overwrite=overwrite, check=world.main)

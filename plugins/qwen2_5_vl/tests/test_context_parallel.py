@@ -365,7 +365,7 @@ def test_save_hf_exports_a_cp_run(cp_runs):
             "parallel: 4 attention heads are not divisible by parallel.tp x parallel.cp=8",
         ),
         (lambda decoder: mesh_shape(ParallelConfig(cp=0), 1), "parallel.cp=0: give a size of at least 1"),
-        (lambda decoder: mesh_shape(ParallelConfig(cp=2), 3), "needs 2 ranks but the run has 3"),
+        (lambda decoder: mesh_shape(ParallelConfig(cp=2), 3), "needs 2 ranks, the run has 3"),
     ],
 )
 def test_invalid_cp_layouts_fail_in_one_line(check, message):

@@ -364,7 +364,7 @@ def test_layouts_tensor_parallel_cannot_split_are_one_line_errors():
 
 
 def test_tp_without_enough_ranks_fails_before_work(tmp_path):
-    with pytest.raises(MmzooError, match=r"tp=2 needs 2 ranks but the run has 1"):
+    with pytest.raises(MmzooError, match=r"tp=2 needs 2 ranks, the run has 1"):
         train(load_config(None, args(tmp_path / "data.jsonl", tmp_path / "out", *TP)), out=quiet)
 
 
