@@ -87,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--cp-memory", action="store_true", help="context-parallel activation memory per rank instead")
     add("--cp", type=int, nargs="+", default=[1, 2, 4], help="cp sizes of --cp-memory (default 1 2 4)")
     add(
+        "--tp",
+        type=int,
+        nargs="*",
+        default=[2],
+        help="tp sizes in --cp-memory's table, sequence parallel (default 2)",
+    )
+    add(
         "--cp-tokens",
         type=int,
         nargs="+",
@@ -95,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--cp-sample", type=int, default=2048, help="tokens per packed sample of --cp-memory (default 2048)")
     add("--cp-worker", type=Path, help=argparse.SUPPRESS)  # set by the --cp-memory launches
+    add("--worker-dim", default="cp", help=argparse.SUPPRESS)  # the mesh dimension a launch splits
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
@@ -316,14 +324,24 @@ def cp_batch(tokens: int, sample: int, seed: int) -> dict[str, torch.Tensor]:
 def saved_activation_bytes(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[int, torch.Tensor]:
-    """The forward's loss and the bytes of the distinct non-parameter storages it saved for backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """The forward's loss and the bytes of the distinct non-parameter storages it saved for backward
+    (a DTensor's: its local tensor's)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    params = {local(p).untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
+        inner = local(t)
+        try:
+            key, size = inner.untyped_storage().data_ptr(), inner.untyped_storage().nbytes()
+        except RuntimeError:  # a wrapper without storage (a collective's pending result): its own size
+            key, size = id(inner), inner.numel() * inner.element_size()
+        if key not in params:
+            saved[key] = size
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -340,10 +358,10 @@ def cp_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
-    shape = MeshShape(cp=size)
-    mesh = TrainMesh.build(shape, torch.device("cpu"))
+    dim = {args.worker_dim: size}
+    mesh = TrainMesh.build(MeshShape(**dim), torch.device("cpu"))
     model = cp_model(args)
-    parallelize(model, mesh, ParallelConfig(cp=size))
+    parallelize(model, mesh, ParallelConfig(**dim))
     rows = []
     for tokens in args.cp_tokens:
         batch = cp_batch(tokens, args.cp_sample, args.seed)
@@ -362,14 +380,16 @@ def cp_worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def cp_launch(args: argparse.Namespace, work: Path, cp: int) -> list[dict]:
-    """One ``--cp-memory`` launch on ``cp`` ranks; per length, the maxima over its ranks."""
-    out = work / f"cp_{cp}"
+def cp_launch(args: argparse.Namespace, work: Path, cp: int, dim: str = "cp") -> list[dict]:
+    """One ``--cp-memory`` launch on ``cp`` ranks split along ``dim`` (``cp`` or ``tp``); per
+    length, the maxima over its ranks."""
+    out = work / f"{dim}_{cp}"
     out.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cp),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        str(Path(__file__).resolve()), "--cp-worker", str(out), "--threads", str(args.threads),
+        str(Path(__file__).resolve()), "--cp-worker", str(out), "--worker-dim", dim,
+        "--threads", str(args.threads),
         "--layers", str(args.layers), "--hidden", str(args.hidden), "--ffn", str(args.ffn),
         "--seed", str(args.seed), "--cp-sample", str(args.cp_sample),
         "--cp-tokens", *map(str, args.cp_tokens),
@@ -377,7 +397,7 @@ def cp_launch(args: argparse.Namespace, work: Path, cp: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
     if done.returncode != 0:
-        sys.exit(f"train_dist: the cp={cp} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        sys.exit(f"train_dist: the {dim}={cp} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     ranks = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(cp)]
     return [
         {
@@ -404,21 +424,23 @@ def cp_memory(args: argparse.Namespace) -> None:
     )
     work = args.work or Path(tempfile.mkdtemp(prefix="mmzoo-train-dist-cp-"))
     try:
-        results = {cp: cp_launch(args, work, cp) for cp in args.cp}
+        results = {f"cp={cp}": cp_launch(args, work, cp) for cp in args.cp}
+        results |= {f"tp={tp}": cp_launch(args, work, tp, "tp") for tp in args.tp}
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print()
     print(
-        "| tokens | cp | tokens per rank | activations per rank, MiB | vs cp=1 | peak RSS per rank, GiB | s |"
+        f"| tokens | mesh | activations per rank, MiB | vs {next(iter(results))} | "
+        "peak RSS per rank, GiB | s |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for i, tokens in enumerate(args.cp_tokens):
-        base = results[args.cp[0]][i]["activation"]
-        for cp in args.cp:
-            row = results[cp][i]
+        base = next(iter(results.values()))[i]["activation"]
+        for mesh, rows in results.items():
+            row = rows[i]
             print(
-                f"| {tokens} | {cp} | {-(-tokens // cp)} | {row['activation'] / 2**20:.1f} | "
+                f"| {tokens} | {mesh} | {row['activation'] / 2**20:.1f} | "
                 f"{row['activation'] / base:.3f} | {row['hwm_kib'] / 2**20:.2f} | {row['s']:.1f} |"
             )
 

@@ -348,7 +348,9 @@ def open_mm_weights(
 
     resolved = resolve_dtype(dtype, lambda: first_dtype(source))
     hint = "is the checkpoint complete?"
-    return Weights(spec, config, source.iteration, resolved, items, hint, read=source.get)
+    return Weights(
+        spec, config, source.iteration, resolved, items, hint, read=source.get, tp_slice=source.tp_slice
+    )
 
 
 def load_mm_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLModel:

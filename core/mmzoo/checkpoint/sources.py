@@ -8,6 +8,7 @@ pages their memory maps touched do not pile up: peak memory stays near the large
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ import torch
 from mmzoo.checkpoint.hf import HFCheckpoint
 from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS, read_model_state
 from mmzoo.checkpoint.safetensors_stream import DTYPE_NAMES
-from mmzoo.convert.mapping import Rule, WeightMapping
+from mmzoo.convert.mapping import COLUMN, GLU, REPLICATE, ROW, Rule, WeightMapping
 from mmzoo.convert.parallel import Entry, ParallelLayout, merge_tp
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile
@@ -176,6 +177,20 @@ def layout_of(meta: dict[str, Any]) -> ParallelLayout:
 
 
 REOPEN_BYTES = 512 << 20
+# The dimension each tensor-parallel kind splits (None: every rank holds all of it).
+TP_SLICE_DIMS: dict[str, int | None] = {COLUMN: 0, GLU: 0, ROW: 1, REPLICATE: None}
+
+
+@dataclass(frozen=True)
+class TpSlice:
+    """A tensor stored per tensor-parallel rank: the dimension it is split along in equal blocks
+    (``None``: whole on every rank), whether it is a gated MLP's ``[gate; up]`` (rank r stores
+    ``[gate_r; up_r]``: a block of the per-rank row order, not of ``[gate; up]``), and
+    ``read(rank)``, that rank's slice from its shard alone."""
+
+    dim: int | None
+    glu: bool
+    read: Callable[[int], torch.Tensor]
 
 
 @dataclass
@@ -259,10 +274,24 @@ class MMSource:
             raise MmzooError(f"{self.iteration}: the slices of {name} do not fit together ({exc})") from exc
         return full.dtype, tuple(full.shape)
 
-    def get(self, name: str) -> torch.Tensor:
-        def read(shard: Path, stored: str) -> torch.Tensor:
-            tensor = self._open(shard).get(stored)
-            self._read_since_reopen += tensor.numel() * tensor.element_size()
-            return tensor
+    def _read(self, shard: Path, stored: str) -> torch.Tensor:
+        tensor = self._open(shard).get(stored)
+        self._read_since_reopen += tensor.numel() * tensor.element_size()
+        return tensor
 
-        return self._merged(name, read)
+    def get(self, name: str) -> torch.Tensor:
+        return self._merged(name, self._read)
+
+    def tp_slice(self, name: str, tp: int) -> TpSlice | None:
+        """How tensor-parallel rank r of a ``tp``-way split reads its slice of ``name`` from its own
+        shard alone; ``None`` when the checkpoint holds it otherwise (another tp, a tensor stored
+        in parts, a split by heads)."""
+        located = self._located[name]
+        entry = located[0].entry
+        if tp != self.layout.tp or entry.part is not None or not isinstance(entry.kind, str):
+            return None
+        dim = TP_SLICE_DIMS.get(entry.kind, -1)
+        if dim == -1:
+            return None
+        stage = located[0].stage
+        return TpSlice(dim, entry.kind == GLU, lambda rank: self._read(self.shard(rank, stage), entry.name))

@@ -37,6 +37,8 @@ class Weights:
         hint: what to check when a shape does not match.
         read: the full tensor of one mm name, for readers that merge tensors on demand (mm
             shards, DCP): a pipeline stage then reads only its own tensors.
+        tp_slice: ``(name, tp) -> TpSlice | None`` for checkpoints stored per tensor-parallel rank
+            (mm shards): a rank of a mesh with the same ``tp`` reads its own shard only.
     """
 
     spec: Any
@@ -46,6 +48,7 @@ class Weights:
     items: Callable[[], Iterator[tuple[str, torch.Tensor]]]
     hint: str = ""
     read: Callable[[str], torch.Tensor] | None = None
+    tp_slice: Callable[[str, int], Any] | None = None
 
     def subset(self, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` of ``names`` only: read one by one where the reader can, else
@@ -97,34 +100,111 @@ def fill_parameters(model: torch.nn.Module, weights: Weights, *, part: bool = Fa
     """
     params = {**dict(model.named_parameters()), **persistent_buffers(model)}
     orders = held_row_orders(model)  # tensor parallel: rows held in per-rank blocks
-    loaded: set[str] = set()
-    for name, tensor in weights.subset(set(params)) if part else weights.items():
+    loaded = _fill_from_own_shard(params, weights, orders)
+    rest = set(params) - loaded
+    for name, tensor in weights.subset(rest) if part or loaded else weights.items():
         param = params.get(name)
         if param is None:
             raise MmzooError(
                 f"{weights.where}: '{name}' is not a parameter or persistent buffer of the "
                 f"{weights.spec.name} model"
             )
-        if param.shape != tensor.shape:
-            raise MmzooError(
-                f"{weights.where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
-                f"the model expects {tuple(param.shape)}; {weights.hint}"
-            )
-        if name in orders:
-            tensor = tensor.index_select(0, orders[name])
-        if _is_dtensor(param):
-            from torch.distributed.tensor import distribute_tensor
-
-            # Each rank cuts its own shard from the full tensor: no communication, no full copy kept.
-            sharded: Any = param
-            shard = distribute_tensor(tensor, sharded.device_mesh, sharded.placements, src_data_rank=None)
-            sharded.to_local().copy_(shard.to_local())
-        else:
-            param.copy_(tensor)
+        _check_shape(name, param, tensor, weights)
+        _copy_into(param, tensor.index_select(0, orders[name]) if name in orders else tensor)
         loaded.add(name)
     not_loaded = sorted(set(params) - loaded)
     if not_loaded:
         raise MmzooError(f"{weights.where}: no weights for {', '.join(not_loaded[:8])} in the checkpoint")
+
+
+def _check_shape(name: str, param: torch.Tensor, tensor: torch.Tensor, weights: Weights) -> None:
+    if param.shape != tensor.shape:
+        raise MmzooError(
+            f"{weights.where}: shape mismatch for {name}: checkpoint gives {tuple(tensor.shape)}, "
+            f"the model expects {tuple(param.shape)}; {weights.hint}"
+        )
+
+
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """``tensor`` (whole) into ``param``; a ``DTensor`` takes only its own shard of it."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        # Each rank cuts its own shard from the full tensor: no communication, no full copy kept.
+        sharded: Any = param
+        shard = distribute_tensor(tensor, sharded.device_mesh, sharded.placements, src_data_rank=None)
+        sharded.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(tensor)
+
+
+def _fill_from_own_shard(params: dict[str, Any], weights: Weights, orders: dict[str, Any]) -> set[str]:
+    """On a mesh with tensor-parallel ranks, fill what ``weights`` stores per tensor-parallel rank
+    with the same ``tp`` from the shards that hold this rank's part: its own shard for tensors
+    every rank stores whole and for the model's tensor-parallel slices, and for a tensor the model
+    only shards with FSDP, the shards its FSDP rows lie in. Returns the names filled; the rest
+    (another ``tp``, a ``[gate; up]`` the model holds whole) is left to the full-tensor path."""
+    place = _tp_place(params) if weights.tp_slice is not None else None
+    if place is None:
+        return set()
+    tp, rank = place
+    filled = set()
+    for name, param in params.items():
+        plan = weights.tp_slice(name, tp)  # type: ignore[misc]
+        if plan is None:
+            continue
+        if plan.dim is None:
+            tensor = plan.read(rank)
+            _check_shape(name, param, tensor, weights)
+            _copy_into(param, tensor)
+        elif (plan.glu and name not in orders) or not _copy_blocks(name, param, plan, tp, weights):
+            continue
+        filled.add(name)
+    return filled
+
+
+def _tp_place(params: dict[str, Any]) -> tuple[int, int] | None:
+    """``(tp, this rank's tp coordinate)`` of the first parameter on a mesh with a ``tp`` dimension."""
+    for param in params.values():
+        names = param.device_mesh.mesh_dim_names or () if _is_dtensor(param) else ()
+        if "tp" in names:
+            axis = names.index("tp")
+            return param.device_mesh.size(axis), param.device_mesh.get_local_rank(axis)
+    return None
+
+
+def _copy_blocks(name: str, param: Any, plan: Any, tp: int, weights: Weights) -> bool:
+    """Copy ``param``'s own part (its FSDP / tensor-parallel shard, or all of it) from the
+    tensor-parallel blocks it lies in, each read from its shard; ``False`` when the blocks are not
+    even."""
+    dim = plan.dim
+    if param.shape[dim] % tp:
+        return False
+    rows = param.shape[dim] // tp
+    if _is_dtensor(param):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        sizes, offsets = compute_local_shape_and_global_offset(
+            param.shape, param.device_mesh, param.placements
+        )
+    else:
+        sizes, offsets = param.shape, (0,) * param.ndim
+    if not sizes[dim]:
+        return True  # an empty shard: nothing to read
+    first, last = offsets[dim] // rows, (offsets[dim] + sizes[dim] - 1) // rows
+    blocks = [plan.read(block) for block in range(first, last + 1)]
+    expected = [rows if d == dim else size for d, size in enumerate(param.shape)]
+    wrong = next((b for b in blocks if list(b.shape) != expected), None)
+    if wrong is not None:
+        raise MmzooError(
+            f"{weights.where}: a tensor-parallel slice of {name} is {tuple(wrong.shape)}, the model's "
+            f"blocks are {tuple(expected)}; {weights.hint}"
+        )
+    piece = torch.cat(blocks, dim) if len(blocks) > 1 else blocks[0]
+    for d, (offset, size) in enumerate(zip(offsets, sizes, strict=True)):
+        piece = piece.narrow(d, offset - (first * rows if d == dim else 0), size)
+    (param.to_local() if _is_dtensor(param) else param).copy_(piece)
+    return True
 
 
 def load_weights(weights: Weights, device: str | torch.device = "cpu") -> VLModel:
