@@ -42,36 +42,13 @@ def megatron_on_cpu(monkeypatch, tmp_path):
 
 
 def gpt_model(config):
-    import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
+
+    from mmzoo.nn.megatron_decoder import transformer_config
 
     t = config.text
-    mcore = TransformerConfig(
-        num_layers=t.num_layers,
-        hidden_size=t.hidden_size,
-        ffn_hidden_size=t.ffn_hidden_size,
-        num_attention_heads=t.num_heads,
-        num_query_groups=t.num_kv_heads,
-        kv_channels=t.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=t.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        perform_initialization=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        params_dtype=torch.float32,
-    )
+    mcore = transformer_config(t)
     return GPTModel(
         config=mcore,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
