@@ -52,6 +52,10 @@ class ContextParallel:
         self.rank = dist.get_rank(group)
         self.split = split
 
+    def bucket(self, tokens: int) -> int:
+        """``tokens`` rounded up to a multiple of ``size * split``: what the ranks' slices cover."""
+        return tokens + -tokens % (self.size * self.split)
+
     def shard(
         self,
         embeds: torch.Tensor,
@@ -59,17 +63,20 @@ class ContextParallel:
         cu_seqlens: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor,
+        length: int | None = None,
     ) -> TokenShard:
-        """This rank's contiguous slice of the packed tokens, padded to a multiple of ``size * split``.
+        """This rank's contiguous slice of the packed tokens, padded to :meth:`bucket` tokens.
 
         Args:
             embeds: ``(T, H)`` embeddings, media features scattered in.
             position_ids: ``(rows, T)`` computed on the whole sequences.
             cu_seqlens: ``(S + 1,)`` sequence boundaries.
             target, weight: ``(T,)`` from :func:`mmzoo.loss.loss_targets` on the whole sequences.
+            length: pad to this many tokens instead (a :meth:`bucket` length, at least ``T``): the
+                pipeline's static shapes.
         """
         tokens = embeds.shape[0]
-        pad = -tokens % (self.size * self.split)
+        pad = (length or self.bucket(tokens)) - tokens
         if pad:  # a sequence of its own: it attends only to itself and has no targets
             cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([tokens + pad])])
         local = slice(self.rank * (tokens + pad) // self.size, (self.rank + 1) * (tokens + pad) // self.size)
