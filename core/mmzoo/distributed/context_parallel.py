@@ -25,6 +25,7 @@ from mmzoo.errors import MmzooError
 from mmzoo.loss import IGNORE_INDEX, causal_lm_loss
 from mmzoo.model import VLModel
 from mmzoo.nn.layers import SelfAttention
+from mmzoo.nn.recompute import LayerStack
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,9 @@ def apply_context_parallel(model: VLModel, group: dist.ProcessGroup, split: int 
             "mmzoo.loss.causal_lm_loss per slice of tokens, so set parallel.cp=1"
         )
     attentions = [m for m in model.text_decoder.modules() if isinstance(m, SelfAttention)]
-    if not attentions:
+    stack = getattr(model.text_decoder, "decoder", None)
+    no_layers = isinstance(stack, LayerStack) and not stack.layers  # a pipeline stage's empty share
+    if not attentions and not no_layers:
         raise MmzooError(
             f"parallel.cp: the text decoder of '{model.name}' has no mmzoo SelfAttention to run "
             "the all-to-all around; use the native text decoder or set parallel.cp=1"
