@@ -26,6 +26,7 @@ LLM_7B = DecoderConfig(
         ({"tp": 2}, 8, MeshShape(dp_shard=4, tp=2)),
         ({"tp": 2, "pp": 2}, 16, MeshShape(pp=2, dp_shard=4, tp=2)),
         ({"tp": 2, "cp": 2}, 16, MeshShape(dp_shard=4, cp=2, tp=2)),
+        ({"pp": 2, "cp": 2}, 8, MeshShape(pp=2, dp_shard=2, cp=2)),
         ({"dp_shard": 2, "cp": 2}, 4, MeshShape(dp_shard=2, cp=2)),
     ],
 )
@@ -45,11 +46,6 @@ def test_dp_shard_zero_takes_the_ranks_left_over(settings, ranks, expected):
         ({"dp_shard": 3, "tp": 2}, 4, "needs 6 ranks, the run has 4"),
         ({"cp": 0}, 2, "parallel.cp=0: give a size of at least 1"),
         ({"dp_shard": -1}, 2, "parallel.dp_shard=-1"),
-        (
-            {"pp": 2, "cp": 2},
-            4,
-            "pipeline stages (pp > 1) with context parallel (cp > 1) are not supported yet",
-        ),
     ],
 )
 def test_sizes_that_do_not_make_the_world_are_one_line_errors(settings, ranks, message):

@@ -25,6 +25,7 @@ from mmzoo.errors import MmzooError
 from mmzoo.loss import IGNORE_INDEX, causal_lm_loss
 from mmzoo.model import VLModel
 from mmzoo.nn.layers import SelfAttention
+from mmzoo.nn.recompute import LayerStack
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class ContextParallel:
         self.rank = dist.get_rank(group)
         self.split = split
 
+    def bucket(self, tokens: int) -> int:
+        """``tokens`` rounded up to a multiple of ``size * split``: what the ranks' slices cover."""
+        return tokens + -tokens % (self.size * self.split)
+
     def shard(
         self,
         embeds: torch.Tensor,
@@ -59,17 +64,20 @@ class ContextParallel:
         cu_seqlens: torch.Tensor,
         target: torch.Tensor,
         weight: torch.Tensor,
+        length: int | None = None,
     ) -> TokenShard:
-        """This rank's contiguous slice of the packed tokens, padded to a multiple of ``size * split``.
+        """This rank's contiguous slice of the packed tokens, padded to :meth:`bucket` tokens.
 
         Args:
             embeds: ``(T, H)`` embeddings, media features scattered in.
             position_ids: ``(rows, T)`` computed on the whole sequences.
             cu_seqlens: ``(S + 1,)`` sequence boundaries.
             target, weight: ``(T,)`` from :func:`mmzoo.loss.loss_targets` on the whole sequences.
+            length: pad to this many tokens instead (a :meth:`bucket` length, at least ``T``): the
+                pipeline's static shapes.
         """
         tokens = embeds.shape[0]
-        pad = -tokens % (self.size * self.split)
+        pad = (length or self.bucket(tokens)) - tokens
         if pad:  # a sequence of its own: it attends only to itself and has no targets
             cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([tokens + pad])])
         local = slice(self.rank * (tokens + pad) // self.size, (self.rank + 1) * (tokens + pad) // self.size)
@@ -146,7 +154,9 @@ def apply_context_parallel(model: VLModel, group: dist.ProcessGroup, split: int 
             "mmzoo.loss.causal_lm_loss per slice of tokens, so set parallel.cp=1"
         )
     attentions = [m for m in model.text_decoder.modules() if isinstance(m, SelfAttention)]
-    if not attentions:
+    stack = getattr(model.text_decoder, "decoder", None)
+    no_layers = isinstance(stack, LayerStack) and not stack.layers  # a pipeline stage's empty share
+    if not attentions and not no_layers:
         raise MmzooError(
             f"parallel.cp: the text decoder of '{model.name}' has no mmzoo SelfAttention to run "
             "the all-to-all around; use the native text decoder or set parallel.cp=1"

@@ -66,11 +66,6 @@ def mesh_shape(parallel: ParallelConfig, ranks: int) -> MeshShape:
     model_parallel = parallel.tp * parallel.cp * parallel.pp
     dp_shard = parallel.dp_shard or ranks // model_parallel
     shape = MeshShape(pp=parallel.pp, dp_shard=max(dp_shard, 1), cp=parallel.cp, tp=parallel.tp)
-    if shape.pp > 1 and shape.cp > 1:
-        raise MmzooError(
-            "parallel: pipeline stages (pp > 1) with context parallel (cp > 1) are not supported yet; "
-            "set parallel.cp=1 (pp composes with dp_shard and tp) or parallel.pp=1"
-        )
     if shape.size != ranks:
         hint = (
             f"start {shape.size} ranks (torchrun --nproc-per-node {shape.size})"

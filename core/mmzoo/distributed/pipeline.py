@@ -17,6 +17,16 @@ next one the hidden states ``(L, H)``, the position ids ``(rows, L)``, ``cu_seql
 family's loss on whole sequences (per-token weights from :func:`mmzoo.loss.loss_targets`), so
 its loss is the micro-batch loss of one process. Media (any size) never go through the
 schedule: the first stage reads its micro-batches from :class:`StageFeed` by index.
+
+With context parallel (``parallel.cp`` > 1) every cp rank of the first stage embeds the whole
+micro-batch, computes targets and weights on the whole sequences, pads to the bucket (a multiple
+of cp, and of cp x tp under sequence parallel) and keeps its slice
+(:meth:`~mmzoo.distributed.context_parallel.ContextParallel.shard`). Stages then carry the
+slice's hidden states ``(L/cp, H)`` and position ids ``(rows, L/cp)``, the global ``cu_seqlens``
+(``L + 2`` entries: the attention all-to-all attends over whole sequences), and the slice's
+targets and weights ``(L/cp,)`` instead of labels; the last stage's loss is
+:func:`mmzoo.loss.weighted_cross_entropy` over its slice, so the cp ranks' losses add up to the
+micro-batch's.
 """
 
 from __future__ import annotations
@@ -36,11 +46,12 @@ from torch.distributed.tensor import DTensor
 
 from mmzoo.config import ParallelConfig
 from mmzoo.convert.parallel import ParallelLayout
+from mmzoo.distributed.context_parallel import ContextParallel
 from mmzoo.distributed.fsdp import layer_units
 from mmzoo.distributed.grad_norm import grad_norm
 from mmzoo.distributed.mesh import TrainMesh
 from mmzoo.errors import MmzooError
-from mmzoo.loss import IGNORE_INDEX, LossReduction
+from mmzoo.loss import IGNORE_INDEX, LossReduction, loss_targets, weighted_cross_entropy
 from mmzoo.model import VLModel
 from mmzoo.nn.recompute import LayerStack, stage_stack
 
@@ -140,9 +151,10 @@ class StageFeed:
     inputs, media included) and its loss reduction; the shapes and dtypes between stages; autocast.
 
     Attributes:
-        length: the bucket: tokens of every row between stages.
+        length: the bucket: tokens of every row between stages (all cp slices together).
         rows: position-id rows (3 for M-RoPE).
         hidden_size, hidden_dtype: the hidden states sent between stages.
+        context_parallel: the rank's cp group (``parallel.cp`` > 1): stages carry its slice.
     """
 
     length: int = 0
@@ -153,21 +165,25 @@ class StageFeed:
     device_type: str = "cpu"
     batches: list[dict[str, Any]] = field(default_factory=list)
     reduction: LossReduction | None = None
+    context_parallel: ContextParallel | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         dtype = self.autocast_dtype
         return torch.autocast(self.device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def carried(self) -> tuple[torch.Tensor, ...]:
-        """Meta tensors shaped as what a stage sends the next: the pipeline's static shapes."""
-        length = self.length
+        """Meta tensors shaped as what a stage sends the next: the pipeline's static shapes (with
+        cp: this rank's slice, the global ``cu_seqlens``, targets and weights for labels)."""
+        cp = self.context_parallel
+        length = self.length // (1 if cp is None else cp.size)
         with torch.device("meta"):
-            return (
+            carried = (
                 torch.empty(length, self.hidden_size, dtype=self.hidden_dtype, requires_grad=True),
                 torch.empty(self.rows, length, dtype=torch.long),
-                torch.empty(length + 2, dtype=torch.int32),
+                torch.empty(self.length + 2, dtype=torch.int32),
                 torch.empty(length, dtype=torch.long),
             )
+            return carried if cp is None else (*carried, torch.empty(length))
 
 
 def to_bucket(
@@ -180,24 +196,33 @@ def to_bucket(
     """A packed row padded to ``length`` tokens: the padding is a sequence of its own, with no
     targets; ``cu_seqlens`` gets ``length + 2`` entries (the end repeated)."""
     tokens = hidden.shape[0]
-    if tokens > length:
-        raise MmzooError(f"a packed row of {tokens} tokens is longer than the pipeline bucket ({length})")
+    _check_fits(tokens, length)
     pad = length - tokens
-    ends = F.pad(cu_seqlens.to(torch.int32), (0, length + 2 - cu_seqlens.numel()), value=length)
     return (
         F.pad(hidden, (0, 0, 0, pad)),  # (L, H)
         F.pad(position_ids, (0, pad)),  # (rows, L)
-        ends,
+        _ends(cu_seqlens, length),
         F.pad(labels, (0, pad), value=IGNORE_INDEX),  # (L,)
     )
+
+
+def _check_fits(tokens: int, length: int) -> None:
+    if tokens > length:
+        raise MmzooError(f"a packed row of {tokens} tokens is longer than the pipeline bucket ({length})")
+
+
+def _ends(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """``cu_seqlens`` of a row padded to ``length`` tokens, as ``length + 2`` entries (the end repeated)."""
+    return F.pad(cu_seqlens.to(torch.int32), (0, length + 2 - cu_seqlens.numel()), value=length)
 
 
 class StageModule(nn.Module):
     """One pipeline stage: its parts of a :class:`VLModel`, under the model's names.
 
     The first stage takes a micro-batch index and reads the micro-batch from the feed; the others
-    take the previous stage's tensors. The last stage returns the micro-batch's loss, the others
-    ``(hidden, position_ids, cu_seqlens, labels)``.
+    take the previous stage's tensors. The last stage returns the micro-batch's loss (with cp:
+    its slice's part), the others ``(hidden, position_ids, cu_seqlens, labels)`` (with cp:
+    ``(hidden, position_ids, cu_seqlens, target, weight)`` of the slice).
     """
 
     def __init__(self, part: VLModel, stage: int, stages: int, feed: StageFeed) -> None:
@@ -213,19 +238,34 @@ class StageModule(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> Any:
         feed = self.feed
         with feed.autocast():
-            hidden, position_ids, cu_seqlens, labels = self._read(inputs[0]) if self.first else inputs
+            hidden, position_ids, cu_seqlens, *targets = self._read(inputs[0]) if self.first else inputs
             packed = cu_seqlens.unique_consecutive()
             hidden = self.text_decoder(hidden, position_ids, packed)
             if self.last:
-                weight = self.text_decoder.output_weight
-                return self.loss_fn(hidden, weight, labels, packed, feed.reduction)
-        return hidden.to(feed.hidden_dtype), position_ids.clone(), cu_seqlens.clone(), labels.clone()
+                return self._loss(hidden, packed, *targets)
+        rest = (position_ids, cu_seqlens, *targets)
+        return hidden.to(feed.hidden_dtype), *(t.clone() for t in rest)
+
+    def _loss(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, *targets: torch.Tensor) -> torch.Tensor:
+        output_weight = self.text_decoder.output_weight
+        if self.feed.context_parallel is None:
+            (labels,) = targets
+            return self.loss_fn(hidden, output_weight, labels, cu_seqlens, self.feed.reduction)
+        target, weight = targets
+        return weighted_cross_entropy(hidden, output_weight, target, weight)
 
     def _read(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch = self.feed.batches[int(index)]
+        feed = self.feed
+        batch, cp = feed.batches[int(index)], feed.context_parallel
         embeds = self.embed_inputs(batch["input_ids"], batch["media"])[0]  # (T, H)
         position_ids, labels = batch["position_ids"][:, 0], batch["labels"][0]
-        return to_bucket(embeds, position_ids, batch["cu_seqlens"], labels, self.feed.length)
+        cu_seqlens = batch["cu_seqlens"]
+        if cp is None:
+            return to_bucket(embeds, position_ids, cu_seqlens, labels, feed.length)
+        target, weight = loss_targets(labels, cu_seqlens, feed.reduction)  # on the whole sequences
+        _check_fits(embeds.shape[0], feed.length)
+        part = cp.shard(embeds, position_ids, cu_seqlens, target, weight, length=feed.length)
+        return part.embeds, part.position_ids, _ends(part.cu_seqlens, feed.length), part.target, part.weight
 
 
 def _clone(module: nn.Module, **children: nn.Module | None) -> Any:

@@ -682,7 +682,9 @@ class _PipelineUpdater(_Updater):
         assert run.pipeline is not None
         cfg = run.cfg
         feed, dummy = run.pipeline.feed, run.dataset.dummy
-        feed.length = cfg.train.micro_batch_size * cfg.data.seq_length + len(dummy)
+        feed.context_parallel = cp = run.model.context_parallel  # set by parallelize (cp > 1)
+        length = cfg.train.micro_batch_size * cfg.data.seq_length + len(dummy)
+        feed.length = length if cp is None else cp.bucket(length)  # cp's slices need no padding
         feed.rows, feed.hidden_size = dummy.position_ids.shape[0], run.model.text_decoder.config.hidden_size
         policy = mixed_precision(cfg.train.precision, run.device)
         feed.hidden_dtype = policy.param_dtype if policy and policy.param_dtype else torch.float32

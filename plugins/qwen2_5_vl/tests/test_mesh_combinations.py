@@ -2,7 +2,8 @@
 
 One torchrun launch of 4 ranks (``test_distributed``'s harness) runs tensor x context parallel
 (sequence parallel on, so each context-parallel slice is split again over tp), tensor parallel
-inside pipeline stages (1F1B), and a checkpoint of one mesh resumed on another.
+inside pipeline stages (1F1B), context parallel inside pipeline stages (each stage carries its cp
+slice), and a checkpoint of one mesh resumed on others.
 With dp_shard = 1 every rank reads the whole global batch, so each run takes the 1-process
 run's 4 micro-batches per step. The data hold images, a video and text-only samples.
 """
@@ -32,7 +33,9 @@ SAVE = ["--train.save_every", "1"]
 MESHES = {
     "tp2_cp2": ["--parallel.tp", "2", "--parallel.cp", "2"],
     "pp2_tp2": ["--parallel.pp", "2", "--parallel.tp", "2"],
+    "pp2_cp2": ["--parallel.pp", "2", "--parallel.cp", "2"],
 }
+RESUMED = {"resumed": "pp2_tp2", "resumed_pp2_cp2": "pp2_cp2"}  # from the tp x cp run's step 1
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,11 +64,12 @@ def four_ranks(work) -> list[dict]:
         {"name": name, "args": run_args(work, name, *mesh, *(SAVE if name == "tp2_cp2" else []))}
         for name, mesh in MESHES.items()
     ]
-    # The tp x cp run's step-1 checkpoint goes on as pipeline stages with tensor parallel.
-    jobs += [
-        {"cut": [str(work / "tp2_cp2"), 1, str(work / "resumed")]},
-        {"name": "resumed", "args": run_args(work, "resumed", *MESHES["pp2_tp2"]), "resume": True},
-    ]
+    # The tp x cp run's step-1 checkpoint goes on as pipeline stages with tensor or context parallel.
+    for name, mesh in RESUMED.items():
+        jobs += [
+            {"cut": [str(work / "tp2_cp2"), 1, str(work / name)]},
+            {"name": name, "args": run_args(work, name, *MESHES[mesh]), "resume": True},
+        ]
     return torchrun_jobs(4, jobs, work / "results_4", timeout=900)
 
 
@@ -87,8 +91,9 @@ def test_combined_meshes_equal_one_process(four_ranks, one_process, work, name):
 
 
 @pytest.mark.slow
-def test_a_tp_x_cp_checkpoint_resumes_as_pipeline_stages(four_ranks, one_process, work):
-    assert_rows_close(metrics(work / "resumed"), metrics(one_process))
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_a_tp_x_cp_checkpoint_resumes_as_pipeline_stages(four_ranks, one_process, work, name):
+    assert_rows_close(metrics(work / name), metrics(one_process))
     torch.testing.assert_close(
-        four_ranks[0]["resumed"]["losses"], [metrics(one_process)[1]["loss"]], rtol=1e-6, atol=0
+        four_ranks[0][name]["losses"], [metrics(one_process)[1]["loss"]], rtol=1e-6, atol=0
     )
