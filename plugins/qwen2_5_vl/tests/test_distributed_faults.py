@@ -283,6 +283,8 @@ def test_ctrl_c_or_sigterm_saves_the_same_step_on_every_rank(fault, rank, refere
 
 # --- kill -9 during a save ---------------------------------------------------------------------
 
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Check the logs of the remote worker")
+
 
 @pytest.mark.parametrize("killed", [0, 1])
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(killed, reference, tmp_path):
@@ -291,7 +293,9 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(killed, reference, t
     survivor = 1 - killed
     assert ranks.result.returncode != 0
     assert f"exitcode  : -{int(signal.SIGKILL)}" in ranks.result.stderr
-    assert "Connection closed by peer" in ranks.err[survivor]  # gloo's words for the lost peer
+    # gloo's words for the lost peer: a closed connection, or (when the survivor's next collective
+    # starts late, on a loaded machine) a wait that names the remote worker
+    assert any(words in ranks.err[survivor] for words in LOST_PEER), ranks.err[survivor][-2000:]
     ranks.assert_prompt()
     # The tracker still names step 2's checkpoint, whole; rank 0 removes its staging directory
     # unless it is the one killed, and then the next save does.
