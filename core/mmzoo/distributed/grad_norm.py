@@ -34,12 +34,17 @@ def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
 
+def scale_to_norm_(params: Sequence[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """Scale the gradients of ``params``, whose total norm is ``total``, down to ``max_norm`` (as
+    torch clips: ``min(1, max_norm / (total + 1e-6))``), one mesh group at a time."""
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grads in _grad_groups(params).values():
+        torch._foreach_mul_(grads, coef)
+
+
 def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for parameters on different meshes (:func:`grad_norm`);
     returns the total norm, a plain tensor."""
-    groups = _grad_groups(params)
     total = grad_norm(params)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch clips, one group at a time
-    for grads in groups.values():
-        torch._foreach_mul_(grads, coef)
+    scale_to_norm_(params, max_norm, total)
     return total

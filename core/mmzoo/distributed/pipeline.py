@@ -48,7 +48,7 @@ from mmzoo.config import ParallelConfig
 from mmzoo.convert.parallel import ParallelLayout
 from mmzoo.distributed.context_parallel import ContextParallel
 from mmzoo.distributed.fsdp import layer_units
-from mmzoo.distributed.grad_norm import grad_norm
+from mmzoo.distributed.grad_norm import grad_norm, scale_to_norm_
 from mmzoo.distributed.mesh import TrainMesh
 from mmzoo.errors import MmzooError
 from mmzoo.loss import IGNORE_INDEX, LossReduction, loss_targets, weighted_cross_entropy
@@ -435,8 +435,5 @@ def clip_grad_norm(
     square = grad_norm(counted).double().pow(2)
     dist.all_reduce(square, group=mesh["pp"].get_group())
     total = square.sqrt().float()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-    for p in params:
-        if p.grad is not None:
-            (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(scale.to(p.grad.device))
+    scale_to_norm_(params, max_norm, total)
     return total

@@ -245,14 +245,18 @@ def _join_process_group(n: int) -> None:
     )
 
 
-def torchrun_jobs(ranks: int, jobs: list[dict], results: Path, timeout: float) -> list[dict]:
-    """Run ``jobs`` on ``ranks`` ranks in one torchrun launch; returns each rank's results."""
+def torchrun_jobs(
+    ranks: int, jobs: list[dict], results: Path, timeout: float = 600, script: Path = HERE, **extra: str
+) -> list[dict]:
+    """Run ``jobs`` on ``ranks`` ranks in one torchrun launch of ``script`` (this file, or a test
+    file whose ``__main__`` patches something, told by ``extra`` in the jobs file, then calls
+    :func:`run_jobs`); returns each rank's results."""
     from launch import torchrun
 
     results.mkdir(parents=True, exist_ok=True)
     jobs_file = results / "jobs.json"
-    jobs_file.write_text(json.dumps({"jobs": jobs, "results": str(results)}))
-    done = torchrun(ranks, str(jobs_file), script=HERE, timeout=timeout)
+    jobs_file.write_text(json.dumps({"jobs": jobs, "results": str(results), **extra}))
+    done = torchrun(ranks, str(jobs_file), script=script, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return [json.loads((results / f"rank_{r}.json").read_text()) for r in range(ranks)]
 

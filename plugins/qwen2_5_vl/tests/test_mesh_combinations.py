@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import (
+from test_distributed import (  # noqa: F401  (cached_tokenizer: the module's autouse fixture)
     RECORDS,
-    _cache_tokenizer,
     args,
     assert_rows_close,
+    cached_tokenizer,
     metrics,
     quiet,
+    torchrun_jobs,
     weights,
 )
 
@@ -38,13 +39,6 @@ MESHES = {
 RESUMED = {"resumed": "pp2_tp2", "resumed_pp2_cp2": "pp2_cp2"}  # from the tp x cp run's step 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cached_tokenizer():
-    with pytest.MonkeyPatch.context() as m:
-        _cache_tokenizer(m)
-        yield
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mesh_combinations")
@@ -58,8 +52,6 @@ def run_args(work: Path, name: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def four_ranks(work) -> list[dict]:
-    from test_distributed import torchrun_jobs
-
     jobs: list[dict] = [
         {"name": name, "args": run_args(work, name, *mesh, *(SAVE if name == "tp2_cp2" else []))}
         for name, mesh in MESHES.items()

@@ -32,6 +32,7 @@ from test_distributed import (  # noqa: F401  (cached_tokenizer: the module's au
     metrics,
     quiet,
     run_jobs,
+    torchrun_jobs,
     weights,
 )
 
@@ -63,18 +64,6 @@ FOUR = ["--train.loss_reduction", "per_token", "--train.steps", "2"]  # 4 micro-
 CUT = 2
 # A negative control: the jobs file asks this script to skip the tied embedding's gradient sum.
 UNSUMMED = "unsummed_tied"
-
-
-def torchrun_jobs(ranks: int, jobs: list[dict], results: Path, patch: str = "") -> list[dict]:
-    """``test_distributed``'s jobs runner, started through this file (to apply ``patch``)."""
-    from launch import torchrun
-
-    results.mkdir(parents=True, exist_ok=True)
-    jobs_file = results / "jobs.json"
-    jobs_file.write_text(json.dumps({"jobs": jobs, "results": str(results), "patch": patch}))
-    done = torchrun(ranks, str(jobs_file), script=HERE, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return [json.loads((results / f"rank_{r}.json").read_text()) for r in range(ranks)]
 
 
 def assert_weights_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -121,7 +110,7 @@ def pp_runs(pp_work) -> list[dict]:
         job("interleaved", *INTERLEAVED, *PER_SAMPLE, *RECOMPUTE),
         job("load_mm", *PP, *LOAD, "--model.load", str(pp_work / "mm")),
     ]
-    return torchrun_jobs(2, jobs, pp_work / "results")
+    return torchrun_jobs(2, jobs, pp_work / "results", script=HERE)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +268,7 @@ def test_two_replicas_of_two_stages_equal_one_process(one_process, pp_work):
     """4 ranks: dp_shard=2 x pp=2 (FSDP within each stage, a tied-gradient group per replica)."""
     out = pp_work / "four"
     job = {"name": "four", "args": args(pp_work / "data.jsonl", out, *PP, *FOUR)}
-    ranks = torchrun_jobs(4, [job], pp_work / "results_four")
+    ranks = torchrun_jobs(4, [job], pp_work / "results_four", script=HERE)
     assert [rank["four"]["steps"] for rank in ranks] == [2] * 4
     assert_rows_close(metrics(out), metrics(one_process["four"]))
     assert_weights_close(weights(out), weights(one_process["four"]))
@@ -333,7 +322,7 @@ def test_without_the_tied_gradient_sum_the_pipeline_drifts(pp_runs, one_process,
     alone fails the comparisons the real run passes."""
     data, out = pp_work / "data.jsonl", pp_work / "unsummed"
     job = {"name": "unsummed", "args": args(data, out, *PP, *PER_TOKEN)}
-    torchrun_jobs(2, [job], pp_work / "results_unsummed", patch=UNSUMMED)
+    torchrun_jobs(2, [job], pp_work / "results_unsummed", script=HERE, patch=UNSUMMED)
     with pytest.raises(AssertionError):
         assert_rows_close(metrics(out), metrics(one_process["per_token"]))
     with pytest.raises(AssertionError):

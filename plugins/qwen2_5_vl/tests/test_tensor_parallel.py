@@ -23,17 +23,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import (
+from test_distributed import (  # noqa: F401  (cached_tokenizer: the module's autouse fixture)
     FROZEN,
     RECOMPUTE,
     RECORDS,
-    _cache_tokenizer,
     args,
     assert_rows_close,
+    cached_tokenizer,
     cut_at,
     metrics,
     quiet,
     run_jobs,
+    torchrun_jobs,
     weights,
 )
 
@@ -80,13 +81,6 @@ INTERNVL3 = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cached_tokenizer():
-    with pytest.MonkeyPatch.context() as m:
-        _cache_tokenizer(m)
-        yield
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """The data file, and a random tiny model as an HF directory and as an mm checkpoint (tp 2)."""
@@ -107,18 +101,6 @@ def work(tmp_path_factory) -> Path:
 
 def run_args(work: Path, name: str, *extra: str) -> list[str]:
     return args(work / "data.jsonl", work / name, *extra)
-
-
-def torchrun_jobs(ranks: int, jobs: list[dict], results: Path) -> list[dict]:
-    """``test_distributed``'s launcher with this file as the script (for the naive-split job)."""
-    from launch import torchrun
-
-    results.mkdir(parents=True, exist_ok=True)
-    jobs_file = results / "jobs.json"
-    jobs_file.write_text(json.dumps({"jobs": jobs, "results": str(results)}))
-    done = torchrun(ranks, str(jobs_file), script=HERE, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return [json.loads((results / f"rank_{r}.json").read_text()) for r in range(ranks)]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +127,7 @@ def two_ranks(work) -> list[dict]:
     for kind in ("hf", "mm"):
         load = run_args(work, f"load_{kind}", *LOAD, *TP, "--model.load", str(work / kind))
         jobs.append({"name": f"load_{kind}", "args": load})
-    return torchrun_jobs(2, jobs, work / "results_2")
+    return torchrun_jobs(2, jobs, work / "results_2", timeout=900, script=HERE)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +194,9 @@ def test_a_plain_row_split_of_gate_and_up_is_wrong(two_ranks, one_process, work)
 def test_a_2x2_mesh_equals_one_process(work, one_process):
     """dp_shard=2 x tp=2 on 4 ranks: each replica gets half of the step's micro-batches."""
     options = run_args(work, "mesh", *RUN, "--train.grad_accum", "1", *TP, "--parallel.dp_shard", "2")
-    ranks = torchrun_jobs(4, [{"name": "mesh", "args": options}], work / "results_4")
+    ranks = torchrun_jobs(
+        4, [{"name": "mesh", "args": options}], work / "results_4", timeout=900, script=HERE
+    )
     assert [rank["mesh"]["steps"] for rank in ranks] == [3] * 4
     assert_rows_close(metrics(work / "mesh"), metrics(one_process["one"]))
     assert_weights_close(work / "mesh" / f"iter_{CUT:07d}", one_process["one"] / f"iter_{CUT:07d}")
