@@ -26,6 +26,33 @@ LAYER = "text_decoder.decoder.layers.{i}."
 ROPE_TYPES = ("default", "mrope", "dynamic")
 
 
+def qwen2_5_decoder(
+    layers: int,
+    hidden: int,
+    ffn: int,
+    heads: int,
+    kv_heads: int,
+    *,
+    vocab: int,
+    tied: bool,
+    mrope_section: tuple[int, ...] | None = None,
+) -> DecoderConfig:
+    """A Qwen2.5 LLM of these sizes: rope theta 1e6, RMSNorm epsilon 1e-6, biases on q, k and v."""
+    return DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        qkv_bias=True,
+        tie_word_embeddings=tied,
+        mrope_section=mrope_section,
+    )
+
+
 def weight_rules(
     config: DecoderConfig, *, prefix: str = "model.", lm_head: str = "lm_head.weight", layers: str = "text"
 ) -> list[Rule]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mmzoo.convert.qwen2_llm import qwen2_5_decoder
 from mmzoo.nn import DecoderConfig
 
 HfLayout = Literal["hf", "opengvlab"]
@@ -134,18 +135,7 @@ VIT_6B = VisionConfig(  # InternViT-6B-448px-V2_5
 def _qwen2_5(layers: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> DecoderConfig:
     # InternVL3 keeps a separate lm_head even where Qwen2.5 ties it (0.5B, 1.5B): InternVL3-1B's
     # config.json has "tie_word_embeddings": false and the 1B/2B parameter counts include lm_head.
-    return DecoderConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        ffn_hidden_size=ffn,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        qkv_bias=True,
-        tie_word_embeddings=False,
-    )
+    return qwen2_5_decoder(layers, hidden, ffn, heads, kv_heads, vocab=VOCAB, tied=False)
 
 
 VARIANTS: dict[str, InternVL3Config] = {

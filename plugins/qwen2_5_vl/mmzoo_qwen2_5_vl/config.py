@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from mmzoo.convert.qwen2_llm import decoder_config_from_hf, decoder_config_to_hf
+from mmzoo.convert.qwen2_llm import decoder_config_from_hf, decoder_config_to_hf, qwen2_5_decoder
 from mmzoo.nn import DecoderConfig
 
 
@@ -76,18 +76,8 @@ MROPE_SECTION = (16, 24, 24)
 
 
 def _text(layers, hidden, ffn, heads, kv_heads, vocab, tied) -> DecoderConfig:
-    return DecoderConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        ffn_hidden_size=ffn,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        qkv_bias=True,
-        tie_word_embeddings=tied,
-        mrope_section=MROPE_SECTION,
+    return qwen2_5_decoder(
+        layers, hidden, ffn, heads, kv_heads, vocab=vocab, tied=tied, mrope_section=MROPE_SECTION
     )
 
 
