@@ -293,9 +293,12 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(killed, reference, t
     survivor = 1 - killed
     assert ranks.result.returncode != 0
     assert f"exitcode  : -{int(signal.SIGKILL)}" in ranks.result.stderr
-    # gloo's words for the lost peer: a closed connection, or (when the survivor's next collective
-    # starts late, on a loaded machine) a wait that names the remote worker
-    assert any(words in ranks.err[survivor] for words in LOST_PEER), ranks.err[survivor][-2000:]
+    # The survivor reports the lost peer in gloo's words (a closed connection, or a wait that names
+    # the remote worker), unless torchrun, seeing the killed rank gone, stops it first: then it
+    # leaves without a message.
+    reported = ranks.err[survivor]
+    if "mmzoo: error" in reported or "Traceback" in reported:
+        assert any(words in reported for words in LOST_PEER), reported[-2000:]
     ranks.assert_prompt()
     # The tracker still names step 2's checkpoint, whole; rank 0 removes its staging directory
     # unless it is the one killed, and then the next save does.
