@@ -49,8 +49,8 @@ class ModelConfig:
         freeze: groups to freeze (``vision``, ``projector``, ``language``).
         recompute_vision, recompute_text: activation recompute per tower.
         text_backend: the LLM's implementation: ``native`` (mmzoo's layers) or ``megatron``
-            (megatron-core's GPT blocks, same weights and names; one process; needs
-            ``pip install mmzoo[megatron]``).
+            (megatron-core's GPT layers and tensor parallel, same weights and names; with
+            ``parallel.dp_shard``, ``tp`` and ``pp``; needs ``pip install mmzoo[megatron]``).
     """
 
     name: str = DEFAULT_MODEL

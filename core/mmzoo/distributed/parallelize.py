@@ -19,7 +19,8 @@ def parallelize(
 ) -> None:
     """Split ``model`` over the mesh's ``tp`` and ``cp`` ranks, in place; ``stacks``: the pipeline
     stages' views of the LLM's layer stack (see :func:`apply_tensor_parallel`)."""
-    if mesh.shape.tp > 1:
+    # Megatron's decoder (model.text_backend: megatron) is split when it is built.
+    if mesh.shape.tp > 1 and not getattr(model.text_decoder, "split_when_built", False):
         sequence_parallel = parallel.sequence_parallel
         apply_tensor_parallel(
             model.text_decoder, mesh["tp"], sequence_parallel=sequence_parallel, stacks=stacks

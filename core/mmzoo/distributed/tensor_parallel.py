@@ -67,6 +67,28 @@ def check_tensor_parallel(decoder: nn.Module, tp: int) -> None:
             )
 
 
+class LocalForward:
+    """Hands ``module``'s DTensor parameters to its forward as their local tensors, whose gradients
+    come back in ``grad_placements`` (parameter name -> placement). They are swapped into the
+    parameter dict for the forward only (as torch.func does), then put back."""
+
+    def __init__(self, module: nn.Module, grad_placements: dict[str, Placement]) -> None:
+        self.grad_placements = grad_placements
+        self.held: dict[str, nn.Parameter | None] = {}
+        module.register_forward_pre_hook(self._to_local)
+        module.register_forward_hook(self._restore)
+
+    def _to_local(self, module: nn.Module, args: Any) -> None:
+        self.held = dict(module._parameters)
+        for name, param in self.held.items():
+            if isinstance(param, DTensor):
+                local = param.to_local(grad_placements=[self.grad_placements[name]])
+                module._parameters[name] = local  # type: ignore[assignment]
+
+    def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
+        module._parameters.update(self.held)
+
+
 class _LocalNorm(ParallelStyle):
     """A norm whose parameters are replicated DTensors and whose forward sees local tensors.
 
@@ -77,26 +99,15 @@ class _LocalNorm(ParallelStyle):
     def __init__(self, sequence_parallel: bool) -> None:
         super().__init__()
         self.grad_placement: Placement = Partial() if sequence_parallel else Replicate()
-        self.held: dict[str, nn.Parameter | None] = {}
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        grads = {}
         for name, param in list(module.named_parameters(recurse=False)):
             replicated = DTensor.from_local(param.data, device_mesh, [Replicate()], run_check=False)
             module.register_parameter(name, nn.Parameter(replicated, param.requires_grad))
-        module.register_forward_pre_hook(self._to_local)
-        module.register_forward_hook(self._restore)
+            grads[name] = self.grad_placement
+        LocalForward(module, grads)
         return module
-
-    def _to_local(self, module: nn.Module, args: Any) -> None:
-        # Swapped in the parameter dict for the forward only (as torch.func does), then put back.
-        self.held = dict(module._parameters)
-        for name, param in self.held.items():
-            if isinstance(param, DTensor):
-                local = param.to_local(grad_placements=[self.grad_placement])
-                module._parameters[name] = local  # type: ignore[assignment]
-
-    def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
-        module._parameters.update(self.held)
 
 
 def _tp_rank(mesh: DeviceMesh) -> tuple[int, int, dist.ProcessGroup]:

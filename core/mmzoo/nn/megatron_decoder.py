@@ -1,15 +1,18 @@
 """The text decoder built from megatron-core's blocks (``model.text_backend: megatron``).
 
 :class:`MegatronTextDecoder` has :class:`mmzoo.nn.TextDecoder`'s interface and parameter names:
-megatron-core's ``LanguageModelEmbedding``, a ``TransformerBlock`` of its local layer spec (whose
+megatron-core's ``LanguageModelEmbedding``, the ``TransformerLayer`` modules of its local layer spec (whose
 names are the mm names: ``input_layernorm``, ``self_attention.linear_qkv``, ...) and a
 ``ColumnParallelLinear`` output layer. megatron-core is imported when one is built
 (``pip install mmzoo[megatron]``).
 
-It runs in one process (a gloo group of one and Megatron's model-parallel state of size 1 are
-set up when none exists). Packed rows use a block-diagonal causal mask through Megatron's
-``DotProductAttention`` (its ``PackedSeqParams`` / THD path needs TransformerEngine); rotary
-angles are computed per token from the position ids, so positions restart in every sample.
+In one process it sets up a gloo group of one and Megatron's model-parallel state of size 1.
+Under ``torchrun`` Megatron's state splits the ranks like :class:`mmzoo.distributed.mesh.TrainMesh`
+(tensor parallel over consecutive ranks) and its column/row-parallel layers hold each rank's
+shard (:mod:`mmzoo.distributed.megatron_parallel`). Packed rows use a block-diagonal causal mask
+through Megatron's ``DotProductAttention`` (its ``PackedSeqParams`` / THD path needs
+TransformerEngine); rotary angles are computed per token from the position ids, so positions
+restart in every sample.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 from mmzoo.errors import MmzooError
 from mmzoo.nn.decoder import DecoderConfig
+from mmzoo.nn.recompute import LayerStack
 
 INSTALL_HINT = "model.text_backend=megatron needs megatron-core: pip install mmzoo[megatron]"
 
@@ -56,34 +60,38 @@ def cuda_calls_on_cpu(active: bool = True) -> Iterator[None]:
         torch.cuda.current_device = saved  # type: ignore[assignment]
 
 
-def one_process_model_parallel() -> None:
-    """Megatron's model-parallel state of size 1 over a gloo group of one process.
+def model_parallel(tp: int = 1) -> None:
+    """Megatron's model-parallel state: tensor parallel over groups of ``tp`` consecutive ranks
+    (the innermost dimension of :class:`~mmzoo.distributed.mesh.TrainMesh`), no pipeline.
 
-    A process group left by another run (already closed) is replaced; an existing group of more
-    than one rank is an error: the Megatron backend runs in one process.
+    Without a process group of several ranks it runs in one process: a gloo group of one (a
+    group left by another run, already closed, is replaced) and a state of size 1.
     """
     import torch.distributed as dist
 
     core = _megatron()
+    state = core.parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        raise MmzooError(
-            f"model.text_backend=megatron runs in one process, not {dist.get_world_size()} ranks; "
-            "use model.text_backend=native with torchrun"
-        )
-    if not dist.is_initialized():
-        if core.parallel_state.model_parallel_is_initialized():
-            core.parallel_state.destroy_model_parallel()  # its groups belonged to a closed process group
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not core.parallel_state.model_parallel_is_initialized():
-        core.parallel_state.initialize_model_parallel(1, 1)
+        if state.model_parallel_is_initialized() and state.get_tensor_model_parallel_world_size() != tp:
+            state.destroy_model_parallel()
+    else:
+        if tp != 1:
+            raise MmzooError(f"parallel.tp={tp} needs {tp} ranks: start them with torchrun")
+        if not dist.is_initialized():
+            if state.model_parallel_is_initialized():
+                state.destroy_model_parallel()  # its groups belonged to a closed process group
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not state.model_parallel_is_initialized():
+        state.initialize_model_parallel(tp, 1)
     # Dropout is off, so the model-parallel RNG streams are never drawn from: a no-op tracker.
-    mp_random.initialize_rng_tracker(inference_rng_tracker=True)
+    mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
-def transformer_config(config: DecoderConfig) -> Any:
-    """Megatron's ``TransformerConfig`` for ``config``: GQA, SwiGLU, RMSNorm, no dropout, no fusions."""
+def transformer_config(config: DecoderConfig, tp: int = 1) -> Any:
+    """Megatron's ``TransformerConfig`` for ``config`` split over ``tp`` ranks: GQA, SwiGLU,
+    RMSNorm, no dropout, no fusions."""
     from megatron.core.transformer import TransformerConfig
 
     settings = dict(
@@ -109,6 +117,7 @@ def transformer_config(config: DecoderConfig) -> Any:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         params_dtype=torch.float32,
+        tensor_model_parallel_size=tp,
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron-core's own default
@@ -168,22 +177,27 @@ class _Rotary(nn.Module):
 class MegatronTextDecoder(nn.Module):
     """:class:`mmzoo.nn.TextDecoder` built from megatron-core (``embedding.word_embeddings``,
     ``decoder.layers.N.*``, ``decoder.final_layernorm``, ``output_layer``; tied: no output layer).
+    ``decoder`` is a :class:`~mmzoo.nn.recompute.LayerStack` of Megatron's ``TransformerLayer`` modules.
 
     ``forward(embeds (T, H), position_ids (rows, T), cu_seqlens)`` -> hidden ``(T, H)``; packed
-    samples attend within themselves (a block-diagonal causal mask). Parameters are left
+    samples attend within themselves (a block-diagonal causal mask). With ``tp`` > 1 each rank
+    holds its shards and the hidden states are the same on every rank (no sequence parallel:
+    megatron-core's local layers refuse it without TransformerEngine). Parameters are left
     uninitialised (load a state dict: :func:`mmzoo.build.use_text_backend` copies the native
     decoder's). No KV cache: generation uses :class:`mmzoo.nn.TextDecoder` on the same weights.
     """
 
-    def __init__(self, config: DecoderConfig) -> None:
+    split_when_built = True  # over the tensor-parallel ranks: mmzoo.distributed.parallelize skips it
+
+    def __init__(self, config: DecoderConfig, tp: int = 1) -> None:
         super().__init__()
-        one_process_model_parallel()
+        model_parallel(tp)
         from megatron.core import tensor_parallel
         from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
         from megatron.core.transformer.transformer_block import TransformerBlock
 
-        self.config = config
-        mcore = transformer_config(config)
+        self.config, self.tp = config, tp
+        mcore = transformer_config(config, tp)
         with cuda_calls_on_cpu(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Apex is not installed")  # torch's RMSNorm is used
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -192,7 +206,10 @@ class MegatronTextDecoder(nn.Module):
             self.embedding = LanguageModelEmbedding(
                 mcore, config.vocab_size, 0, position_embedding_type="rope"
             )
-            self.decoder = TransformerBlock(mcore, spec, post_layer_norm=True)
+            block = TransformerBlock(mcore, spec, post_layer_norm=True)
+            # Its layers and final norm in mmzoo's stack: the same names, and pipeline stages
+            # (mmzoo.distributed.pipeline) take their share of it as of the native decoder's.
+            self.decoder = LayerStack(list(block.layers), final_layernorm=block.final_layernorm)
             self.output_layer = (
                 None
                 if config.tie_word_embeddings
@@ -216,10 +233,17 @@ class MegatronTextDecoder(nn.Module):
     ) -> torch.Tensor:
         """Hidden states ``(T, H)`` after the final norm."""
         on_cpu = embeds.device.type == "cpu"
-        with cuda_calls_on_cpu(on_cpu):
+        with cuda_calls_on_cpu(on_cpu), warnings.catch_warnings():
+            if on_cpu:  # Megatron's advice for overlapping its all-reduces on CUDA
+                warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
             rotary = self.rotary(position_ids)
             mask = packed_causal_mask(cu_seqlens.to(embeds.device), embeds.shape[0])
-            hidden = self.decoder(embeds[:, None], attention_mask=mask, rotary_pos_emb=rotary)  # (T, 1, H)
+
+            def layer(index: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+                return module(x, attention_mask=mask, rotary_pos_emb=rotary)[0]
+
+            # (T, 1, H): Megatron's (sequence, batch, hidden)
+            hidden = self.decoder.run(embeds[:, None], layer)
         return hidden[:, 0]
 
     @property

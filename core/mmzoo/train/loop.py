@@ -196,6 +196,8 @@ def _sharded_model(
         model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides).to(device)
     with checked(world):
         check_text_decoder(mesh.shape, model.text_decoder.config)
+        tp_mesh = mesh["tp"] if mesh.shape.tp > 1 else None
+        model = use_text_backend(model, model_cfg.text_backend, tp_mesh)
         layers = vision_depth(model), model.text_decoder.config.num_layers
         plan = plan_stages(parallel, *layers) if mesh.shape.pp > 1 else None
     _freeze_and_recompute(model, cfg, spec)
@@ -372,15 +374,22 @@ def _check_parallel(cfg: Config, world: World) -> MeshShape:
     return shape
 
 
-def _check_text_backend(cfg: Config, world: World, device: torch.device) -> None:
-    """``model.text_backend: megatron`` runs in one process, without activation recompute, and
-    with autocast on CUDA only (its linears' backward follows CUDA autocast alone)."""
+def _check_text_backend(cfg: Config, shape: MeshShape, device: torch.device) -> None:
+    """``model.text_backend: megatron`` splits over data, tensor and pipeline parallel ranks (no
+    context or sequence parallel: megatron-core's local layers need TransformerEngine), runs
+    without activation recompute, and with autocast on CUDA only (its linears' backward follows
+    CUDA autocast alone)."""
     if cfg.model.text_backend == "native":
         return
-    if world.distributed:
+    if shape.cp > 1:
         raise MmzooError(
-            f"model.text_backend=megatron runs in one process, not {world.size} ranks; "
-            "use model.text_backend=native with torchrun"
+            f"parallel.cp={shape.cp} is not supported with model.text_backend=megatron (megatron-core's "
+            "context parallel needs TransformerEngine); use model.text_backend=native"
+        )
+    if shape.tp > 1 and cfg.parallel.sequence_parallel:
+        raise MmzooError(
+            "parallel.sequence_parallel is not supported with model.text_backend=megatron (megatron-core's "
+            "local layers need TransformerEngine for it); set parallel.sequence_parallel false"
         )
     if cfg.train.precision != "fp32" and device.type != "cuda":
         raise MmzooError(
@@ -421,7 +430,7 @@ def _set_up(
     shape = _check_parallel(cfg, world)
     save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
     device = world.device(_training_device(train_cfg))
-    _check_text_backend(cfg, world, device)
+    _check_text_backend(cfg, shape, device)
     init_process_group(world, device, cfg.parallel.timeout_s)
     mesh = TrainMesh.build(shape, device) if world.distributed else TrainMesh(shape)
     stops.listen()

@@ -2,8 +2,8 @@
 
 Needs ``mmzoo[megatron]`` (megatron-core 0.16.1); without it only the error tests run. On CPU, in one process:
 logits, loss and gradients on the same weights (images, packed rows, M-RoPE and 1-D rotary),
-parameter names, and a short training run. Megatron's tensor and pipeline parallel need CUDA and
-NCCL and are not exercised here.
+parameter names, and a short training run. Its tensor parallel on 2 and 4 ranks:
+test_megatron_parallel.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import mmzoo
 from mmzoo.build import use_text_backend
 from mmzoo.config import load_config
 from mmzoo.data.collate import Sample, collate_packed
-from mmzoo.distributed.env import World
+from mmzoo.distributed.mesh import MeshShape
 from mmzoo.errors import MmzooError
 from mmzoo.loss import IGNORE_INDEX
 from mmzoo.nn import TextDecoder, megatron_decoder
@@ -178,18 +178,21 @@ def test_without_megatron_core_the_error_says_what_to_install(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "options, world, error",
+    "options, shape, error",
     [
-        ([], World(size=2), "runs in one process, not 2 ranks"),
-        (["--model.recompute_text.granularity", "full"], World(), "model.recompute_text is not supported"),
-        (["--train.precision", "bf16"], World(), "train.precision=bf16 .* needs CUDA"),
+        ([], MeshShape(cp=2), r"parallel.cp=2 is not supported with model.text_backend=megatron"),
+        ([], MeshShape(tp=2), r"sequence_parallel is not supported .* set parallel.sequence_parallel false"),
+        (["--model.recompute_text.granularity", "full"], MeshShape(), "recompute_text is not supported"),
+        (["--train.precision", "bf16"], MeshShape(), "train.precision=bf16 .* needs CUDA"),
     ],
-    ids=["two ranks", "recompute", "bf16 on cpu"],
+    ids=["cp", "sequence parallel", "recompute", "bf16 on cpu"],
 )
-def test_unsupported_settings_are_refused(options, world, error):
+def test_unsupported_settings_are_refused(options, shape, error):
     from mmzoo.train.loop import _check_text_backend
 
     config = load_config(None, ["--model.text_backend", "megatron", *options])
     with pytest.raises(MmzooError, match=error):
-        _check_text_backend(config, world, torch.device("cpu"))
-    _check_text_backend(load_config(None, options), world, torch.device("cpu"))  # native: any
+        _check_text_backend(config, shape, torch.device("cpu"))
+    _check_text_backend(load_config(None, options), shape, torch.device("cpu"))  # native: any
+    no_sp = load_config(None, ["--model.text_backend", "megatron", "--parallel.sequence_parallel", "false"])
+    _check_text_backend(no_sp, MeshShape(pp=2, dp_shard=2, tp=2), torch.device("cpu"))
