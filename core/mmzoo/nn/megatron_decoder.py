@@ -233,9 +233,11 @@ class MegatronTextDecoder(nn.Module):
     ) -> torch.Tensor:
         """Hidden states ``(T, H)`` after the final norm."""
         on_cpu = embeds.device.type == "cpu"
-        with cuda_calls_on_cpu(on_cpu), warnings.catch_warnings():
-            if on_cpu:  # Megatron's advice for overlapping its all-reduces on CUDA
-                warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
+        if on_cpu:  # no advice on CUDA_DEVICE_MAX_CONNECTIONS (overlapping CUDA all-reduces)
+            from megatron.core.tensor_parallel import layers
+
+            layers.linear_with_grad_accumulation_and_async_allreduce.warned = True
+        with cuda_calls_on_cpu(on_cpu):
             rotary = self.rotary(position_ids)
             mask = packed_causal_mask(cu_seqlens.to(embeds.device), embeds.shape[0])
 
