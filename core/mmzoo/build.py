@@ -5,9 +5,8 @@ Below the checkpoint layer: checkpoint readers build their model here, then fill
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 
@@ -16,9 +15,6 @@ from mmzoo.model import VLModel
 from mmzoo.nn import TextDecoder
 from mmzoo.nn.init import init_weights
 from mmzoo.registry import ModelSpec, get_model
-
-if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
 
 
 def apply_overrides(config: Any, overrides: dict[str, Any], where: str = "") -> Any:
@@ -60,11 +56,12 @@ def compose(spec: ModelSpec, config: Any) -> VLModel:
     )
 
 
-def use_text_backend(model: VLModel, backend: str, tp_mesh: DeviceMesh | None = None) -> VLModel:
+def use_text_backend(model: VLModel, backend: str) -> VLModel:
     """``model`` with its text decoder built by ``backend`` (``model.text_backend``): ``native``
     keeps it; ``megatron`` replaces it by a :class:`mmzoo.nn.megatron_decoder.MegatronTextDecoder`
-    holding the same weights under the same names (on ``tp_mesh``, this rank's shards as DTensors:
-    :mod:`mmzoo.distributed.megatron_parallel`). A decoder on the meta device stays there."""
+    holding the same weights under the same names (split over tensor-parallel ranks:
+    :func:`mmzoo.distributed.megatron_parallel.use_text_backend_split`). A decoder on the meta
+    device stays there."""
     if backend == "native":
         return model
     if backend != "megatron":
@@ -72,22 +69,8 @@ def use_text_backend(model: VLModel, backend: str, tp_mesh: DeviceMesh | None = 
     from mmzoo.nn.megatron_decoder import MegatronTextDecoder
 
     native = model.text_decoder
-    weight = native.output_weight
-    tp = 1 if tp_mesh is None else tp_mesh.size()
-    if tp_mesh is not None:
-        from mmzoo.distributed.tensor_parallel import check_tensor_parallel
-
-        check_tensor_parallel(native, tp)
-    with torch.device("meta") if weight.is_meta else contextlib.nullcontext():
-        megatron = MegatronTextDecoder(native.config, tp)
-    megatron = megatron.to(device=weight.device, dtype=weight.dtype)
-    if tp_mesh is not None:
-        from mmzoo.distributed.megatron_parallel import copy_own_shards, hold_as_dtensors
-
-        hold_as_dtensors(megatron, tp_mesh)
-        if not weight.is_meta:
-            copy_own_shards(megatron, native.state_dict())
-    elif not weight.is_meta:
+    megatron = MegatronTextDecoder.empty_like(native)
+    if not megatron.output_weight.is_meta:
         megatron.load_state_dict(native.state_dict(), strict=True)
     model.text_decoder = cast(TextDecoder, megatron)  # the same interface (embed, forward, logits)
     return model

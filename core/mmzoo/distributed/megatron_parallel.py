@@ -14,13 +14,36 @@ norms) get the same gradient on every tensor-parallel rank.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from mmzoo.distributed.tensor_parallel import LocalForward
+from mmzoo.build import use_text_backend
+from mmzoo.distributed.tensor_parallel import LocalForward, check_tensor_parallel
+from mmzoo.model import VLModel
+from mmzoo.nn import TextDecoder
 from mmzoo.nn.tp_layout import GLU_BLOCKS, blocked_glu_order
+
+
+def use_text_backend_split(model: VLModel, backend: str, tp_mesh: DeviceMesh | None) -> VLModel:
+    """:func:`mmzoo.build.use_text_backend`, with Megatron's decoder split over ``tp_mesh`` (the
+    mesh's ``tp`` dimension; None: not split) holding this rank's shards of the native weights (a
+    decoder on the meta device stays there for a checkpoint to fill)."""
+    if backend != "megatron" or tp_mesh is None:
+        return use_text_backend(model, backend)
+    from mmzoo.nn.megatron_decoder import MegatronTextDecoder
+
+    native = model.text_decoder
+    check_tensor_parallel(native, tp_mesh.size())
+    megatron = MegatronTextDecoder.empty_like(native, tp_mesh.size())
+    hold_as_dtensors(megatron, tp_mesh)
+    if not native.output_weight.is_meta:
+        copy_own_shards(megatron, native.state_dict())
+    model.text_decoder = cast(TextDecoder, megatron)  # the same interface (embed, forward, logits)
+    return model
 
 
 def _placement(module: nn.Module, name: str) -> Placement:

@@ -17,9 +17,9 @@ restart in every sample.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmzoo.errors import MmzooError
-from mmzoo.nn.decoder import DecoderConfig
+from mmzoo.nn.decoder import DecoderConfig, TextDecoder
 from mmzoo.nn.recompute import LayerStack
 
 INSTALL_HINT = "model.text_backend=megatron needs megatron-core: pip install mmzoo[megatron]"
@@ -45,7 +45,7 @@ def _megatron() -> Any:
     return core
 
 
-@contextmanager
+@contextlib.contextmanager
 def cuda_calls_on_cpu(active: bool = True) -> Iterator[None]:
     """Point ``torch.cuda.current_device`` at the CPU while ``active``: megatron-core allocates its
     buffers (rotary frequencies, the attention scores' workspace) on the current CUDA device."""
@@ -224,6 +224,15 @@ class MegatronTextDecoder(nn.Module):
             )
             self.rotary = _Rotary(config)
         self.register_state_dict_post_hook(_drop_extra_state)
+
+    @classmethod
+    def empty_like(cls, native: TextDecoder, tp: int = 1) -> MegatronTextDecoder:
+        """A decoder of ``native``'s config split ``tp`` ways, on
+        its device and dtype, weights not copied (on the meta device nothing is allocated)."""
+        weight = native.output_weight
+        with torch.device("meta") if weight.is_meta else contextlib.nullcontext():
+            decoder = cls(native.config, tp)
+        return decoder.to(device=weight.device, dtype=weight.dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding.word_embeddings(input_ids)

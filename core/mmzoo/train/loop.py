@@ -43,6 +43,7 @@ from mmzoo.distributed.env import (
 )
 from mmzoo.distributed.fsdp import mixed_precision, shard_model
 from mmzoo.distributed.grad_norm import clip_grad_norm_
+from mmzoo.distributed.megatron_parallel import use_text_backend_split
 from mmzoo.distributed.mesh import FSDP_DIM, MeshShape, TrainMesh, check_text_decoder, mesh_shape
 from mmzoo.distributed.parallelize import parallelize
 from mmzoo.distributed.pipeline import (
@@ -197,7 +198,7 @@ def _sharded_model(
     with checked(world):
         check_text_decoder(mesh.shape, model.text_decoder.config)
         tp_mesh = mesh["tp"] if mesh.shape.tp > 1 else None
-        model = use_text_backend(model, model_cfg.text_backend, tp_mesh)
+        model = use_text_backend_split(model, model_cfg.text_backend, tp_mesh)
         layers = vision_depth(model), model.text_decoder.config.num_layers
         plan = plan_stages(parallel, *layers) if mesh.shape.pp > 1 else None
     _freeze_and_recompute(model, cfg, spec)
