@@ -24,6 +24,7 @@ import mmzoo_kernels
 from mmzoo.api import load_model, open_weights
 from mmzoo.build import build_model, use_text_backend
 from mmzoo.checkpoint.dcp import DCP_META
+from mmzoo.checkpoint.hub import resolve_model_dir
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
 from mmzoo.checkpoint.weights import fill_parameters
 from mmzoo.config import Config, TrainConfig, with_derived_defaults
@@ -411,6 +412,16 @@ def with_demo_media(cfg: Config, spec: ModelSpec) -> Config:
     return replace(cfg, data=replace(cfg.data, media=media, demo_media=False))
 
 
+def with_hub_models(cfg: Config) -> Config:
+    """``model.load`` and ``model.tokenizer`` given as Hub ids replaced by their snapshot directories."""
+
+    def resolved(value: str | None) -> str | None:
+        return None if value is None else str(resolve_model_dir(value))
+
+    model = cfg.model
+    return replace(cfg, model=replace(model, load=resolved(model.load), tokenizer=resolved(model.tokenizer)))
+
+
 def _set_up(
     cfg: Config,
     world: World,
@@ -439,6 +450,7 @@ def _set_up(
     seed_everything(train_cfg.seed)
     kernels = _configure_kernels(cfg, device)
     spec = get_model(cfg.model.name)
+    cfg = node_first(world, lambda: with_hub_models(cfg))  # downloads once per node
     cfg = with_demo_media(cfg, spec)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
