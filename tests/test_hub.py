@@ -112,7 +112,7 @@ def online_cache(tmp_path, monkeypatch) -> Iterator[Path]:
     "value, advice",
     [
         ("org/missing", "no such repository on the Hub and no such local directory"),
-        ("org/gated", "the repository is gated; accept its terms on the Hub, then log in with `hf auth login`"),
+        ("org/gated", "the repository is gated; accept its terms on the Hub, then log in with `hf auth"),
         ("org/name@nope", "the repository has no such revision"),
     ],
 )
