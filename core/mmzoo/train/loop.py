@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -416,7 +417,7 @@ def with_hub_models(cfg: Config) -> Config:
     """``model.load`` and ``model.tokenizer`` given as Hub ids replaced by their snapshot directories."""
 
     def resolved(value: str | None) -> str | None:
-        return None if value is None else str(resolve_model_dir(value))
+        return str(resolve_model_dir(value)) if value else value
 
     model = cfg.model
     return replace(cfg, model=replace(model, load=resolved(model.load), tokenizer=resolved(model.tokenizer)))
@@ -450,7 +451,7 @@ def _set_up(
     seed_everything(train_cfg.seed)
     kernels = _configure_kernels(cfg, device)
     spec = get_model(cfg.model.name)
-    cfg = node_first(world, lambda: with_hub_models(cfg))  # downloads once per node
+    cfg = node_first(world, partial(with_hub_models, cfg))  # downloads once per node
     cfg = with_demo_media(cfg, spec)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
