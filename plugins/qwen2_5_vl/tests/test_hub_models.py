@@ -124,13 +124,19 @@ def test_a_local_directory_named_like_the_id_wins(hub, weights, other_dir, tmp_p
     assert_same(state("org/name"), weights["v1"])  # the Hub's main is the other model
 
 
-def test_environment_settings_are_honoured(cache_dir, tmp_path):
-    """HF_HOME and HF_HUB_OFFLINE as a user sets them, in a fresh process."""
+def hub_env(cache_dir: Path, tmp_path: Path) -> dict[str, str]:
+    """The environment without huggingface_hub settings, then ``HF_HOME`` (whose ``hub`` is the
+    laid-out cache) and ``HF_HUB_OFFLINE=1``, as a user sets them."""
     home = tmp_path / "hf-home"
     home.mkdir()
     (home / "hub").symlink_to(cache_dir)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    return {**env, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+
+
+def test_environment_settings_are_honoured(cache_dir, tmp_path):
+    """HF_HOME and HF_HUB_OFFLINE as a user sets them, in a fresh process."""
+    env = hub_env(cache_dir, tmp_path)
     script = (
         "import sys; from mmzoo.cli import main; "
         f"main({infer_args('org/name', '--prompt', 'Who is there?')!r}); "
@@ -140,7 +146,7 @@ def test_environment_settings_are_honoured(cache_dir, tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.stdout == "Hello\n"
     assert done.returncode == 2
-    cache = home / "hub"
+    cache = tmp_path / "hf-home" / "hub"
     assert f"org/other@main (Hub cache {cache}): not in the cache and HF_HUB_OFFLINE is set" in done.stderr
 
 
@@ -154,3 +160,16 @@ def test_eval_by_id(hub, tmp_path, capsys):
     args = infer_args("org/name", "--dataset", "ai2d_test", "--data", str(tsv), "--out", str(tmp_path))
     assert main(["eval", *args[1:]]) == 0  # infer's model options, eval's command
     assert capsys.readouterr().out.startswith("ai2d_test accuracy: 100.00 over 1 questions")
+
+
+@pytest.mark.slow
+def test_train_on_two_ranks_by_id(cache_dir, weights, tmp_path):
+    """Under torchrun local rank 0 resolves the id first, then rank 1 (``node_first``)."""
+    from launch import SMALL, torchrun
+
+    out = tmp_path / "run"
+    env = {**hub_env(cache_dir, tmp_path), "OMP_NUM_THREADS": "1"}
+    args = ["train", "--model.load", "org/name@v1", "--train.steps", "1", "--train.lr", "0", *SMALL]
+    done = torchrun(2, *args, "--train.output_dir", str(out), env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same(state(out), weights["v1"])  # the DCP checkpoint of the loaded weights
