@@ -8,6 +8,7 @@ import torch
 
 from mmzoo.checkpoint.dcp import dcp_iteration, open_dcp_weights
 from mmzoo.checkpoint.hf import open_hf_weights
+from mmzoo.checkpoint.hub import resolve_model_dir
 from mmzoo.checkpoint.mm import is_mm_checkpoint, open_mm_weights
 from mmzoo.checkpoint.weights import Weights, load_weights
 from mmzoo.model import VLModel
@@ -15,7 +16,8 @@ from mmzoo.model import VLModel
 
 def open_weights(path: str | Path, dtype: torch.dtype | str | None = None) -> Weights:
     """The weights of a Hugging Face directory, an mm checkpoint or a DCP training checkpoint,
-    read one tensor at a time."""
+    read one tensor at a time; a Hub id (``org/name[@revision]``) names a Hugging Face directory."""
+    path = resolve_model_dir(path)
     if dcp_iteration(path) is not None:
         return open_dcp_weights(path, dtype)
     return open_mm_weights(path, dtype) if is_mm_checkpoint(path) else open_hf_weights(path, dtype)
@@ -32,7 +34,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLMo
     tensors are streamed from the checkpoint files straight into its parameters.
 
     Args:
-        path: checkpoint directory (HF: config.json + safetensors, sharded or not; or mm).
+        path: checkpoint directory (HF: config.json + safetensors, sharded or not; or mm), or
+            a Hugging Face Hub id ``org/name[@revision]`` (a string that is no existing path),
+            fetched into the Hub cache (:func:`mmzoo.checkpoint.hub.resolve_model_dir`).
         dtype: parameter dtype; ``None`` means float32, ``"auto"`` the checkpoint's own dtype.
     """
     return load_weights(open_weights(path, dtype))

@@ -43,9 +43,10 @@ class ModelConfig:
         name: registry name (``mmzoo list-models``); default ``qwen2_5_vl``, the embedded demo's.
         variant: size for random init (ignored when ``load`` is set: checkpoints then record the
             variant whose config the loaded model's equals, or null).
-        load: a Hugging Face checkpoint directory or an mm checkpoint to start from.
+        load: a Hugging Face checkpoint directory (or Hub id ``org/name[@revision]``) or an mm
+            checkpoint to start from.
         overrides: config fields to change for random init (nested dicts).
-        tokenizer: tokenizer directory (default: ``load`` when set, else the family's own).
+        tokenizer: tokenizer directory or Hub id (default: ``load`` when set, else the family's own).
         freeze: groups to freeze (``vision``, ``projector``, ``language``).
         recompute_vision, recompute_text: activation recompute per tower.
         text_backend: the LLM's implementation: ``native`` (mmzoo's layers) or ``megatron``

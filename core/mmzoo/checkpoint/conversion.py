@@ -23,6 +23,7 @@ import torch
 from mmzoo.checkpoint.dcp import DCPSource, dcp_iteration, open_dcp
 from mmzoo.checkpoint.hf import HFCheckpoint
 from mmzoo.checkpoint.hf_export import INDEX_NAME, TEMPLATE_FILES
+from mmzoo.checkpoint.hub import resolve_model_dir
 from mmzoo.checkpoint.megatron_pt import MEGATRON_WEIGHTS
 from mmzoo.checkpoint.mm import iteration_name, open_mm, write_json, write_tracker
 from mmzoo.checkpoint.mm_meta import meta_state
@@ -100,7 +101,7 @@ def _weights_format(source: MMSource | DCPSource) -> str:
 
 def _read_hf(hf_dir: str | Path, model: str | None) -> tuple[HFCheckpoint, ModelSpec, Any]:
     """An HF checkpoint, its family (which must be ``model`` when given) and its model config."""
-    checkpoint = HFCheckpoint(hf_dir)
+    checkpoint = HFCheckpoint(resolve_model_dir(hf_dir))
     spec = model_for_architecture(checkpoint.architecture)
     if model is not None and spec.name != model:
         raise MmzooError(
@@ -128,7 +129,7 @@ def hf_to_mm(
     """Convert an HF checkpoint directory into an mm checkpoint root (``release``).
 
     Args:
-        hf_dir: config.json + safetensors (either HF key layout).
+        hf_dir: config.json + safetensors (either HF key layout), or a Hub id ``org/name[@revision]``.
         mm_dir: the checkpoint root to create.
         model: expected family (registry name); an HF checkpoint of another family is an error.
         tp: tensor-parallel size.

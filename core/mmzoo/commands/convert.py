@@ -60,7 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     convert_sub = convert.add_subparsers(dest="convert_command", metavar="COMMAND", required=True)
 
     p = convert_sub.add_parser("hf-to-mm", help="HF checkpoint -> mm checkpoint (tp/pp shards)")
-    p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument(
+        "--hf-dir",
+        required=True,
+        help="HF checkpoint directory (config.json + safetensors) or Hub id org/name[@revision]",
+    )
     p.add_argument("--mm-dir", required=True, help="mm checkpoint root to create")
     p.add_argument("--model", help="expected model family, e.g. qwen2_5_vl (default: from config.json)")
     _parallel_args(p, "fused", "safetensors")

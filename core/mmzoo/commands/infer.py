@@ -13,9 +13,14 @@ from mmzoo.errors import MmzooError
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by ``infer`` and ``eval``: checkpoint, tokenizer, dtype, device, media sizes."""
-    p.add_argument("--model-dir", required=True, help="Hugging Face checkpoint directory or mm checkpoint")
     p.add_argument(
-        "--tokenizer", help="directory with the tokenizer (default: the checkpoint's, else the family's)"
+        "--model-dir",
+        required=True,
+        help="Hugging Face checkpoint directory, mm checkpoint, or Hub id org/name[@revision]",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="directory or Hub id with the tokenizer (default: the checkpoint's, else the family's)",
     )
     p.add_argument(
         "--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: the checkpoint's)"
@@ -59,12 +64,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def load_chat(args: argparse.Namespace) -> Any:
-    """The model, tokenizer and media options the arguments name, as a :class:`mmzoo.infer.Chat`."""
+    """The model, tokenizer and media options the arguments name, as a :class:`mmzoo.infer.Chat`.
+
+    Hub ids in ``--model-dir`` and ``--tokenizer`` are replaced in ``args`` by their snapshot
+    directories in the Hub cache.
+    """
     import torch
 
     import mmzoo
+    from mmzoo.checkpoint.hub import resolve_model_dir
     from mmzoo.data.tokenizer import load_tokenizer
     from mmzoo.infer import Chat
+
+    args.model_dir = str(resolve_model_dir(args.model_dir))
+    if args.tokenizer:
+        args.tokenizer = str(resolve_model_dir(args.tokenizer))
 
     model = mmzoo.load_model(args.model_dir, dtype=args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import mmzoo_kernels
 from mmzoo.api import load_model, open_weights
 from mmzoo.build import build_model, use_text_backend
 from mmzoo.checkpoint.dcp import DCP_META
+from mmzoo.checkpoint.hub import resolve_model_dir
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
 from mmzoo.checkpoint.weights import fill_parameters
 from mmzoo.config import Config, TrainConfig, with_derived_defaults
@@ -412,6 +414,16 @@ def with_demo_media(cfg: Config, spec: ModelSpec) -> Config:
     return replace(cfg, data=replace(cfg.data, media=media, demo_media=False))
 
 
+def with_hub_models(cfg: Config) -> Config:
+    """``model.load`` and ``model.tokenizer`` given as Hub ids replaced by their snapshot directories."""
+
+    def resolved(value: str | None) -> str | None:
+        return str(resolve_model_dir(value)) if value else value
+
+    model = cfg.model
+    return replace(cfg, model=replace(model, load=resolved(model.load), tokenizer=resolved(model.tokenizer)))
+
+
 def _set_up(
     cfg: Config,
     world: World,
@@ -440,6 +452,7 @@ def _set_up(
     seed_everything(train_cfg.seed)
     kernels = _configure_kernels(cfg, device)
     spec = get_model(cfg.model.name)
+    cfg = node_first(world, partial(with_hub_models, cfg))  # downloads once per node
     cfg = with_demo_media(cfg, spec)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))

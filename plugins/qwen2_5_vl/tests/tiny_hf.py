@@ -185,3 +185,45 @@ def assert_bitwise(got: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+HELLO, IM_END = 9707, 151645  # "Hello" and <|im_end|> in the real Qwen2.5 vocabulary
+
+
+@pytest.fixture(scope="module")
+def hello_dir(tmp_path_factory):
+    """A tiny real-vocab checkpoint that answers "Hello" and then ends its turn.
+
+    Every embedding gets a large value in dimension 0, so the last hidden state is positive
+    there; only "Hello" (weight 1) and <|im_end|> (weight 1.8) read that dimension. With a
+    repetition penalty of 2, <|im_end|> (already in the prompt) scores 0.9 against 1 for
+    "Hello"; once "Hello" is generated it scores 0.5 and <|im_end|> wins.
+    """
+    import mmzoo
+    from mmzoo.checkpoint.hf_export import save_hf
+
+    spec = mmzoo.get_model("qwen2_5_vl")
+    model = mmzoo.build_model("qwen2_5_vl", "tiny", text={"tie_word_embeddings": False})
+    with torch.no_grad():
+        model.text_decoder.embedding.word_embeddings.weight[:, 0] = 100.0
+        out = model.text_decoder.output_layer.weight
+        out.zero_()
+        out[HELLO, 0], out[IM_END, 0] = 1.0, 1.8
+    path = tmp_path_factory.mktemp("hello") / "hf"
+    save_hf(model, path, tokenizer=spec.default_tokenizer())
+    return path
+
+
+def infer_args(path, *extra):
+    return [
+        "infer",
+        "--model-dir",
+        str(path),
+        "--max-pixels",
+        "12544",
+        "--max-new-tokens",
+        "5",
+        "--repetition-penalty",
+        "2",
+        *extra,
+    ]
