@@ -24,6 +24,7 @@ import mmzoo
 from mmzoo.cli import main
 from mmzoo.config import DataConfig
 from mmzoo.data.dataset import VLDataset, build_dataset
+from mmzoo.data.media import MediaBytes, load_video
 from mmzoo.data.records import iter_records
 from mmzoo.data.tokenizer import default_qwen_tokenizer
 from mmzoo.errors import MmzooError
@@ -321,3 +322,25 @@ def test_convert_llava_to_parquet_then_train_from_it(files, tmp_path, capsys):
     assert main([*train, "--data.seq_length", "512"]) == 0
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2] and all(s["loss"] > 0 for s in steps)
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_video_bytes_decode_as_the_file_does(backend):
+    path = DEMO / "pan.mp4"
+    ours = load_video(MediaBytes(path.read_bytes(), "videos[0]"), backend=backend)
+    reference = load_video(path, backend=backend)
+    assert ours.frames.shape == reference.frames.shape and (ours.fps, ours.duration) == (
+        reference.fps,
+        reference.duration,
+    )
+    assert (ours.frames == reference.frames).all()
+    with pytest.raises(MmzooError, match=r"^cannot read video embedded videos\[0\], 2 bytes: "):
+        load_video(MediaBytes(b"xx", "videos[0]"), backend=backend)
+
+
+def test_inspect_reads_parquet(files, tmp_path, capsys):
+    data = write_chat_parquet(files, tmp_path / "train.parquet")
+    assert main(["data", "inspect", "--model", "qwen2_5_vl", "--data", str(data), "--index", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"sample 3 of 4 ({data} row 3)"
+    assert out[2].startswith("image 0: ") and out[3].startswith("image 1: ")
