@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -27,7 +27,7 @@ class MediaBytes:
         name: where it came from, for messages, e.g. ``images[0] (cat.jpg)``.
     """
 
-    data: bytes
+    data: bytes = field(repr=False)
     name: str
 
     def __str__(self) -> str:
@@ -35,7 +35,12 @@ class MediaBytes:
 
     def open(self) -> io.BytesIO:
         """A binary file object over ``data``."""
-        return io.BytesIO(self.data)
+        return _InMemory(self.data)
+
+
+class _InMemory(io.BytesIO):
+    def __repr__(self) -> str:  # PIL names an unreadable file object by its repr (an address)
+        return "(in memory)"
 
 
 def load_image(path: str | os.PathLike | MediaBytes) -> Image.Image:
