@@ -8,6 +8,8 @@ samples/s for:
 * mmzoo, first run: ``build_dataset`` into an empty cache dir (decode + resize + tokenise +
   position ids + cache write), then ``dataset[i]`` for every sample (normalise + patchify);
 * mmzoo, second run: the same two steps reading the cache written by the first run;
+* mmzoo from one parquet file of the same records with the JPEGs embedded as bytes (what
+  ``mmzoo data convert-llava --out x.parquet`` writes), the three runs above again;
 * transformers: per record, PIL load + ``Qwen2VLImageProcessorPil`` + the same chat text with
   the image placeholders expanded + ``tokenizer(text)``, what a transformers-based trainer
   does per sample (it has no cache, so every epoch costs the same).
@@ -28,6 +30,7 @@ import os
 import platform
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from PIL import Image, ImageOps
 import mmzoo
 from mmzoo.config import DataConfig
 from mmzoo.data.dataset import build_dataset
+from mmzoo.data.parquet_out import write_parquet
 from mmzoo.data.records import read_records
 from mmzoo.data.tokenizer import default_qwen_tokenizer
 
@@ -232,24 +236,26 @@ def warm_up(bench: Bench, root: Path, data: Path, video_data: Path | None) -> No
 
 
 def repetition(
-    bench: Bench, best: Best, root: Path, rep: int, data: Path, video_data: Path | None
+    bench: Bench, best: Best, root: Path, rep: int, sources: dict[str, Path], video_data: Path | None
 ) -> tuple[int, int]:
     """One repetition of every row; returns (images, text-only records) the baseline saw."""
     # Samples are compared with the baseline's, then dropped: at most two sets of pixel values
     # (~3 GB each at the defaults) are alive at once.
-    hf = bench.baseline(data)
+    hf = bench.baseline(sources["files"])
     best.keep("hf", hf)
     counts = (
         sum(len(s.get("image_grid_thw", ())) for s in hf["samples"]),
         sum("image_grid_thw" not in s for s in hf["samples"]),
     )
-    cache = root / f"cache-{rep}"  # empty for this repetition's first run
-    for name, cache_dir in (("no cache", None), ("first", cache), ("cached", cache)):
-        result = bench.mmzoo(data, cache_dir)
-        if rep == 0:
-            best.same[name] = check_same(result["samples"], hf["samples"])
-        best.keep(name, result)
-        del result
+    for source, data in sources.items():
+        cache = root / f"cache-{source}-{rep}"  # empty for this repetition's first run
+        for run, cache_dir in (("no cache", None), ("first", cache), ("cached", cache)):
+            name = f"{source}: {run}"
+            result = bench.mmzoo(data, cache_dir)
+            if rep == 0:
+                best.same[name] = check_same(result["samples"], hf["samples"])
+            best.keep(name, result)
+            del result
     del hf
     if video_data:
         video_cache = root / f"video-cache-{rep}"
@@ -258,6 +264,7 @@ def repetition(
     return counts
 
 
+SOURCES = {"files": "JSONL + JPEG files", "parquet": "parquet, JPEGs embedded"}
 RUNS = (  # (row label, name of the kept result)
     ("without cache (cache_dir=None)", "no cache"),
     ("first run, empty cache", "first"),
@@ -266,7 +273,12 @@ RUNS = (  # (row label, name of the kept result)
 
 
 def print_report(
-    args: argparse.Namespace, best: Best, records: int, counts: tuple[int, int], processor: Any
+    args: argparse.Namespace,
+    best: Best,
+    records: int,
+    counts: tuple[int, int],
+    processor: Any,
+    parquet_bytes: int,
 ) -> None:
     """The date, machine and records lines, the table, then whether the outputs agree."""
     n_images, n_text = counts
@@ -286,30 +298,38 @@ def print_report(
     print(
         f"Records: {records} image/text records ({records - n_text} with images, {n_images} images in all; "
         f"{n_text} text-only), seed {args.seed}; qwen2_5_vl 7b config, seq_length 4096, "
-        f"min/max pixels {processor.min_pixels}/{processor.max_pixels}"
+        f"min/max pixels {processor.min_pixels}/{processor.max_pixels}; the parquet file "
+        f"{parquet_bytes / 1e6:.1f} MB (mmzoo.data.parquet_out.write_parquet)"
     )
     print()
     print("| path | records | seconds | samples/s | relative to transformers |")
     print("|---|---|---|---|---|")
     hf_path = "transformers: PIL + Qwen2VLImageProcessorPil + tokenizer (every epoch)"
     print(row(hf_path, records, best.rows["hf"]["total"]))
-    for label, name in RUNS:
-        result = best.rows[name]
-        step = "(one step)"
-        print(row(f"mmzoo {label}: prepare (build_dataset)", records, result["prepare"], step))
-        print(row(f"mmzoo {label}: materialise (dataset[i])", records, result["materialise"], step))
-        print(row(f"**mmzoo {label}: total**", records, result["total"]))
+    for source, what in SOURCES.items():
+        for label, run in RUNS:
+            result = best.rows[f"{source}: {run}"]
+            step = "(one step)"
+            name = f"mmzoo, {what}, {label}"
+            print(row(f"{name}: prepare (build_dataset)", records, result["prepare"], step))
+            print(row(f"{name}: materialise (dataset[i])", records, result["materialise"], step))
+            print(row(f"**{name}: total**", records, result["total"]))
     if args.videos:
         for label, name in (("first run", "video first"), ("cached run", "video cached")):
             path = f"mmzoo video records only, {label}: total"
             print(row(path, args.videos, best.rows[name]["total"], "n/a (no baseline)"))
     print()
-    for label, name in RUNS:
-        print(f"Same outputs as transformers, mmzoo {label}: {best.same[name]}")
+    for source, what in SOURCES.items():
+        for label, run in RUNS:
+            print(f"Same outputs as transformers, mmzoo {what}, {label}: {best.same[f'{source}: {run}']}")
 
 
 def main() -> None:
     args = parse_args()
+    # This script's folder holds kernels.py, which would shadow the `kernels` package that
+    # transformers imports with its image processors; machine.py is imported by now.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     spec = mmzoo.get_model("qwen2_5_vl")
     model_config = spec.variant("7b")  # the config only: no model is built
     tokenizer = default_qwen_tokenizer()
@@ -317,7 +337,12 @@ def main() -> None:
     try:
         data, video_data = make_records(root, args.records, args.videos, args.seed)
         # Check records up front so both paths see the same good records.
-        records = len(read_records(str(data)))
+        good = read_records(str(data))
+        records = len(good)
+        parquet = root / "records.parquet"
+        write_parquet(parquet, good)
+        parquet_bytes = parquet.stat().st_size
+        del good
         processor = spec.media_processor(model_config)
         baseline = TransformersPath(spec, tokenizer, processor.min_pixels, processor.max_pixels)
         bench = Bench(spec, model_config, tokenizer, baseline)
@@ -328,10 +353,11 @@ def main() -> None:
         best = Best()
         with contextlib.redirect_stderr(io.StringIO()):
             for rep in range(args.repeat):
-                counts = repetition(bench, best, root, rep, data, video_data)
+                sources = {"files": data, "parquet": parquet}
+                counts = repetition(bench, best, root, rep, sources, video_data)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print_report(args, best, records, counts, processor)
+    print_report(args, best, records, counts, processor, parquet_bytes)
 
 
 if __name__ == "__main__":

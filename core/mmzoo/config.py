@@ -70,7 +70,10 @@ class DataConfig:
     """Where the training records are and how they become batches.
 
     Attributes:
-        data: JSON/JSONL files, comma-separated; ``demo`` is the bundled demo set.
+        data: JSON/JSONL or parquet files, or ``datasets`` save_to_disk directories,
+            comma-separated; ``demo`` is the bundled demo set.
+        format: how to read ``data``: ``auto`` (by path: a directory is ``arrow``, ``*.parquet``
+            is ``parquet``, anything else ``json``), or that reader for every entry.
         dataset_dir: base of relative media paths (default: each data file's directory).
         max_samples: keep at most this many records per data file.
         seq_length: tokens per packed row (or the longest padded row).
@@ -86,6 +89,7 @@ class DataConfig:
     """
 
     data: str = "demo"
+    format: Literal["auto", "json", "parquet", "arrow"] = "auto"
     dataset_dir: str | None = None
     max_samples: int | None = None
     seq_length: int = 2048

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, TextIO, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -209,13 +209,14 @@ def atomic_directory(final: str | Path, *, replace: bool | Literal["first-wins"]
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[TextIO]:
-    """Write a text file atomically: yields a temporary sibling of ``path`` opened for writing
-    (UTF-8); when the block ends it is fsynced and replaces ``path``, when it raises it is removed.
+def atomic_file(path: Path, binary: bool = False) -> Iterator[Any]:
+    """Write a file atomically: yields a temporary sibling of ``path`` opened for writing (UTF-8
+    text, or bytes with ``binary``); when the block ends it is fsynced and replaces ``path``, when
+    it raises it is removed.
     """
     tmp = temporary_path(path.parent, path.name)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

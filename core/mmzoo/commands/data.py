@@ -19,17 +19,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="prepare and inspect training data")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
-    p = data_sub.add_parser("convert-llava", help="convert a LLaVA JSON file to mmzoo's chat-form JSONL")
+    p = data_sub.add_parser(
+        "convert-llava", help="convert a LLaVA JSON file to mmzoo's chat-form JSONL or parquet"
+    )
     p.add_argument("--src", required=True, help="LLaVA JSON/JSONL file (e.g. llava_instruct_150k.json)")
     p.add_argument("--image-dir", required=True, help="directory the records' image paths are relative to")
-    p.add_argument("--out", required=True, help="chat-form JSONL to write (media paths become absolute)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="chat-form JSONL to write (media paths become absolute), or a .parquet file (media embedded)",
+    )
     p.set_defaults(func=convert_llava)
 
     p = data_sub.add_parser(
         "inspect", help="show one prepared sample: rendered text, trained spans, media grids"
     )
     p.add_argument("--model", required=True, help="model family, e.g. qwen2_5_vl (see `mmzoo list-models`)")
-    p.add_argument("--data", required=True, help="JSON/JSONL file(s), comma-separated")
+    p.add_argument(
+        "--data", required=True, help="JSON/JSONL or parquet file(s), save_to_disk dir(s), comma-separated"
+    )
     p.add_argument(
         "--index",
         type=int,

@@ -1,6 +1,7 @@
 """On-disk cache of prepared samples: safetensors shards plus an index written last.
 
-One cache entry per data file, keyed by the file's content and the preprocessing settings,
+One cache entry per data file (or ``save_to_disk`` directory), keyed by its content (media
+embedded in parquet / arrow rows included) and the preprocessing settings,
 so a second run reads token ids and resized media from disk and decodes nothing. Entries are
 written with :func:`mmzoo.files.atomic_directory` (built in a temporary sibling, fsynced,
 renamed into place), so no run sees a half-written entry and a crash never leaves an index
@@ -34,9 +35,21 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def source_digest(path: str | Path) -> str:
+    """sha256 of a data file's content, or of a directory's (each file's name and content, in
+    name order): media embedded in parquet or arrow data are keyed by their bytes."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\0".encode())
+    return digest.hexdigest()
+
+
 def cache_key(data_file: str | Path, settings: dict[str, Any]) -> str:
     """Key of one data file's entry: its content plus everything that changes preprocessing."""
-    blob = json.dumps({"file": file_digest(data_file), "settings": settings}, sort_keys=True, default=str)
+    blob = json.dumps({"file": source_digest(data_file), "settings": settings}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 

@@ -16,7 +16,7 @@ from mmzoo.config import DataConfig
 from mmzoo.data.cache import CacheEntry, cache_key, write_entry
 from mmzoo.data.collate import Sample, collate_packed, collate_padded, pack
 from mmzoo.data.pipeline import Prepared, Preprocessor
-from mmzoo.data.records import SkipReport, read_records
+from mmzoo.data.records import SkipReport, iter_records
 from mmzoo.data.tokenizer import tokenizer_digest
 from mmzoo.errors import MmzooError
 from mmzoo.registry import ModelSpec, model_plugin
@@ -122,8 +122,11 @@ def _settings(spec: ModelSpec, model_config: Any, tokenizer: Any, data: DataConf
 def _prepare_file(
     path: str, preprocessor: Preprocessor, data: DataConfig, report: SkipReport, log: Callable[[str], None]
 ) -> Iterator[Prepared]:
-    records = read_records(path, data.dataset_dir, data.max_samples, data.strict, report)
+    # Records are streamed: parquet / arrow rows (embedded media included) are read a slice at a
+    # time and dropped once prepared.
+    records = iter_records(path, data.dataset_dir, data.max_samples, data.strict, report, data.format)
     started = last = time.monotonic()
+    n = 0
     for n, record in enumerate(records, 1):
         before = report.total
         prepared = preprocessor.prepare(record, report)
@@ -133,9 +136,11 @@ def _prepare_file(
         if prepared is not None:
             yield prepared
         now = time.monotonic()
-        if now - last > 2 or n == len(records):
-            log(f"preprocessing {path}: {n}/{len(records)} records ({n / max(now - started, 1e-9):.0f}/s)")
+        if now - last > 2:
+            log(f"preprocessing {path}: {n} records ({n / max(now - started, 1e-9):.0f}/s)")
             last = now
+    elapsed = time.monotonic() - started
+    log(f"preprocessing {path}: {n} records done ({n / max(elapsed, 1e-9):.0f}/s)")
 
 
 def build_dataset(
@@ -154,18 +159,18 @@ def build_dataset(
     log = log or _log
     files = [f.strip() for f in data.data.split(",") if f.strip()]
     if not files:
-        raise MmzooError("data.data is empty: give one or more JSON/JSONL files, comma-separated")
+        raise MmzooError("data.data is empty: give data files (JSON/JSONL, parquet), comma-separated")
     preprocessor = Preprocessor(spec, model_config, tokenizer, data)
     settings = _settings(spec, model_config, tokenizer, data)
     report = SkipReport()
     stores: list[Sequence[Prepared]] = []
     for path in files:
-        if not Path(path).is_file():
+        if not Path(path).expanduser().exists():
             raise MmzooError(f"data file {path} does not exist")
         if data.cache_dir is None:
             stores.append(list(_prepare_file(path, preprocessor, data, report, log)))
             continue
-        # Relative media paths resolve against this base, so the same JSONL content in another
+        # Relative media paths resolve against this base, so the same data content in another
         # directory names other files: it is part of the key (the path too: it is in each source).
         base = os.path.abspath(
             os.path.expanduser(data.dataset_dir) if data.dataset_dir else Path(path).expanduser().parent

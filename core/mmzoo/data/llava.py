@@ -1,4 +1,4 @@
-"""Converting LLaVA-form JSON (e.g. ``llava_instruct_150k.json``) to chat-form JSONL."""
+"""Converting LLaVA-form JSON (e.g. ``llava_instruct_150k.json``) to chat-form JSONL or parquet."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from mmzoo.data.parquet_out import write_parquet
 from mmzoo.data.records import REASONS, Record, SkipReport, read_records
 from mmzoo.errors import MmzooError
 from mmzoo.files import atomic_file
@@ -17,21 +18,23 @@ logger = logging.getLogger(__name__)
 def convert_llava(
     src: str | Path, image_dir: str | Path, out: str | Path, *, report: SkipReport | None = None
 ) -> dict[str, int]:
-    """Convert a LLaVA JSON / JSONL file to chat-form JSONL, written atomically.
+    """Convert a LLaVA JSON / JSONL file to chat-form JSONL, or parquet, written atomically.
 
     Records are read with `read_records`, so the same checks apply: records whose image is
     missing under ``image_dir`` (or that are otherwise bad) are skipped and counted; text-only
     records are kept. LLaVA records with an image but no ``<image>`` get one before the first
     question, as LLaVA does.
 
-    Media paths in the output are absolute: `read_records` keeps absolute paths whatever
+    Media paths in JSONL output are absolute: `read_records` keeps absolute paths whatever
     ``dataset_dir`` is, so the output can be mixed with other datasets in one ``data`` list.
-    Moving the images means converting again.
+    Moving the images means converting again. Parquet output (``out`` ending in ``.parquet``)
+    holds the media themselves (see :func:`mmzoo.data.parquet_out.write_parquet`): one
+    self-contained file.
 
     Args:
         src: the LLaVA file.
         image_dir: directory the records' ``image`` / ``video`` paths are relative to.
-        out: the chat-form JSONL to write; its directory is created if needed.
+        out: the chat-form JSONL (or ``.parquet``) to write; its directory is created if needed.
         report: where skipped records are counted (for a per-reason summary); if None, the
             summary is logged as warnings.
 
@@ -51,7 +54,11 @@ def convert_llava(
     skipped = {r: report.counts.get(r, 0) - before.get(r, 0) for r in REASONS}
     skipped = {r: n for r, n in skipped.items() if n}
 
-    _write_jsonl(Path(out), records)
+    out = Path(out)
+    if out.suffix.lower() == ".parquet":
+        write_parquet(out, records)
+    else:
+        _write_jsonl(out, records)
     if log_skips:
         for line in report.summary_lines():
             logger.warning(line)

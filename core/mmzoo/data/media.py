@@ -5,8 +5,9 @@ Model families turn the results into their own pixel layout (see each plugin's m
 
 from __future__ import annotations
 
+import io
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -17,11 +18,36 @@ from mmzoo.errors import MmzooError
 VideoBackend = Literal["pyav", "decord"]
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+@dataclass(frozen=True)
+class MediaBytes:
+    """An encoded image or video held in memory (a parquet or arrow cell), decoded like a file.
+
+    Attributes:
+        data: the file's bytes (JPEG, PNG, mp4, ...).
+        name: where it came from, for messages, e.g. ``images[0] (cat.jpg)``.
+    """
+
+    data: bytes = field(repr=False)
+    name: str
+
+    def __str__(self) -> str:
+        return f"embedded {self.name}, {len(self.data)} bytes"
+
+    def open(self) -> io.BytesIO:
+        """A binary file object over ``data``."""
+        return _InMemory(self.data)
+
+
+class _InMemory(io.BytesIO):
+    def __repr__(self) -> str:  # PIL names an unreadable file object by its repr (an address)
+        return "(in memory)"
+
+
+def load_image(path: str | os.PathLike | MediaBytes) -> Image.Image:
     """Decode an image file to RGB (see ``to_rgb``), with its EXIF orientation applied.
 
     Args:
-        path: Any format PIL reads.
+        path: Any format PIL reads, as a file or as :class:`MediaBytes`.
 
     Returns:
         A fully decoded RGB image.
@@ -30,7 +56,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         MmzooError: The file is missing or not a readable image.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(path.open() if isinstance(path, MediaBytes) else path) as image:
             image.load()  # decode now, while the file is open, so corrupt data fails here
             ImageOps.exif_transpose(image, in_place=True)
     except FileNotFoundError:
@@ -94,15 +120,15 @@ def _pad_even(frames: list[np.ndarray], n: int) -> np.ndarray:
     return np.stack(frames)
 
 
-def _decode_pyav(path: str, fps: float, max_frames: int) -> Video:
+def _decode_pyav(path: str | io.BytesIO, name: str, fps: float, max_frames: int) -> Video:
     try:
         import av
     except ImportError:
         raise MmzooError("video backend 'pyav' is not installed: pip install av") from None
 
-    with av.open(path) as container:
+    with av.open(path, mode="r") as container:
         if not container.streams.video:
-            raise MmzooError(f"no video stream in {path}")
+            raise MmzooError(f"no video stream in {name}")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         source_fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
@@ -125,11 +151,11 @@ def _decode_pyav(path: str, fps: float, max_frames: int) -> Video:
             if len(frames) >= n:
                 break
     if not frames:
-        raise MmzooError(f"no frames decoded from {path}")
+        raise MmzooError(f"no frames decoded from {name}")
     return Video(_pad_even(frames, n), n / duration, source_fps, duration)
 
 
-def _decode_decord(path: str, fps: float, max_frames: int) -> Video:
+def _decode_decord(path: str | io.BytesIO, name: str, fps: float, max_frames: int) -> Video:
     try:
         import decord
     except ImportError:
@@ -139,7 +165,7 @@ def _decode_decord(path: str, fps: float, max_frames: int) -> Video:
     reader = decord.VideoReader(path, num_threads=1)
     total = len(reader)
     if total == 0:
-        raise MmzooError(f"no frames decoded from {path}")
+        raise MmzooError(f"no frames decoded from {name}")
     source_fps = float(reader.get_avg_fps()) or 25.0
     duration = total / source_fps
     n = _sample_count(duration, total, fps, max_frames)
@@ -148,7 +174,7 @@ def _decode_decord(path: str, fps: float, max_frames: int) -> Video:
 
 
 def load_video(
-    path: str | os.PathLike,
+    path: str | os.PathLike | MediaBytes,
     fps: float = 2.0,
     max_frames: int = 128,
     backend: VideoBackend = "pyav",
@@ -159,7 +185,8 @@ def load_video(
     rounded down to an even count (at least two: a one-frame video repeats its frame).
 
     Args:
-        path: Any file the backend decodes (mp4, webm, avi, ...).
+        path: Any file the backend decodes (mp4, webm, avi, ...), or such a file as
+            :class:`MediaBytes` (both backends read it from memory).
         fps: Frames to sample per second of video.
         max_frames: Upper bound on the number of frames.
         backend: ``"pyav"`` (default) or ``"decord"``.
@@ -170,18 +197,19 @@ def load_video(
     Raises:
         MmzooError: The file is missing or unreadable, or the backend is unknown or not installed.
     """
-    path = os.fspath(path)
     if backend not in ("pyav", "decord"):
         raise MmzooError(f"unknown video backend {backend!r}: choose 'pyav' or 'decord'")
     if fps <= 0:
         raise MmzooError(f"video fps must be positive, got {fps}")
     if max_frames < 2:
         raise MmzooError(f"video max_frames must be at least 2, got {max_frames}")
-    if not os.path.isfile(path):
-        raise MmzooError(f"video file not found: {path}")
+    if not isinstance(path, MediaBytes):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise MmzooError(f"video file not found: {path}")
     decode = _decode_pyav if backend == "pyav" else _decode_decord
     try:
-        return decode(path, fps, max_frames)
+        return decode(path.open() if isinstance(path, MediaBytes) else path, str(path), fps, max_frames)
     except MmzooError:
         raise
     except Exception as e:  # each backend raises its own error types for broken files

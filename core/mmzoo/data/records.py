@@ -12,7 +12,9 @@ LLaVA form::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}]}
 
-Bad records are skipped and counted in a `SkipReport`; never dropped silently.
+The same records may come as rows of a parquet file or a ``datasets`` ``save_to_disk``
+directory (see :mod:`mmzoo.data.tables`), with media as paths, bytes, or ``{"bytes", "path"}``
+structs. Bad records are skipped and counted in a `SkipReport`; never dropped silently.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from mmzoo.data.media import MediaBytes
+from mmzoo.data.tables import detect_format, table_rows
 from mmzoo.errors import MmzooError, nearest
 
 logger = logging.getLogger(__name__)
@@ -57,15 +61,16 @@ class Record:
     Attributes:
         messages: ``{"role": "system" | "user" | "assistant", "content": str}`` turns: an optional
             system turn, then user / assistant alternating, ending with an assistant answer.
-        images: absolute image paths, in ``<image>`` placeholder order (a chat prompt's may also be
-            PIL images).
-        videos: absolute video paths, in ``<video>`` placeholder order.
-        source: where the record came from: ``"file:line"`` (JSONL) or ``"file:#index"`` (JSON array).
+        images: absolute image paths or embedded bytes, in ``<image>`` placeholder order (a chat
+            prompt's may also be PIL images).
+        videos: absolute video paths or embedded bytes, in ``<video>`` placeholder order.
+        source: where the record came from: ``"file:line"`` (JSONL), ``"file:#index"`` (JSON
+            array) or ``"file row index"`` (parquet / arrow, rows counted from 0).
     """
 
     messages: list[dict[str, str]]
-    images: list[Path] = field(default_factory=list)
-    videos: list[Path] = field(default_factory=list)
+    images: list[Path | MediaBytes] = field(default_factory=list)
+    videos: list[Path | MediaBytes] = field(default_factory=list)
     source: str = ""
 
 
@@ -129,11 +134,12 @@ def read_records(
     max_samples: int | None = None,
     strict: bool = False,
     report: SkipReport | None = None,
+    format: str = "auto",
 ) -> list[Record]:
-    """Read records from one or more JSON / JSONL files, skipping and counting bad ones.
+    """Read records from one or more data files, skipping and counting bad ones.
 
-    The format is decided by content: a file whose first non-blank character is ``[`` is a JSON
-    array, anything else is JSONL (one object per line, blank lines ignored).
+    Each file is read by :func:`iter_records`; this keeps all records in memory (media bytes
+    embedded in parquet / arrow rows included): training streams them instead.
 
     Args:
         data: a path, or several joined by commas.
@@ -142,34 +148,22 @@ def read_records(
         max_samples: keep at most this many good records per data file (reading stops there).
         strict: raise at the first bad record instead of skipping it.
         report: where skips are counted; if None, the summary is logged as warnings instead.
+        format: ``auto``, ``json``, ``parquet`` or ``arrow`` (see :func:`iter_records`).
 
     Returns:
         The good records of all files, in file order.
 
     Raises:
-        MmzooError: a data file is missing or not valid JSON, a file yields no good record, or
+        MmzooError: a data file is missing or unreadable, a file yields no good record, or
             (with ``strict``) a record is bad.
     """
     paths = [p.strip() for p in data.split(",") if p.strip()]
     if not paths:
         raise MmzooError(f"no data file given (data={data!r}); pass a JSON/JSONL path, or several with ,")
-    if max_samples is not None and max_samples < 1:
-        raise MmzooError(f"max_samples must be at least 1 (or unset), got {max_samples}")
     records: list[Record] = []
     for path in paths:
         local = SkipReport()
-        # Hundreds of thousands of new dicts and lists set off repeated full collections that find
-        # no cycles; pausing the collector makes reading about 1.5x faster.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            found = _read_one(path, dataset_dir, max_samples, strict, local)
-        finally:
-            if collecting:
-                gc.enable()
-        if not found:
-            raise MmzooError(_empty_message(path, local))
-        records.extend(found)
+        records.extend(iter_records(path, dataset_dir, max_samples, strict, local, format))
         if report is not None:
             report.merge(local)
         else:
@@ -178,16 +172,76 @@ def read_records(
     return records
 
 
-def _read_one(
-    path: str, dataset_dir: str | None, max_samples: int | None, strict: bool, report: SkipReport
-) -> list[Record]:
+def iter_records(
+    path: str,
+    dataset_dir: str | None = None,
+    max_samples: int | None = None,
+    strict: bool = False,
+    report: SkipReport | None = None,
+    format: str = "auto",
+) -> Iterator[Record]:
+    """The good records of one data file, in order; bad ones are counted in ``report``.
+
+    JSON: a file whose first non-blank character is ``[`` is a JSON array, anything else is
+    JSONL (one object per line, blank lines ignored); it is parsed whole. Parquet files and
+    ``save_to_disk`` directories are read lazily, a slice of rows at a time, their records
+    named ``"file row N"``. ``format`` ``auto`` picks by the path (see
+    :func:`mmzoo.data.tables.detect_format`).
+
+    Raises:
+        MmzooError: as :func:`read_records`; "no usable records" only once the file is read.
+    """
+    if max_samples is not None and max_samples < 1:
+        raise MmzooError(f"max_samples must be at least 1 (or unset), got {max_samples}")
+    report = report if report is not None else SkipReport()
     file = Path(path).expanduser()
-    if not file.is_file():
-        if file.is_dir():
-            raise MmzooError(f"{path}: is a directory; pass a JSON or JSONL data file")
+    if not file.exists():
         hint = nearest(file.name, os.listdir(file.parent)) if file.parent.is_dir() else ""
         raise MmzooError(f"{path}: data file not found{hint}")
+    fmt = detect_format(file, format)
     base = os.path.abspath(os.path.expanduser(dataset_dir) if dataset_dir else file.parent)
+    if fmt == "json":
+        # Hundreds of thousands of new dicts and lists set off repeated full collections that find
+        # no cycles; pausing the collector makes reading about 1.5x faster.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            found = _read_json(path, file, base, max_samples, strict, report)
+        finally:
+            if collecting:
+                gc.enable()
+        yield from found
+        count = len(found)
+    else:
+        count = 0
+        for record in _read_table(path, file, fmt, base, max_samples, strict, report):
+            yield record
+            count += 1
+    if not count:
+        raise MmzooError(_empty_message(path, report))
+
+
+def _read_table(
+    path: str, file: Path, fmt: str, base: str, max_samples: int | None, strict: bool, report: SkipReport
+) -> Iterator[Record]:
+    seen: dict[str, Path | None] = {}
+    count = 0
+    for index, row in table_rows(file, fmt):
+        source = f"{path} row {index}"
+        try:
+            record = _parse(row, source, base, seen)
+        except _Skip as skip:
+            _skip(skip, source, strict, report)
+            continue
+        yield record
+        count += 1
+        if max_samples is not None and count >= max_samples:
+            return
+
+
+def _read_json(
+    path: str, file: Path, base: str, max_samples: int | None, strict: bool, report: SkipReport
+) -> list[Record]:
     # Media shared by many records is checked on disk once; the Path is built once too (it costs
     # about as much as parsing the record's JSON).
     seen: dict[str, Path | None] = {}
@@ -198,9 +252,7 @@ def _read_one(
                 try:
                     records.append(_parse(obj, source, base, seen))
                 except _Skip as skip:
-                    if strict:
-                        raise _strict_error(source, skip.reason, skip.detail) from None
-                    report.add(skip.reason, source, skip.detail)
+                    _skip(skip, source, strict, report)
                     continue
                 if max_samples is not None and len(records) >= max_samples:
                     break
@@ -208,6 +260,12 @@ def _read_one(
         where = f"{exc.reason} at byte {exc.start}"
         raise MmzooError(f"{path}: not UTF-8 text ({where}); save it as UTF-8") from None
     return records
+
+
+def _skip(skip: _Skip, source: str, strict: bool, report: SkipReport) -> None:
+    if strict:
+        raise _strict_error(source, skip.reason, skip.detail) from None
+    report.add(skip.reason, source, skip.detail)
 
 
 def _strict_error(source: str, reason: str, detail: str) -> MmzooError:
@@ -257,12 +315,12 @@ def _parse(obj: Any, source: str, base: str, seen: dict[str, Path | None]) -> Re
         raise _Skip("bad_structure", f"record is a JSON {type(obj).__name__}, expected an object")
     if "messages" in obj:
         messages = _chat_messages(obj["messages"])
-        images = _paths(obj.get("images"), "images")
-        videos = _paths(obj.get("videos"), "videos")
+        images = _media(obj.get("images"), "images")
+        videos = _media(obj.get("videos"), "videos")
     elif "conversations" in obj:
         messages = _llava_messages(obj["conversations"])
-        images = _paths(obj.get("image"), "image")
-        videos = _paths(obj.get("video"), "video")
+        images = _media(obj.get("image"), "image")
+        videos = _media(obj.get("video"), "video")
         _llava_placeholders(messages, len(images), len(videos))
     else:
         keys = ", ".join(list(obj)[:5])
@@ -359,18 +417,38 @@ def _check_turns(messages: list[dict[str, str]]) -> None:
             raise _Skip("empty_answer", f"turn {i} (assistant) is empty")
 
 
-def _paths(raw: Any, key: str) -> list[str]:
+def _media(raw: Any, key: str) -> list[str | MediaBytes]:
+    """A media field: a path, bytes or a ``{"bytes", "path"}`` struct (``datasets``' Image and
+    Video features), or a list of them; bytes win over a struct's path."""
     if raw is None:
         return []
-    paths = [raw] if isinstance(raw, str) else raw
-    if isinstance(paths, list) and all(isinstance(p, str) and p for p in paths):
-        return paths
-    raise _Skip("bad_structure", f"'{key}' must be a path or a list of non-empty paths")
+    items = raw if isinstance(raw, list) else [raw]
+    media: list[str | MediaBytes] = []
+    for i, item in enumerate(items):
+        name = f"{key}[{i}]"
+        if isinstance(item, dict) and item.keys() <= {"bytes", "path"}:
+            if item.get("path"):
+                name += f" ({item['path']})"
+            item = item["bytes"] if item.get("bytes") is not None else item.get("path")
+        if isinstance(item, str) and item:
+            media.append(item)
+        elif isinstance(item, bytes) and item:
+            media.append(MediaBytes(item, name))
+        else:
+            kind = type(item).__name__
+            want = "a path, bytes or a {'bytes', 'path'} struct, or a list of them"
+            raise _Skip("bad_structure", f"{name} is a {kind}; '{key}' must be {want}")
+    return media
 
 
-def _resolve(paths: list[str], base: str, seen: dict[str, Path | None]) -> list[Path]:
-    resolved = []
-    for raw in paths:
+def _resolve(
+    media: list[str | MediaBytes], base: str, seen: dict[str, Path | None]
+) -> list[Path | MediaBytes]:
+    resolved: list[Path | MediaBytes] = []
+    for raw in media:
+        if isinstance(raw, MediaBytes):
+            resolved.append(raw)
+            continue
         full = os.path.normpath(os.path.join(base, os.path.expanduser(raw)))  # join keeps absolute paths
         if full in seen:
             path = seen[full]
@@ -385,7 +463,10 @@ def _resolve(paths: list[str], base: str, seen: dict[str, Path | None]) -> list[
 
 def _empty_message(path: str, report: SkipReport) -> str:
     if not report.counts:
-        return f"{path}: no records in this file; it should be a JSON array of objects or JSONL"
+        return (
+            f"{path}: no records in this file; it should be a JSON array of objects, JSONL, "
+            "parquet or a datasets save_to_disk directory"
+        )
     counts = ", ".join(f"{n} {reason}" for reason, n in report.counts.items())
     source, detail = next(iter(report.first.values()))
     hint = ""

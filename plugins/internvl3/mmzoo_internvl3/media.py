@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmzoo.data.media import Video, VideoBackend, load_image, load_video, to_rgb
+from mmzoo.data.media import MediaBytes, Video, VideoBackend, load_image, load_video, to_rgb
 from mmzoo.errors import MmzooError
 from mmzoo.protocols import MediaItem
 
@@ -133,13 +133,13 @@ class InternVLMediaProcessor:
         self.feature_token_ids = frozenset({image_token_id})
         self._tokenizer = tokenizer
 
-    def prepare_image(self, image: Image.Image | str | os.PathLike) -> MediaItem:
+    def prepare_image(self, image: Image.Image | str | os.PathLike | MediaBytes) -> MediaItem:
         """Decode (a path) and tile: frames uint8 ``(N, 448, 448, 3)``."""
         rgb = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
         tiles = tile_image(rgb, self.tile_size, self.min_tiles, self.max_tiles, self.thumbnail)
         return MediaItem(kind="image", frames=tiles, info={})
 
-    def prepare_video(self, video: Video | str | os.PathLike) -> MediaItem:
+    def prepare_video(self, video: Video | str | os.PathLike | MediaBytes) -> MediaItem:
         """Decode and sample (a path), each frame resized to one tile: uint8 ``(T, 448, 448, 3)``."""
         if not isinstance(video, Video):
             video = load_video(video, fps=self.fps, max_frames=self.video_maxlen, backend=self.video_backend)

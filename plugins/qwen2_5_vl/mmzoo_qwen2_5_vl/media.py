@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmzoo.data.media import Video, VideoBackend, load_image, load_video, to_rgb
+from mmzoo.data.media import MediaBytes, Video, VideoBackend, load_image, load_video, to_rgb
 from mmzoo.errors import MmzooError
 from mmzoo.protocols import MediaItem
 
@@ -131,12 +131,12 @@ class QwenMediaProcessor:
             float(item.info["second_per_grid_t"]),
         )
 
-    def prepare_image(self, image: Image.Image | str | os.PathLike) -> MediaItem:
+    def prepare_image(self, image: Image.Image | str | os.PathLike | MediaBytes) -> MediaItem:
         """Decode and resize: uint8 ``(1, H, W, 3)`` with H and W multiples of 28 (what caches keep)."""
         rgb = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
         return MediaItem("image", self._resize(rgb, self.min_pixels, self.max_pixels)[None])
 
-    def prepare_video(self, video: Video | str | os.PathLike) -> MediaItem:
+    def prepare_video(self, video: Video | str | os.PathLike | MediaBytes) -> MediaItem:
         """Decode, sample and resize: uint8 ``(T, H, W, 3)`` with T even; ``info`` holds
         ``second_per_grid_t`` (seconds per temporal patch, the M-RoPE time step)."""
         if not isinstance(video, Video):
