@@ -30,7 +30,6 @@ import os
 import platform
 import random
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -326,10 +325,6 @@ def print_report(
 
 def main() -> None:
     args = parse_args()
-    # This script's folder holds kernels.py, which would shadow the `kernels` package that
-    # transformers imports with its image processors; machine.py is imported by now.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     spec = mmzoo.get_model("qwen2_5_vl")
     model_config = spec.variant("7b")  # the config only: no model is built
     tokenizer = default_qwen_tokenizer()

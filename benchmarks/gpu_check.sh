@@ -3,7 +3,7 @@
 # run it with a Python that already has mmzoo (and its qwen2_5_vl plugin) installed on a CUDA
 # build of torch; flash-attn and triton are used when importable. About 2-4 minutes:
 #   1. every CUDA implementation against the reference (tests/test_kernels.py on cuda),
-#   2. time + peak memory of each against the reference / SDPA (benchmarks/kernels.py),
+#   2. time + peak memory of each against the reference / SDPA (benchmarks/kernel_ops.py),
 #   3. a few training steps of the tiny Qwen2.5-VL on the GPU (bf16 autocast, packed batches).
 # Usage: bash benchmarks/gpu_check.sh        (PYTHON=/path/to/python to pick the interpreter)
 #        GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   rehearses every step on CPU
@@ -41,7 +41,7 @@ timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -rs \
 tests_rc=${PIPESTATUS[0]}
 
 echo "== 2. timings against the reference, SDPA for attention ($DEVICE)"
-timeout 120 "$PY" benchmarks/kernels.py --device "$DEVICE" --repeat 10 2>&1 | tee "$out/bench.txt"
+timeout 120 "$PY" benchmarks/kernel_ops.py --device "$DEVICE" --repeat 10 2>&1 | tee "$out/bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
 echo "== 3. training steps of the tiny model ($DEVICE, bf16)"

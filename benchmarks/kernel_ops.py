@@ -9,7 +9,7 @@ resetting it through ``/proc/self/clear_refs``, with glibc told to return large 
 The last section is the loss at 8,192 tokens x 151,936 vocab: the naive path (full logits)
 against the chunked one, with their gradients compared.
 
-Run: ``python benchmarks/kernels.py`` (CPU) or ``python benchmarks/kernels.py --device cuda``.
+Run: ``python benchmarks/kernel_ops.py`` (CPU) or ``python benchmarks/kernel_ops.py --device cuda``.
 """
 
 from __future__ import annotations
