@@ -31,6 +31,32 @@ class RecomputeConfig:
     num_layers: int = 1
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, attached with ``peft``) on the model's linear layers.
+
+    Attributes:
+        r: adapter rank; 0 or null: no adapters (full fine-tuning).
+        alpha: scaling numerator: an adapter adds ``B @ A * alpha / r`` to its layer's weight.
+        dropout: dropout on the adapters' input.
+        targets: the linear layers to adapt: groups ``text.attention``, ``text.mlp``,
+            ``vision.attention``, ``vision.mlp``, ``projector``, or module names, each matching a
+            module whose full name equals it, ends with ``.`` + it, or matches it in full as a
+            regular expression.
+        modules_to_save: modules trained in full beside the adapters (names matched as ``targets``).
+    """
+
+    r: int | None = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("text.attention", "text.mlp")
+    modules_to_save: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.r)
+
+
 # The family `mmzoo train` trains when no model is named (`model.name`): the embedded demo's.
 DEFAULT_MODEL = "qwen2_5_vl"
 
@@ -48,6 +74,12 @@ class ModelConfig:
         tokenizer: tokenizer directory (default: ``load`` when set, else the family's own).
         freeze: groups to freeze (``vision``, ``projector``, ``language``).
         recompute_vision, recompute_text: activation recompute per tower.
+        lora: low-rank adapters: ``{r, alpha, dropout, targets, modules_to_save}`` (``r`` 0 or null:
+            off; ``targets``: ``text.attention``, ``text.mlp``, ``vision.attention``, ``vision.mlp``,
+            ``projector`` or module names, matched as a dotted suffix or a full regular expression);
+            base weights frozen; needs ``pip install mmzoo[lora]``.
+        load_adapter: a PEFT adapter directory (``adapter_config.json``) for ``load``'s Hugging
+            Face model, fused into the model's layers as LoRA adapters (its settings replace ``lora``).
         text_backend: the LLM's implementation: ``native`` (mmzoo's layers) or ``megatron``
             (megatron-core's GPT layers and tensor parallel, same weights and names; with
             ``parallel.dp_shard``, ``tp`` and ``pp``; needs ``pip install mmzoo[megatron]``).
@@ -61,6 +93,8 @@ class ModelConfig:
     freeze: tuple[str, ...] = ()
     recompute_vision: RecomputeConfig = RecomputeConfig()
     recompute_text: RecomputeConfig = RecomputeConfig()
+    lora: LoraConfig = LoraConfig()
+    load_adapter: str | None = None
     text_backend: Literal["native", "megatron"] = "native"
 
 

@@ -55,6 +55,8 @@ from mmzoo.distributed.pipeline import (
     vision_depth,
 )
 from mmzoo.errors import MmzooError
+from mmzoo.lora.attach import store_frozen
+from mmzoo.lora.checkpoint import adapt, frozen_dtype
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
 from mmzoo.nn.init import materialize
@@ -328,6 +330,7 @@ class _Run:
     kernels: dict[str, str]  # op -> backend in use on the training device
     state: dict[str, Any] = field(default_factory=dict)  # step, epoch, position, tokens, samples
     pipeline: PipelineModel | None = None  # this rank's pipeline stages (parallel.pp > 1)
+    lora: dict[str, Any] | None = None  # the adapters' record (model.lora), saved with checkpoints
 
 
 def _training_device(train_cfg: TrainConfig) -> torch.device:
@@ -353,15 +356,20 @@ def _freeze_and_recompute(model: VLModel, cfg: Config, spec: ModelSpec) -> None:
 
 def _model_and_tokenizer(
     cfg: Config, spec: ModelSpec, world: World, mesh: TrainMesh, device: torch.device
-) -> tuple[VLModel, Any, PipelineModel | None]:
-    """The model on ``device`` in train mode (split and sharded on many ranks), its tokenizer, and
-    this rank's pipeline stages when there are several."""
+) -> tuple[VLModel, Any, PipelineModel | None, dict[str, Any] | None]:
+    """The model on ``device`` in train mode (split and sharded on many ranks), its tokenizer,
+    this rank's pipeline stages when there are several, and the LoRA adapters' record."""
     if world.distributed:
         model, pipeline = _sharded_model(cfg, spec, world, mesh, device)
-        return model, load_tokenizer_for(cfg, spec), pipeline
+        return model, load_tokenizer_for(cfg, spec), pipeline, None
     model, tokenizer = build(cfg, spec)
+    lora = adapt(model, cfg.model, cfg.train.seed)
     _freeze_and_recompute(model, cfg, spec)
-    return model.to(device).train(), tokenizer, None
+    model = model.to(device)
+    base_dtype = frozen_dtype(cfg.train.precision, device) if lora else None
+    if base_dtype is not None:
+        store_frozen(model, base_dtype)
+    return model.train(), tokenizer, None, lora
 
 
 def _check_parallel(cfg: Config, world: World) -> MeshShape:
@@ -442,7 +450,7 @@ def _set_up(
     cfg = with_demo_media(cfg, spec)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
-    model, tokenizer, pipeline = _model_and_tokenizer(cfg, spec, world, mesh, device)
+    model, tokenizer, pipeline, lora = _model_and_tokenizer(cfg, spec, world, mesh, device)
     # A loaded model is the variant its config equals, if any; model.variant names only random inits.
     variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
     log = None if world.main else _silent  # rank 0 reports the preprocessing and skipped records
@@ -478,6 +486,7 @@ def _set_up(
         save_options=save_options,
         kernels=kernels,
         pipeline=pipeline,
+        lora=lora,
     )
     run.state = _resume_or_start_over(run, resume=resume, overwrite=overwrite, out=out)
     return run
@@ -836,6 +845,7 @@ class _Checkpoints:
             dict(run.state),
             variant=run.variant,
             media=run.cfg.data.media,
+            lora=run.lora,
         )
         step, options = run.state["step"], run.save_options
         if run.world.distributed:

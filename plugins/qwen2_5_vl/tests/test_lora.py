@@ -1,0 +1,181 @@
+"""LoRA training on the tiny Qwen2.5-VL: only adapters train, checkpoints hold only them, resume
+is exact, and a checkpoint loads back for inference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from launch import SMALL
+from safetensors import safe_open
+
+import mmzoo
+import mmzoo.train.loop as loop
+from mmzoo.cli import main
+from mmzoo.config import load_config
+from mmzoo.model import VLModel
+from mmzoo.train.loop import train
+
+LORA = ["--model.lora", "{r: 4, alpha: 8, targets: [text.attention, text.mlp, vision.attention, projector]}"]
+RUN = ["--train.steps", "3", "--train.lr", "1e-2", *LORA]
+
+
+def config(output_dir, *extra: str):
+    return load_config(None, [*SMALL, "--train.output_dir", str(output_dir), *extra])
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def trained_model(monkeypatch, cfg) -> tuple[loop.TrainResult, VLModel]:
+    """Run ``cfg``; returns the result and the model the run trained (in memory)."""
+    models: list[VLModel] = []
+    build = loop._model_and_tokenizer
+
+    def keep(*args, **kwargs):
+        built = build(*args, **kwargs)
+        models.append(built[0])
+        return built
+
+    monkeypatch.setattr(loop, "_model_and_tokenizer", keep)
+    return train(cfg, out=quiet), models[0]
+
+
+def base_weights(seed: int = 42) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return dict(mmzoo.build_model("qwen2_5_vl", "tiny").state_dict())
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--train.loss_reduction", "per_token", "--data.packing", "false"],
+        ["--train.loss_reduction", "per_sample", "--model.recompute_text.granularity", "full"],
+        ["--model.recompute_vision.granularity", "selective", "--train.grad_accum", "2"],
+    ],
+    ids=["default", "per_token-padded", "per_sample-recompute", "selective-accum"],
+)
+def test_only_adapters_train(tmp_path, monkeypatch, extra):
+    result, model = trained_model(monkeypatch, config(tmp_path, *RUN, *extra))
+    initial = base_weights()
+    trained = dict(model.named_parameters())
+    for name, param in trained.items():
+        base = name.replace(".base_layer.", ".")
+        if ".lora_" in name:
+            assert param.requires_grad, name
+        else:
+            assert not param.requires_grad and torch.equal(param, initial[base]), name
+    changed = [n for n, p in trained.items() if ".lora_B." in n and p.abs().sum() > 0]  # B starts at 0
+    assert len(changed) == 2 * 4 + 4 * 2 + 2  # text qkv/proj/fc1/fc2 x2, vision qkv/proj x4, projector
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_modules_to_save_train_in_full(tmp_path, monkeypatch):
+    cfg = config(tmp_path, *RUN, "--model.lora.modules_to_save", "[word_embeddings]")
+    _, model = trained_model(monkeypatch, cfg)
+    initial = base_weights()
+    name = "text_decoder.embedding.word_embeddings.weight"  # tied: the output layer's too
+    embedding = model.get_parameter(name)
+    assert embedding.requires_grad and not torch.equal(embedding, initial[name])
+    norm = "text_decoder.decoder.final_layernorm.weight"
+    assert torch.equal(model.get_parameter(norm), initial[norm])
+
+
+def test_freeze_composes_with_lora(tmp_path, monkeypatch):
+    _, model = trained_model(monkeypatch, config(tmp_path, *RUN, "--model.freeze", "[vision]"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(n.startswith("image_encoder.encoder.") for n in trainable)
+    assert any(n.startswith("image_encoder.projector.") for n in trainable)
+
+
+def test_start_up_shows_the_trainable_share(tmp_path, capsys):
+    args = ["train", *SMALL, "--train.steps", "1", "--train.output_dir", str(tmp_path), *LORA]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "  lora             0.02M  adapters on 18 layers (in the groups above)" in out
+    assert "0.02M trainable, 0.16%)" in out
+
+
+def test_checkpoint_holds_only_the_trained_weights(tmp_path, monkeypatch):
+    result, model = trained_model(
+        monkeypatch, config(tmp_path, *RUN, "--model.lora.modules_to_save", "[word_embeddings]")
+    )
+    shard = result.checkpoint / "mp_rank_00"
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    with safe_open(shard / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == trained
+    with safe_open(shard / "optimizer.safetensors", "pt") as f:
+        assert {k.rpartition("/")[0] for k in f.keys()} == trained
+    record = json.loads((result.checkpoint / "lora.json").read_text())
+    assert record["base"] == {
+        "load": None,
+        "name": "qwen2_5_vl",
+        "variant": "tiny",
+        "seed": 42,
+        "overrides": {},
+    }
+    assert record["lora"]["modules_to_save"] == ["text_decoder.embedding.word_embeddings"]
+    # Loading it rebuilds the base (here the seeded random init) and loads the adapters.
+    loaded = mmzoo.load_model(tmp_path)
+    ids = torch.arange(20).view(1, 20) + 5
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+        torch.testing.assert_close(loaded.eval()(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    straight_dir, cut_dir = tmp_path / "straight", tmp_path / "cut"
+    run = [*RUN, "--train.steps", "4", "--train.save_every", "2"]
+    straight = train(config(straight_dir, *run), out=quiet)
+    calls = {"n": 0}
+    forward = VLModel.forward
+
+    def crash_in_step_3(model, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("crash")
+        return forward(model, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(VLModel, "forward", crash_in_step_3)
+        with pytest.raises(RuntimeError, match="crash"):
+            train(config(cut_dir, *run), out=quiet)
+    resumed = train(config(cut_dir, *run), resume=True, out=quiet)
+    assert straight.losses[2:] == resumed.losses  # bitwise
+    for name in ("model", "optimizer"):
+        a, b = (
+            safe_open(d / "iter_0000004/mp_rank_00" / f"{name}.safetensors", "pt")
+            for d in (straight_dir, cut_dir)
+        )
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def test_resume_without_lora_is_refused(tmp_path):
+    train(config(tmp_path, *RUN, "--train.steps", "1"), out=quiet)
+    with pytest.raises(mmzoo.MmzooError, match="saved with LoRA adapters, the model has none"):
+        train(config(tmp_path, "--train.steps", "2"), resume=True, out=quiet)
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ("{r: 4, targets: [text.atention]}", "model.lora.targets: 'text.atention' matches no module"),
+        ("{r: 4, targets: [word_embeddings]}", "LoRA adapts nn.Linear layers only"),
+        ("{r: 4, targets: [output_layer]}", "is the output layer, which the loss reads by weight"),
+    ],
+)
+def test_bad_targets_are_errors(tmp_path, lora, message):
+    untied = ["--model.overrides", "{text: {tie_word_embeddings: false}}"]
+    with pytest.raises(mmzoo.MmzooError, match=message):
+        train(config(tmp_path, "--train.steps", "1", *untied, "--model.lora", lora), out=quiet)
+
+
+def test_off_by_default(tmp_path):
+    cfg = config(tmp_path)
+    assert not cfg.model.lora.enabled
+    assert not load_config(None, ["--model.lora.r", "null"]).model.lora.enabled
