@@ -30,8 +30,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLMo
     ``latest_checkpointed_iteration.txt``, an ``iter_*``/``release`` directory, or its
     ``mp_rank_00`` shard) of any tensor/pipeline split; the DCP checkpoint of a run on many
     ranks (its run directory or ``iter_*`` directory); a LoRA run's checkpoint: the base model it
-    records (``model.load``'s path, which must still exist) with its adapters. Either way the model is built once and
-    tensors are streamed from the checkpoint files straight into its parameters.
+    records (``model.load``'s path, which must still exist) with its adapters. Either way the
+    model is built once and tensors are streamed from the checkpoint files straight into its
+    parameters.
 
     Args:
         path: checkpoint directory (HF: config.json + safetensors, sharded or not; or mm).

@@ -160,7 +160,10 @@ class TrainConfig:
         save_optimizer, save_rng: include optimizer / RNG state in checkpoints.
         load_optimizer, load_rng: restore optimizer / RNG state when resuming.
         on_nonfinite: ``stop`` at a NaN/inf loss, or ``skip`` that step's update.
-        save_hf: also export the final model as a Hugging Face checkpoint here.
+        save_hf: also export the final model as a Hugging Face checkpoint here (LoRA adapters
+            merged into the weights).
+        save_peft: with LoRA, also export the final adapters as a PEFT adapter directory here
+            (transformers' module names; load it with ``PeftModel.from_pretrained``).
         tensorboard: write TensorBoard events when ``tensorboard`` is installed.
     """
 
@@ -190,6 +193,7 @@ class TrainConfig:
     load_rng: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"
     save_hf: str | None = None
+    save_peft: str | None = None
     tensorboard: bool = True
 
 

@@ -15,6 +15,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by ``infer`` and ``eval``: checkpoint, tokenizer, dtype, device, media sizes."""
     p.add_argument("--model-dir", required=True, help="Hugging Face checkpoint directory or mm checkpoint")
     p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory trained on --model-dir's Hugging Face model (needs mmzoo[lora])",
+    )
+    p.add_argument(
         "--tokenizer", help="directory with the tokenizer (default: the checkpoint's, else the family's)"
     )
     p.add_argument(
@@ -67,6 +72,10 @@ def load_chat(args: argparse.Namespace) -> Any:
     from mmzoo.infer import Chat
 
     model = mmzoo.load_model(args.model_dir, dtype=args.dtype)
+    if args.adapter:
+        from mmzoo.lora.peft_format import import_adapter
+
+        import_adapter(model, args.adapter)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     tokenizer = None

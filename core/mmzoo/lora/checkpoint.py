@@ -22,6 +22,7 @@ from mmzoo.checkpoint.weights import resolve_dtype
 from mmzoo.config import LoraConfig, ModelConfig
 from mmzoo.errors import MmzooError
 from mmzoo.lora.attach import attach, resolve_modules
+from mmzoo.lora.peft_format import import_adapter
 from mmzoo.model import VLModel
 
 LORA = "lora.json"  # as mmzoo.train.checkpoint.LORA
@@ -99,14 +100,21 @@ def load_lora_model(
 
 
 def adapt(model: VLModel, model_cfg: ModelConfig, seed: int) -> dict[str, Any] | None:
-    """Attach the adapters ``model.lora`` configures to ``model`` (the base, freshly built with
-    ``seed``); returns their record, or ``None`` when LoRA is off."""
+    """Attach the adapters ``model.lora`` configures, or the PEFT adapter ``model.load_adapter``
+    names, to ``model`` (the base, freshly built with ``seed``); returns their record, or ``None``
+    when there are none."""
     settings = model_cfg.lora
-    if not settings.enabled:
+    if not (settings.enabled or model_cfg.load_adapter):
         return None
     if model_cfg.text_backend != "native":
         raise MmzooError("model.lora needs model.text_backend=native (LoRA attaches to mmzoo's own layers)")
-    targets = attach(model, settings)
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    if model_cfg.load_adapter:
+        imported = import_adapter(model, model_cfg.load_adapter, settings.modules_to_save)
+        settings, ranks, alphas = imported.settings, imported.ranks, imported.alphas
+    else:
+        settings = dataclasses.replace(settings, targets=tuple(attach(model, settings)))
     saved = resolve_modules(model, settings.modules_to_save, "model.lora.modules_to_save", linear=False)
-    full = dataclasses.replace(settings, targets=tuple(targets), modules_to_save=tuple(saved))
-    return lora_record(model_cfg, seed, full)
+    full = dataclasses.replace(settings, modules_to_save=tuple(saved))
+    return lora_record(model_cfg, seed, full, ranks=ranks, alphas=alphas)

@@ -411,6 +411,19 @@ def _check_text_backend(cfg: Config, shape: MeshShape, device: torch.device) -> 
         )
 
 
+def _check_lora(cfg: Config, shape: MeshShape, world: World) -> None:
+    """LoRA runs in one process; ``train.save_peft`` needs adapters to export."""
+    model_cfg = cfg.model
+    lora = model_cfg.lora.enabled or model_cfg.load_adapter is not None
+    if cfg.train.save_peft and not lora:
+        raise MmzooError("train.save_peft: no adapters to export; set model.lora (or model.load_adapter)")
+    if lora and world.distributed:
+        raise MmzooError(
+            f"model.lora is not supported on many ranks yet (tp={shape.tp}, cp={shape.cp}, pp={shape.pp}, "
+            f"{world.size} ranks); train LoRA in one process"
+        )
+
+
 def with_demo_media(cfg: Config, spec: ModelSpec) -> Config:
     """With ``data.demo_media``: ``data.media`` laid over the family's ``demo_media`` (its own keys win)."""
     if not cfg.data.demo_media:
@@ -439,6 +452,7 @@ def _set_up(
     save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
     device = world.device(_training_device(train_cfg))
     _check_text_backend(cfg, shape, device)
+    _check_lora(cfg, shape, world)
     init_process_group(world, device, cfg.parallel.timeout_s)
     mesh = TrainMesh.build(shape, device) if world.distributed else TrainMesh(shape)
     stops.listen()
@@ -883,6 +897,15 @@ def _export_hf(run: _Run, hf_dir: str, checkpoint: Path | None) -> Path | None:
     return written
 
 
+def _export_peft(run: _Run, peft_dir: str) -> None:
+    """``train.save_peft``: the trained adapters as a PEFT adapter directory (rank 0 writes it)."""
+    from mmzoo.lora.peft_format import save_peft
+
+    with checked(run.world):
+        if run.world.main:
+            save_peft(run.model, peft_dir, base=run.cfg.model.load, overwrite=True)
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 
@@ -1015,8 +1038,13 @@ def _train(
     seconds = time.monotonic() - progress.started
     export = run.cfg.train.save_hf
     hf_dir = _export_hf(run, export, checkpoints.last) if export and not interrupted else None
+    peft_dir = run.cfg.train.save_peft
+    if peft_dir and not interrupted:
+        _export_peft(run, peft_dir)
     for line in progress.summary(seconds, checkpoints.last, hf_dir):
         out(line)
+    if peft_dir and not interrupted:
+        out(f"peft adapter: {Path(peft_dir).absolute()}")
     losses = progress.losses
     return TrainResult(
         run.output, checkpoints.last, len(losses), progress.tokens, seconds, losses, interrupted, hf_dir

@@ -41,7 +41,9 @@ def trainable_summary(model: nn.Module, freeze_groups: Mapping[str, Sequence[str
     if adapters:
         count = sum(p.numel() for _, p in adapters)
         layers = len({n.partition(".lora_")[0] for n, _ in adapters})
-        lines.append(f"  {'lora':<10} {count / 1e6:>10.2f}M  adapters on {layers} layers (in the groups above)")
+        lines.append(
+            f"  {'lora':<10} {count / 1e6:>10.2f}M  adapters on {layers} layers (in the groups above)"
+        )
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     share = 100 * trainable / max(total, 1)
