@@ -12,8 +12,10 @@ from safetensors import safe_open
 
 import mmzoo
 import mmzoo.train.loop as loop
+from mmzoo.checkpoint.mm import save_mm
 from mmzoo.cli import main
 from mmzoo.config import load_config
+from mmzoo.lora.peft_format import import_adapter
 from mmzoo.model import VLModel
 from mmzoo.train.loop import train
 
@@ -179,3 +181,50 @@ def test_off_by_default(tmp_path):
     cfg = config(tmp_path)
     assert not cfg.model.lora.enabled
     assert not load_config(None, ["--model.lora.r", "null"]).model.lora.enabled
+
+
+def test_cli_exports_and_infers(tmp_path, capsys):
+    run, hf, adapter = tmp_path / "run", tmp_path / "hf", tmp_path / "adapter"
+    args = [
+        "train",
+        *SMALL,
+        *RUN,
+        "--train.output_dir",
+        str(run),
+        "--save-hf",
+        str(hf),
+        "--save-peft",
+        str(adapter),
+    ]
+    assert main(args) == 0
+    assert f"peft adapter: {adapter}" in capsys.readouterr().out
+    trained = mmzoo.load_model(run).eval()  # the seeded base and the adapters
+    torch.manual_seed(42)
+    base = mmzoo.build_model("qwen2_5_vl", "tiny").eval()
+    save_mm(base, tmp_path / "base", variant="tiny")
+    import_adapter(base, adapter)  # the exported adapter back onto the base
+    ids = torch.arange(30).view(1, 30) + 5
+    with torch.no_grad():
+        expected = trained(ids).logits
+        torch.testing.assert_close(mmzoo.load_model(hf).eval()(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(base(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    infer = ["infer", "--prompt", "What is in the picture?", "--max-new-tokens", "4", "--no-stream"]
+    assert main([*infer, "--model-dir", str(run)]) == 0
+    answer = capsys.readouterr().out
+    assert main([*infer, "--model-dir", str(tmp_path / "base"), "--adapter", str(adapter)]) == 0
+    assert capsys.readouterr().out == answer
+
+
+def test_train_from_an_imported_adapter(tmp_path, monkeypatch):
+    first = train(config(tmp_path / "first", *RUN, "--train.save_peft", str(tmp_path / "adapter")), out=quiet)
+    cfg = config(tmp_path / "second", "--train.steps", "1", "--model.load_adapter", str(tmp_path / "adapter"))
+    _, model = trained_model(monkeypatch, cfg)
+    assert any(".lora_A." in n for n, p in model.named_parameters() if p.requires_grad)
+    record = json.loads((tmp_path / "second" / "iter_0000001" / "lora.json").read_text())
+    assert record["adapter"] == str(tmp_path / "adapter") and record["ranks"]
+    assert first.losses
+
+
+def test_save_peft_needs_adapters(tmp_path):
+    with pytest.raises(mmzoo.MmzooError, match="train.save_peft: no adapters to export"):
+        train(config(tmp_path, "--train.steps", "1", "--train.save_peft", str(tmp_path / "a")), out=quiet)
