@@ -39,7 +39,7 @@ def lora_record(
     """The JSON record of an attached adapter: ``settings`` with full module names (see
     :func:`mmzoo.lora.attach.attach`) and the base model it needs."""
     load = str(Path(model_cfg.load).absolute()) if model_cfg.load else None
-    base = {"load": load, "name": model_cfg.name, "variant": model_cfg.variant, "seed": seed}
+    base: dict[str, Any] = {"load": load, "name": model_cfg.name, "variant": model_cfg.variant, "seed": seed}
     base["overrides"] = {} if load else model_cfg.overrides
     return {
         "lora": dataclasses.asdict(settings),
