@@ -581,6 +581,9 @@ def _steps(dataset: VLDataset, cfg: Config, mesh: TrainMesh, epoch: int, positio
             batch_sampler=[indices for share in mine for indices in share],
             collate_fn=dataset.collate,
             num_workers=cfg.data.num_workers,
+            # Its own generator: an iterator drawn from the global one would shift the random
+            # stream (LoRA dropout) of a resumed run, which starts its loader after restoring it.
+            generator=torch.Generator().manual_seed(train_cfg.seed + epoch),
         )
         batches = iter(loader)
         for block, share in zip(blocks, mine, strict=True):

@@ -128,25 +128,36 @@ def test_checkpoint_holds_only_the_trained_weights(tmp_path, monkeypatch):
         torch.testing.assert_close(loaded.eval()(ids).logits, expected, rtol=0, atol=0)
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
-    straight_dir, cut_dir = tmp_path / "straight", tmp_path / "cut"
-    run = [*RUN, "--train.steps", "4", "--train.save_every", "2"]
-    straight = train(config(straight_dir, *run), out=quiet)
+# Dropout draws from the restored random stream. Two steps an epoch: a crash in step 2 resumes
+# mid-epoch, one in step 3 at the end of the first epoch.
+RESUMED = [*RUN, "--train.steps", "4", "--train.save_every", "1", "--model.lora.dropout", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("straight")
+    return train(config(directory, *RESUMED), out=quiet), directory
+
+
+@pytest.mark.parametrize("crash", [2, 3])
+def test_resume_is_exact(straight, tmp_path, monkeypatch, crash):
+    straight_run, straight_dir = straight
+    cut_dir = tmp_path / "cut"
     calls = {"n": 0}
     forward = VLModel.forward
 
-    def crash_in_step_3(model, *args, **kwargs):
+    def crashing(model, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == crash:
             raise RuntimeError("crash")
         return forward(model, *args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(VLModel, "forward", crash_in_step_3)
+        m.setattr(VLModel, "forward", crashing)
         with pytest.raises(RuntimeError, match="crash"):
-            train(config(cut_dir, *run), out=quiet)
-    resumed = train(config(cut_dir, *run), resume=True, out=quiet)
-    assert straight.losses[2:] == resumed.losses  # bitwise
+            train(config(cut_dir, *RESUMED), out=quiet)
+    resumed = train(config(cut_dir, *RESUMED), resume=True, out=quiet)
+    assert straight_run.losses[crash - 1 :] == resumed.losses  # bitwise
     for name in ("model", "optimizer"):
         a, b = (
             safe_open(d / "iter_0000004/mp_rank_00" / f"{name}.safetensors", "pt")
