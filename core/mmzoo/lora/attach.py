@@ -38,7 +38,9 @@ def require_peft() -> Any:
     """The ``peft`` module, or a one-line error saying how to install it."""
     try:
         import peft
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != "peft":
+            raise
         raise MmzooError(INSTALL) from None
     return peft
 
