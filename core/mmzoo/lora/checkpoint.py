@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mmzoo.build import build_model
+from mmzoo.checkpoint.dcp import DCPSource, dcp_iteration
 from mmzoo.checkpoint.mm import is_mm_checkpoint, load_mm_weights, read_json, resolve_iteration, resolve_shard
 from mmzoo.checkpoint.weights import resolve_dtype
 from mmzoo.config import LoraConfig, ModelConfig
@@ -65,9 +66,29 @@ def frozen_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" and device.type in ("cuda", "npu") else None
 
 
+def _iteration(path: str | Path) -> Path:
+    return dcp_iteration(path) or resolve_iteration(path)
+
+
 def is_lora_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is an mm checkpoint (root, iteration or shard) of a LoRA run."""
-    return is_mm_checkpoint(path) and (resolve_iteration(path) / LORA).is_file()
+    """Whether ``path`` is a training checkpoint (run, iteration or shard directory; one process's
+    or DCP) of a LoRA run."""
+    return (dcp_iteration(path) is not None or is_mm_checkpoint(path)) and (_iteration(path) / LORA).is_file()
+
+
+@torch.no_grad()
+def _fill_trained(model: VLModel, path: str | Path) -> None:
+    """Copy a LoRA checkpoint's tensors into ``model``'s trainable parameters."""
+    iteration = dcp_iteration(path)
+    if iteration is None:
+        load_mm_weights(model, resolve_shard(path), trainable_only=True)
+        return
+    source = DCPSource(iteration)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            if name not in source.names:
+                raise MmzooError(f"{iteration}: no {name}; was it saved with these adapters?")
+            param.copy_(source.get(name))
 
 
 def load_lora_model(
@@ -80,7 +101,7 @@ def load_lora_model(
         dtype: as :func:`mmzoo.load_model`'s (the base's; the adapters follow it).
         load_base: :func:`mmzoo.load_model`, to load a base checkpoint.
     """
-    file = resolve_iteration(path) / LORA
+    file = _iteration(path) / LORA
     record = read_json(file)
     base = record["base"]
     if base["load"]:
@@ -95,7 +116,7 @@ def load_lora_model(
         model = build_model(base["name"], base["variant"], **base["overrides"])
         model = model.to(resolve_dtype(dtype, lambda: torch.float32))
     attach_recorded(model, record)
-    load_mm_weights(model, resolve_shard(path), trainable_only=True)
+    _fill_trained(model, path)
     return model
 
 

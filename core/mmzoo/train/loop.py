@@ -144,13 +144,18 @@ def seed_everything(seed: int) -> None:
 
 def build(cfg: Config, spec: ModelSpec) -> tuple[VLModel, Any]:
     """The model (loaded or randomly initialised, on the CPU) and its tokenizer."""
+    return _base_model(cfg, spec), load_tokenizer_for(cfg, spec)
+
+
+def _base_model(cfg: Config, spec: ModelSpec) -> VLModel:
+    """The model ``model.load`` holds, or a random init of ``model.variant``, on the CPU."""
     model_cfg = cfg.model
     if model_cfg.load:
         model = load_model(model_cfg.load)
         _check_family(model.name, spec)
     else:
         model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides)
-    return use_text_backend(model, model_cfg.text_backend), load_tokenizer_for(cfg, spec)
+    return use_text_backend(model, model_cfg.text_backend)
 
 
 def _check_family(name: str, spec: ModelSpec) -> None:
@@ -220,6 +225,24 @@ def _sharded_model(
     for root in roots:
         root.train()
     return model.train(), pipeline
+
+
+def _sharded_lora_model(
+    cfg: Config, spec: ModelSpec, world: World, mesh: TrainMesh, device: torch.device
+) -> tuple[VLModel, dict[str, Any] | None]:
+    """LoRA on many ranks: every rank builds the whole base on the CPU (``model.load``, or the
+    random init the shared seed makes) with the same adapters, then FSDP2 shards it over the
+    data-parallel ranks; returns it and the adapters' record. The frozen base stays in its
+    dtype: FSDP2 gathers one dtype per unit, and its policy computes in bf16 anyway."""
+    with checked(world):
+        model = _base_model(cfg, spec)
+        lora = adapt(model, cfg.model, cfg.train.seed)
+    _freeze_and_recompute(model, cfg, spec)
+    model = model.to(device)
+    policy, parallel = mixed_precision(cfg.train.precision, device), cfg.parallel
+    options = {"offload": parallel.offload, "reshard_after_forward": parallel.reshard_after_forward}
+    shard_model(model, mesh[FSDP_DIM], mp_policy=policy, **options)
+    return model.train(), lora
 
 
 def _check_lr(lr: float) -> None:
@@ -359,6 +382,9 @@ def _model_and_tokenizer(
 ) -> tuple[VLModel, Any, PipelineModel | None, dict[str, Any] | None]:
     """The model on ``device`` in train mode (split and sharded on many ranks), its tokenizer,
     this rank's pipeline stages when there are several, and the LoRA adapters' record."""
+    if world.distributed and (cfg.model.lora.enabled or cfg.model.load_adapter):
+        model, lora = _sharded_lora_model(cfg, spec, world, mesh, device)
+        return model, load_tokenizer_for(cfg, spec), None, lora
     if world.distributed:
         model, pipeline = _sharded_model(cfg, spec, world, mesh, device)
         return model, load_tokenizer_for(cfg, spec), pipeline, None
@@ -411,16 +437,18 @@ def _check_text_backend(cfg: Config, shape: MeshShape, device: torch.device) -> 
         )
 
 
-def _check_lora(cfg: Config, shape: MeshShape, world: World) -> None:
-    """LoRA runs in one process; ``train.save_peft`` needs adapters to export."""
+def _check_lora(cfg: Config) -> None:
+    """LoRA runs in one process or over data-parallel (FSDP) ranks; ``train.save_peft`` needs
+    adapters to export."""
     model_cfg = cfg.model
     lora = model_cfg.lora.enabled or model_cfg.load_adapter is not None
     if cfg.train.save_peft and not lora:
         raise MmzooError("train.save_peft: no adapters to export; set model.lora (or model.load_adapter)")
-    if lora and world.distributed:
+    parallel = cfg.parallel
+    if lora and max(parallel.tp, parallel.cp, parallel.pp) > 1:
         raise MmzooError(
-            f"model.lora is not supported on many ranks yet (tp={shape.tp}, cp={shape.cp}, pp={shape.pp}, "
-            f"{world.size} ranks); train LoRA in one process"
+            f"model.lora runs on data-parallel ranks only (parallel.dp_shard), not with tp={parallel.tp}, "
+            f"cp={parallel.cp}, pp={parallel.pp}; set parallel.tp, cp and pp to 1"
         )
 
 
@@ -448,11 +476,11 @@ def _set_up(
     cfg = with_derived_defaults(cfg)  # a Config built in code rather than by load_config
     train_cfg = cfg.train
     _check_lr(train_cfg.lr)
+    _check_lora(cfg)
     shape = _check_parallel(cfg, world)
     save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
     device = world.device(_training_device(train_cfg))
     _check_text_backend(cfg, shape, device)
-    _check_lora(cfg, shape, world)
     init_process_group(world, device, cfg.parallel.timeout_s)
     mesh = TrainMesh.build(shape, device) if world.distributed else TrainMesh(shape)
     stops.listen()
@@ -530,7 +558,7 @@ def _load_checkpoint(run: _Run, checkpoint: Path) -> dict[str, Any]:
     train_cfg = run.cfg.train
     options = {"load_optimizer": train_cfg.load_optimizer, "load_rng": train_cfg.load_rng}
     if (checkpoint / DCP_META).is_file():
-        contents = TrainingCheckpoint(run.model, run.optimizer, run.scheduler)
+        contents = TrainingCheckpoint(run.model, run.optimizer, run.scheduler, lora=run.lora)
         return load_dcp_checkpoint(run.world, checkpoint, contents, **options)
     if run.world.distributed:
         raise MmzooError(
@@ -894,19 +922,23 @@ def _export_hf(run: _Run, hf_dir: str, checkpoint: Path | None) -> Path | None:
     assert checkpoint is not None  # the loop saved the last step
     written = None
     with checked(run.world):
-        if run.world.main:
+        if run.world.main and run.lora is not None:  # the base and the adapters the checkpoint holds
+            written = save_hf(load_model(checkpoint), hf_dir, **options)
+        elif run.world.main:
             model = run.model
             written = export_hf(DCPSource(checkpoint), run.spec, model.config, hf_dir, **options)
     return written
 
 
-def _export_peft(run: _Run, peft_dir: str) -> None:
-    """``train.save_peft``: the trained adapters as a PEFT adapter directory (rank 0 writes it)."""
+def _export_peft(run: _Run, peft_dir: str, checkpoint: Path | None) -> None:
+    """``train.save_peft``: the trained adapters as a PEFT adapter directory. On many ranks rank 0
+    writes it from the run's last checkpoint (the model's adapters are sharded)."""
     from mmzoo.lora.peft_format import save_peft
 
     with checked(run.world):
         if run.world.main:
-            save_peft(run.model, peft_dir, base=run.cfg.model.load, overwrite=True)
+            model = load_model(checkpoint) if run.world.distributed and checkpoint else run.model
+            save_peft(model, peft_dir, base=run.cfg.model.load, overwrite=True)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -1043,7 +1075,7 @@ def _train(
     hf_dir = _export_hf(run, export, checkpoints.last) if export and not interrupted else None
     peft_dir = run.cfg.train.save_peft
     if peft_dir and not interrupted:
-        _export_peft(run, peft_dir)
+        _export_peft(run, peft_dir, checkpoints.last)
     for line in progress.summary(seconds, checkpoints.last, hf_dir):
         out(line)
     if peft_dir and not interrupted:
