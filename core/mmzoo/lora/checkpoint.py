@@ -72,8 +72,14 @@ def _iteration(path: str | Path) -> Path:
 
 def is_lora_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a training checkpoint (run, iteration or shard directory; one process's
-    or DCP) of a LoRA run."""
-    return (dcp_iteration(path) is not None or is_mm_checkpoint(path)) and (_iteration(path) / LORA).is_file()
+    or DCP) of a LoRA run; anything else, damaged checkpoints included, is left to the other readers."""
+    iteration = dcp_iteration(path)
+    if iteration is None and is_mm_checkpoint(path):
+        try:
+            iteration = resolve_iteration(path)
+        except MmzooError:
+            return False
+    return iteration is not None and (iteration / LORA).is_file()
 
 
 @torch.no_grad()
