@@ -31,9 +31,9 @@ from mmzoo.checkpoint.mm import iteration_name, read_json, staged_iteration, wri
 from mmzoo.distributed.env import World, agree, barrier
 from mmzoo.distributed.row_order import in_canonical_order
 from mmzoo.errors import MmzooError
+from mmzoo.lora.checkpoint import LORA
 from mmzoo.nn.tp_layout import held_row_orders
 from mmzoo.train.checkpoint import (
-    LORA,
     MEDIA,
     SCHEDULER,
     TRAINER_STATE,

@@ -26,7 +26,7 @@ from mmzoo.lora.attach import attach, resolve_modules
 from mmzoo.lora.peft_format import import_adapter
 from mmzoo.model import VLModel
 
-LORA = "lora.json"  # as mmzoo.train.checkpoint.LORA
+LORA = "lora.json"  # beside a LoRA run's training checkpoint
 
 
 def lora_record(
@@ -60,7 +60,6 @@ def attach_recorded(model: VLModel, record: Mapping[str, Any]) -> None:
     attach(model, settings, ranks=record["ranks"], alphas=record["alphas"])
 
 
-# Parameters a LoRA run stores in the frozen base's place on an accelerator under bf16.
 def frozen_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 for ``train.precision=bf16`` on CUDA or an NPU (the CPU keeps float32), else ``None``."""
     return torch.bfloat16 if precision == "bf16" and device.type in ("cuda", "npu") else None

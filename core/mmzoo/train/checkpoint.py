@@ -49,13 +49,13 @@ from mmzoo.checkpoint.mm import (
 )
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile, temporary_path
+from mmzoo.lora.checkpoint import LORA
 
 OPTIMIZER = "optimizer"
 RNG = "rng"
 SCHEDULER = "scheduler.json"
 TRAINER_STATE = "trainer_state.json"
 MEDIA = "media.json"
-LORA = "lora.json"
 
 
 def _group_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:

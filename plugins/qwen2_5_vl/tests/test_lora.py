@@ -265,3 +265,36 @@ def test_two_ranks_equal_one_process(tmp_path):
 def test_tensor_parallel_lora_is_refused(tmp_path):
     with pytest.raises(mmzoo.MmzooError, match="model.lora runs on data-parallel ranks only"):
         train(config(tmp_path, *RUN, "--parallel.tp", "2"), out=quiet)
+
+
+def test_bf16_frozen_base_trains_the_fp32_adapters():
+    from tiny_hf import IMAGE, V_END, V_START, make_sample
+
+    from mmzoo.config import LoraConfig
+    from mmzoo.lora.attach import attach, store_frozen
+    from mmzoo.lora.checkpoint import frozen_dtype
+    from mmzoo_qwen2_5_vl.compat import hf_forward
+
+    assert frozen_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+    assert (
+        frozen_dtype("bf16", torch.device("cpu")) is None
+        and frozen_dtype("fp32", torch.device("cuda")) is None
+    )
+    torch.manual_seed(0)
+    model = mmzoo.build_model("qwen2_5_vl", "tiny")
+    attach(model, LoraConfig(r=4, targets=("text.attention", "vision.mlp", "projector")))
+    store_frozen(model, torch.bfloat16)  # what a bf16 run on an accelerator stores
+    batch = make_sample(images=[(1, 8, 12)])
+    config, ids = model.config, batch["input_ids"]  # the tiny HF ids -> the variant's
+    for tiny, real in ((IMAGE, config.image_token_id), (V_START, config.vision_start_token_id)):
+        ids[ids == tiny] = real
+    ids[ids == V_END] = config.vision_end_token_id
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = hf_forward(model, **batch).logits
+    logits.float().logsumexp(-1).mean().backward()
+    for name, param in model.named_parameters():
+        if ".lora_" in name:  # B starts at 0, so only B's gradient is nonzero on the first step
+            assert param.dtype == torch.float32 and param.grad is not None, name
+            assert ".lora_A." in name or param.grad.abs().sum() > 0, name
+        else:
+            assert param.dtype == torch.bfloat16 and param.grad is None, name
