@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("mmzoo.protocols", "mmzoo.plugins", "mmzoo_kernels.plugin", "mmzoo.registry", "mmzoo.build"),
     ),
     ("convert", ("mmzoo.convert",)),
-    ("checkpoint", ("mmzoo.checkpoint", "mmzoo.api")),
+    ("checkpoint", ("mmzoo.checkpoint", "mmzoo.lora", "mmzoo.api")),
     ("work", ("mmzoo.data", "mmzoo.distributed", "mmzoo.train", "mmzoo.infer", "mmzoo.eval")),
     ("interface", ("mmzoo.commands", "mmzoo.cli", "mmzoo.__main__", "mmzoo.testing")),
 ]

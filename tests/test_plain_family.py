@@ -25,7 +25,7 @@ def test_it_trains_for_two_steps_and_loads_back(plain, tmp_path, capsys):
     args = ["train", "--model", NAME, "--data.max_samples", "4", "--train.steps", "2"]
     assert main([*args, "--train.tensorboard", "false", "--train.output_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "total            4.92M  (4.92M trainable)" in out
+    assert "total            4.92M  (4.92M trainable, 100.00%)" in out
     assert (tmp_path / "iter_0000002").is_dir()
     model = mmzoo.load_model(tmp_path)
     assert model.name == NAME and isinstance(model.image_encoder.encoder.position, torch.nn.Parameter)

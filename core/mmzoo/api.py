@@ -11,6 +11,7 @@ from mmzoo.checkpoint.hf import open_hf_weights
 from mmzoo.checkpoint.hub import resolve_model_dir
 from mmzoo.checkpoint.mm import is_mm_checkpoint, open_mm_weights
 from mmzoo.checkpoint.weights import Weights, load_weights
+from mmzoo.lora.checkpoint import is_lora_checkpoint, load_lora_model
 from mmzoo.model import VLModel
 
 
@@ -30,8 +31,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLMo
     both key layouts transformers has written are read. An mm checkpoint (a root holding
     ``latest_checkpointed_iteration.txt``, an ``iter_*``/``release`` directory, or its
     ``mp_rank_00`` shard) of any tensor/pipeline split; the DCP checkpoint of a run on many
-    ranks (its run directory or ``iter_*`` directory). Either way the model is built once and
-    tensors are streamed from the checkpoint files straight into its parameters.
+    ranks (its run directory or ``iter_*`` directory); a LoRA run's checkpoint: the base model it
+    records (``model.load``'s path, which must still exist) with its adapters. Either way the
+    model is built once and tensors are streamed from the checkpoint files straight into its
+    parameters.
 
     Args:
         path: checkpoint directory (HF: config.json + safetensors, sharded or not; or mm), or
@@ -39,4 +42,6 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> VLMo
             fetched into the Hub cache (:func:`mmzoo.checkpoint.hub.resolve_model_dir`).
         dtype: parameter dtype; ``None`` means float32, ``"auto"`` the checkpoint's own dtype.
     """
+    if is_lora_checkpoint(path):
+        return load_lora_model(path, dtype, load_model)
     return load_weights(open_weights(path, dtype))

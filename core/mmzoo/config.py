@@ -31,6 +31,32 @@ class RecomputeConfig:
     num_layers: int = 1
 
 
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, attached with ``peft``) on the model's linear layers.
+
+    Attributes:
+        r: adapter rank; 0 or null: no adapters (full fine-tuning).
+        alpha: scaling numerator: an adapter adds ``B @ A * alpha / r`` to its layer's weight.
+        dropout: dropout on the adapters' input.
+        targets: the linear layers to adapt: groups ``text.attention``, ``text.mlp``,
+            ``vision.attention``, ``vision.mlp``, ``projector``, or module names, each matching a
+            module whose full name equals it, ends with ``.`` + it, or matches it in full as a
+            regular expression.
+        modules_to_save: modules trained in full beside the adapters (names matched as ``targets``).
+    """
+
+    r: int | None = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("text.attention", "text.mlp")
+    modules_to_save: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.r)
+
+
 # The family `mmzoo train` trains when no model is named (`model.name`): the embedded demo's.
 DEFAULT_MODEL = "qwen2_5_vl"
 
@@ -49,6 +75,12 @@ class ModelConfig:
         tokenizer: tokenizer directory or Hub id (default: ``load`` when set, else the family's own).
         freeze: groups to freeze (``vision``, ``projector``, ``language``).
         recompute_vision, recompute_text: activation recompute per tower.
+        lora: low-rank adapters: ``{r, alpha, dropout, targets, modules_to_save}`` (``r`` 0 or null:
+            off; ``targets``: ``text.attention``, ``text.mlp``, ``vision.attention``, ``vision.mlp``,
+            ``projector`` or module names, matched as a dotted suffix or a full regular expression);
+            base weights frozen; needs ``pip install mmzoo[lora]``.
+        load_adapter: a PEFT adapter directory (``adapter_config.json``) for ``load``'s Hugging
+            Face model, fused into the model's layers as LoRA adapters (its settings replace ``lora``).
         text_backend: the LLM's implementation: ``native`` (mmzoo's layers) or ``megatron``
             (megatron-core's GPT layers and tensor parallel, same weights and names; with
             ``parallel.dp_shard``, ``tp`` and ``pp``; needs ``pip install mmzoo[megatron]``).
@@ -62,6 +94,8 @@ class ModelConfig:
     freeze: tuple[str, ...] = ()
     recompute_vision: RecomputeConfig = RecomputeConfig()
     recompute_text: RecomputeConfig = RecomputeConfig()
+    lora: LoraConfig = LoraConfig()
+    load_adapter: str | None = None
     text_backend: Literal["native", "megatron"] = "native"
 
 
@@ -131,7 +165,10 @@ class TrainConfig:
         save_optimizer, save_rng: include optimizer / RNG state in checkpoints.
         load_optimizer, load_rng: restore optimizer / RNG state when resuming.
         on_nonfinite: ``stop`` at a NaN/inf loss, or ``skip`` that step's update.
-        save_hf: also export the final model as a Hugging Face checkpoint here.
+        save_hf: also export the final model as a Hugging Face checkpoint here (LoRA adapters
+            merged into the weights).
+        save_peft: with LoRA, also export the final adapters as a PEFT adapter directory here
+            (transformers' module names; load it with ``PeftModel.from_pretrained``).
         tensorboard: write TensorBoard events when ``tensorboard`` is installed.
     """
 
@@ -161,6 +198,7 @@ class TrainConfig:
     load_rng: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"
     save_hf: str | None = None
+    save_peft: str | None = None
     tensorboard: bool = True
 
 

@@ -20,6 +20,7 @@ from mmzoo.checkpoint.weights import resolve_dtype
 from mmzoo.convert.mapping import Rule, WeightMapping
 from mmzoo.errors import MmzooError
 from mmzoo.files import atomic_directory, save_safetensors
+from mmzoo.lora.merge import MergedTensors, has_adapters
 from mmzoo.model import VLModel
 from mmzoo.registry import ModelSpec, get_model
 
@@ -57,8 +58,10 @@ class _ModelTensors:
 
 
 def save_hf(model: VLModel, out_dir: str | Path, **options: Any) -> Path:
-    """Write ``model`` as a Hugging Face checkpoint; the options are :func:`export_hf`'s."""
-    return export_hf(_ModelTensors(model), get_model(model.name), model.config, out_dir, **options)
+    """Write ``model`` as a Hugging Face checkpoint; the options are :func:`export_hf`'s. LoRA
+    adapters are merged into the weights they adapt (``W + B @ A * alpha / r``)."""
+    source = MergedTensors(model) if has_adapters(model) else _ModelTensors(model)
+    return export_hf(source, get_model(model.name), model.config, out_dir, **options)
 
 
 def export_hf(

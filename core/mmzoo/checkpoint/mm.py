@@ -131,11 +131,20 @@ def mm_meta(model: VLModel, *, variant: str | None) -> dict[str, Any]:
     }
 
 
-def write_model_shard(model: VLModel, directory: Path, *, variant: str | None) -> Path:
-    """Write ``directory/mp_rank_00/{model.safetensors, mm_meta.json}``; returns the shard dir."""
+def write_model_shard(
+    model: VLModel,
+    directory: Path,
+    *,
+    variant: str | None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``directory/mp_rank_00/{model.safetensors, mm_meta.json}``; returns the shard dir.
+
+    ``tensors`` (default: the model's state dict) are the weights written, e.g. only the trained
+    ones of a LoRA run."""
     shard = directory / SHARD
     shard.mkdir(parents=True, exist_ok=True)
-    write_tensors(shard / WEIGHTS, model.state_dict())
+    write_tensors(shard / WEIGHTS, model.state_dict() if tensors is None else tensors)
     write_json(shard / META, mm_meta(model, variant=variant))
     return shard
 
@@ -255,11 +264,12 @@ def read_mm_meta(path: str | Path, hf_dir: str | Path | None = None) -> dict[str
     return meta
 
 
-def load_mm_weights(model: torch.nn.Module, shard: Path) -> None:
+def load_mm_weights(model: torch.nn.Module, shard: Path, *, trainable_only: bool = False) -> None:
     """Copy ``shard/model.safetensors`` into ``model``'s parameters in place, one tensor at a time.
 
     Names are compared before any tensor is read; missing, unexpected and mis-shaped names
-    are MmzooErrors, and so is a shard of format 1 (its names are not the model's).
+    are MmzooErrors, and so is a shard of format 1 (its names are not the model's). With
+    ``trainable_only`` the shard holds (and fills) just the parameters that need gradients.
     """
     if read_mm_meta(shard)["format_version"] < FORMAT_VERSION:
         raise MmzooError(
@@ -269,7 +279,7 @@ def load_mm_weights(model: torch.nn.Module, shard: Path) -> None:
     file = shard / WEIGHTS
     if not file.is_file():
         raise MmzooError(f"{shard}: no {WEIGHTS}; the checkpoint is incomplete")
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
     with SafetensorsFile(file) as f:
         keys = set(f.keys())
         missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))

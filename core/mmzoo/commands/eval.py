@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.showwarning = _show_warning
         run = {
             "model_dir": str(Path(args.model_dir).resolve()),
+            "adapter": args.adapter and str(Path(args.adapter).resolve()),
             "data_sha256": file_digest(args.data),
             **{
                 k: getattr(args, k)

@@ -19,6 +19,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="Hugging Face checkpoint directory, mm checkpoint, or Hub id org/name[@revision]",
     )
     p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a PEFT LoRA adapter directory trained on --model-dir's Hugging Face model (needs mmzoo[lora])",
+    )
+    p.add_argument(
         "--tokenizer",
         help="directory or Hub id with the tokenizer (default: the checkpoint's, else the family's)",
     )
@@ -81,6 +86,10 @@ def load_chat(args: argparse.Namespace) -> Any:
         args.tokenizer = str(resolve_model_dir(args.tokenizer))
 
     model = mmzoo.load_model(args.model_dir, dtype=args.dtype)
+    if args.adapter:
+        from mmzoo.lora.peft_format import import_adapter
+
+        import_adapter(model, args.adapter)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     tokenizer = None

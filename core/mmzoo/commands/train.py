@@ -29,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="delete the run output_dir holds (checkpoints, metrics) and start over",
     )
     p.add_argument("--save-hf", metavar="DIR", help="also export the final model as a HF checkpoint")
+    p.add_argument(
+        "--save-peft", metavar="DIR", help="with model.lora: also export the adapters as a PEFT adapter"
+    )
     p.set_defaults(func=run, accepts_overrides=True)
 
 
@@ -38,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     extra: dict = {}
     if args.model:
         extra["model"] = {"name": args.model}
-    if args.save_hf:
-        extra["train"] = {"save_hf": args.save_hf}
+    exports = {"save_hf": args.save_hf, "save_peft": args.save_peft}
+    if any(exports.values()):
+        extra["train"] = {key: value for key, value in exports.items() if value}
     config = load_config(args.config, args.overrides, extra)
     if args.print_config:
         print(dump(config), end="")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -30,6 +31,7 @@ from mmzoo.checkpoint.mm import iteration_name, read_json, staged_iteration, wri
 from mmzoo.distributed.env import World, agree, barrier
 from mmzoo.distributed.row_order import in_canonical_order
 from mmzoo.errors import MmzooError
+from mmzoo.lora.checkpoint import LORA
 from mmzoo.nn.tp_layout import held_row_orders
 from mmzoo.train.checkpoint import (
     MEDIA,
@@ -47,10 +49,17 @@ def _rank_dir(iteration: Path, rank: int) -> Path:
     return iteration / "rng" / f"rank_{rank:05d}"
 
 
+def _options(contents: TrainingCheckpoint) -> StateDictOptions:
+    """A LoRA run's checkpoints hold only the trained parameters (the frozen base is rebuilt)."""
+    lora = contents.lora is not None
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
+
 def _state(contents: TrainingCheckpoint, with_optimizer: bool) -> dict[str, Any]:
+    options = _options(contents)
     if not with_optimizer:  # get_state_dict would give an optimizer without state a first step
-        return {MODEL: get_model_state_dict(contents.model)}
-    model_state, optimizer_state = get_state_dict(contents.model, contents.optimizer)
+        return {MODEL: get_model_state_dict(contents.model, options=options)}
+    model_state, optimizer_state = get_state_dict(contents.model, contents.optimizer, options=options)
     return {MODEL: model_state, OPTIMIZER: optimizer_state}
 
 
@@ -76,6 +85,8 @@ def _write(world: World, tmp: Path, contents: TrainingCheckpoint, options: SaveO
             write_json(tmp / TRAINER_STATE, contents.trainer_state)
             if contents.media is not None:
                 write_json(tmp / MEDIA, contents.media)
+            if contents.lora is not None:
+                write_json(tmp / LORA, contents.lora)
     except Exception as exc:
         error = exc
     agree(world, error)
@@ -133,9 +144,10 @@ def load_dcp_checkpoint(
             contents.optimizer,
             model_state_dict=state[MODEL],
             optim_state_dict=state[OPTIMIZER],
+            options=_options(contents),
         )
     else:
-        set_model_state_dict(contents.model, state[MODEL])
+        set_model_state_dict(contents.model, state[MODEL], options=_options(contents))
     if contents.scheduler is not None:
         contents.scheduler.load_state_dict(read_json(iteration / SCHEDULER))
     rank_dir = _rank_dir(iteration, world.rank)

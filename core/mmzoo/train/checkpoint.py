@@ -9,6 +9,11 @@ One ``OUTPUT/iter_0000010/`` directory per save, written atomically (see
     scheduler.json                                the LR scheduler's state_dict
     trainer_state.json                            what the loop passes (step, epoch, ...)
     media.json                                    the data.media settings training used
+    lora.json                                     LoRA runs: the adapters and the base model
+
+A LoRA run's ``model.safetensors`` and optimizer state hold only the trained parameters (the
+adapters and ``modules_to_save``); ``lora.json`` says how to rebuild the rest (see
+:mod:`mmzoo.lora.checkpoint`).
 
 Optimizer and RNG state sit in the rank directory because they are per rank once the
 model is split; the scheduler and trainer state are global. Nothing is pickled.
@@ -44,6 +49,7 @@ from mmzoo.checkpoint.mm import (
 )
 from mmzoo.errors import MmzooError
 from mmzoo.files import SafetensorsFile, temporary_path
+from mmzoo.lora.checkpoint import LORA
 
 OPTIMIZER = "optimizer"
 RNG = "rng"
@@ -196,6 +202,8 @@ class TrainingCheckpoint:
         variant: the registry variant the model's config started from (``None``: none).
         media: the media processor options the model was trained with (``data.media``);
             ``mmzoo infer`` and ``mmzoo eval`` size media the same way by default.
+        lora: a LoRA run's record (:func:`mmzoo.lora.checkpoint.lora_record`): only the trained
+            parameters are saved, and the record says how to rebuild the rest.
     """
 
     model: torch.nn.Module
@@ -204,6 +212,7 @@ class TrainingCheckpoint:
     trainer_state: dict[str, Any] = field(default_factory=dict)
     variant: str | None = None
     media: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +252,8 @@ def save_training_checkpoint(
     root = Path(output_dir)
     model = contents.model
     with staged_iteration(root, step) as tmp:
-        shard = write_model_shard(model, tmp, variant=contents.variant)  # type: ignore[arg-type]
+        trained = None if contents.lora is None else _trained(model)
+        shard = write_model_shard(model, tmp, variant=contents.variant, tensors=trained)  # type: ignore[arg-type]
         if options.save_optimizer:
             _write_optimizer(contents.optimizer, model, shard)
         if contents.scheduler is not None:
@@ -253,10 +263,16 @@ def save_training_checkpoint(
         write_json(tmp / TRAINER_STATE, contents.trainer_state)
         if contents.media is not None:
             write_json(tmp / MEDIA, contents.media)
+        if contents.lora is not None:
+            write_json(tmp / LORA, contents.lora)
     final = root / iteration_name(step)
     if options.keep_last is not None:
         prune(root, options.keep_last, final)
     return final
+
+
+def _trained(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def trained_media(path: str | Path) -> dict[str, Any]:
@@ -328,7 +344,14 @@ def load_training_checkpoint(
     trainer_state = read_json(directory / TRAINER_STATE)
     schedule = read_json(directory / SCHEDULER) if scheduler is not None else None
 
-    load_mm_weights(model, shard)
+    lora = (directory / LORA).is_file()
+    if lora != any(".lora_A." in name for name, _ in model.named_parameters()):
+        saved, model_has = ("with", "none") if lora else ("without", "some")
+        raise MmzooError(
+            f"{directory}: saved {saved} LoRA adapters, the model has {model_has}; "
+            "set model.lora as the run that saved it did"
+        )
+    load_mm_weights(model, shard, trainable_only=lora)
     if load_optimizer:
         assert optimizer is not None
         _read_optimizer(optimizer, model, shard)

@@ -58,6 +58,8 @@ from mmzoo.distributed.pipeline import (
     vision_depth,
 )
 from mmzoo.errors import MmzooError
+from mmzoo.lora.attach import store_frozen
+from mmzoo.lora.checkpoint import adapt, frozen_dtype
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
 from mmzoo.nn.init import materialize
@@ -145,13 +147,18 @@ def seed_everything(seed: int) -> None:
 
 def build(cfg: Config, spec: ModelSpec) -> tuple[VLModel, Any]:
     """The model (loaded or randomly initialised, on the CPU) and its tokenizer."""
+    return _base_model(cfg, spec), load_tokenizer_for(cfg, spec)
+
+
+def _base_model(cfg: Config, spec: ModelSpec) -> VLModel:
+    """The model ``model.load`` holds, or a random init of ``model.variant``, on the CPU."""
     model_cfg = cfg.model
     if model_cfg.load:
         model = load_model(model_cfg.load)
         _check_family(model.name, spec)
     else:
         model = build_model(spec.name, model_cfg.variant, **model_cfg.overrides)
-    return use_text_backend(model, model_cfg.text_backend), load_tokenizer_for(cfg, spec)
+    return use_text_backend(model, model_cfg.text_backend)
 
 
 def _check_family(name: str, spec: ModelSpec) -> None:
@@ -221,6 +228,24 @@ def _sharded_model(
     for root in roots:
         root.train()
     return model.train(), pipeline
+
+
+def _sharded_lora_model(
+    cfg: Config, spec: ModelSpec, world: World, mesh: TrainMesh, device: torch.device
+) -> tuple[VLModel, dict[str, Any] | None]:
+    """LoRA on many ranks: every rank builds the whole base on the CPU (``model.load``, or the
+    random init the shared seed makes) with the same adapters, then FSDP2 shards it over the
+    data-parallel ranks; returns it and the adapters' record. The frozen base stays in its
+    dtype: FSDP2 gathers one dtype per unit, and its policy computes in bf16 anyway."""
+    with checked(world):
+        model = _base_model(cfg, spec)
+        lora = adapt(model, cfg.model, cfg.train.seed)
+    _freeze_and_recompute(model, cfg, spec)
+    model = model.to(device)
+    policy, parallel = mixed_precision(cfg.train.precision, device), cfg.parallel
+    options = {"offload": parallel.offload, "reshard_after_forward": parallel.reshard_after_forward}
+    shard_model(model, mesh[FSDP_DIM], mp_policy=policy, **options)
+    return model.train(), lora
 
 
 def _check_lr(lr: float) -> None:
@@ -331,6 +356,7 @@ class _Run:
     kernels: dict[str, str]  # op -> backend in use on the training device
     state: dict[str, Any] = field(default_factory=dict)  # step, epoch, position, tokens, samples
     pipeline: PipelineModel | None = None  # this rank's pipeline stages (parallel.pp > 1)
+    lora: dict[str, Any] | None = None  # the adapters' record (model.lora), saved with checkpoints
 
 
 def _training_device(train_cfg: TrainConfig) -> torch.device:
@@ -356,15 +382,23 @@ def _freeze_and_recompute(model: VLModel, cfg: Config, spec: ModelSpec) -> None:
 
 def _model_and_tokenizer(
     cfg: Config, spec: ModelSpec, world: World, mesh: TrainMesh, device: torch.device
-) -> tuple[VLModel, Any, PipelineModel | None]:
-    """The model on ``device`` in train mode (split and sharded on many ranks), its tokenizer, and
-    this rank's pipeline stages when there are several."""
+) -> tuple[VLModel, Any, PipelineModel | None, dict[str, Any] | None]:
+    """The model on ``device`` in train mode (split and sharded on many ranks), its tokenizer,
+    this rank's pipeline stages when there are several, and the LoRA adapters' record."""
+    if world.distributed and (cfg.model.lora.enabled or cfg.model.load_adapter):
+        model, lora = _sharded_lora_model(cfg, spec, world, mesh, device)
+        return model, load_tokenizer_for(cfg, spec), None, lora
     if world.distributed:
         model, pipeline = _sharded_model(cfg, spec, world, mesh, device)
-        return model, load_tokenizer_for(cfg, spec), pipeline
+        return model, load_tokenizer_for(cfg, spec), pipeline, None
     model, tokenizer = build(cfg, spec)
+    lora = adapt(model, cfg.model, cfg.train.seed)
     _freeze_and_recompute(model, cfg, spec)
-    return model.to(device).train(), tokenizer, None
+    model = model.to(device)
+    base_dtype = frozen_dtype(cfg.train.precision, device) if lora else None
+    if base_dtype is not None:
+        store_frozen(model, base_dtype)
+    return model.train(), tokenizer, None, lora
 
 
 def _check_parallel(cfg: Config, world: World) -> MeshShape:
@@ -406,6 +440,21 @@ def _check_text_backend(cfg: Config, shape: MeshShape, device: torch.device) -> 
         )
 
 
+def _check_lora(cfg: Config) -> None:
+    """LoRA runs in one process or over data-parallel (FSDP) ranks; ``train.save_peft`` needs
+    adapters to export."""
+    model_cfg = cfg.model
+    lora = model_cfg.lora.enabled or model_cfg.load_adapter is not None
+    if cfg.train.save_peft and not lora:
+        raise MmzooError("train.save_peft: no adapters to export; set model.lora (or model.load_adapter)")
+    parallel = cfg.parallel
+    if lora and max(parallel.tp, parallel.cp, parallel.pp) > 1:
+        raise MmzooError(
+            f"model.lora runs on data-parallel ranks only (parallel.dp_shard), not with tp={parallel.tp}, "
+            f"cp={parallel.cp}, pp={parallel.pp}; set parallel.tp, cp and pp to 1"
+        )
+
+
 def with_demo_media(cfg: Config, spec: ModelSpec) -> Config:
     """With ``data.demo_media``: ``data.media`` laid over the family's ``demo_media`` (its own keys win)."""
     if not cfg.data.demo_media:
@@ -440,6 +489,7 @@ def _set_up(
     cfg = with_derived_defaults(cfg)  # a Config built in code rather than by load_config
     train_cfg = cfg.train
     _check_lr(train_cfg.lr)
+    _check_lora(cfg)
     shape = _check_parallel(cfg, world)
     save_options = SaveOptions(train_cfg.save_optimizer, train_cfg.save_rng, train_cfg.keep_last)
     device = world.device(_training_device(train_cfg))
@@ -456,7 +506,7 @@ def _set_up(
     cfg = with_demo_media(cfg, spec)
     if cfg.data.data == "demo":
         cfg = replace(cfg, data=replace(cfg.data, data=str(DEMO_DATA)))
-    model, tokenizer, pipeline = _model_and_tokenizer(cfg, spec, world, mesh, device)
+    model, tokenizer, pipeline, lora = _model_and_tokenizer(cfg, spec, world, mesh, device)
     # A loaded model is the variant its config equals, if any; model.variant names only random inits.
     variant = spec.variant_of(model.config) if cfg.model.load else cfg.model.variant
     log = None if world.main else _silent  # rank 0 reports the preprocessing and skipped records
@@ -492,6 +542,7 @@ def _set_up(
         save_options=save_options,
         kernels=kernels,
         pipeline=pipeline,
+        lora=lora,
     )
     run.state = _resume_or_start_over(run, resume=resume, overwrite=overwrite, out=out)
     return run
@@ -521,7 +572,7 @@ def _load_checkpoint(run: _Run, checkpoint: Path) -> dict[str, Any]:
     train_cfg = run.cfg.train
     options = {"load_optimizer": train_cfg.load_optimizer, "load_rng": train_cfg.load_rng}
     if (checkpoint / DCP_META).is_file():
-        contents = TrainingCheckpoint(run.model, run.optimizer, run.scheduler)
+        contents = TrainingCheckpoint(run.model, run.optimizer, run.scheduler, lora=run.lora)
         return load_dcp_checkpoint(run.world, checkpoint, contents, **options)
     if run.world.distributed:
         raise MmzooError(
@@ -572,6 +623,9 @@ def _steps(dataset: VLDataset, cfg: Config, mesh: TrainMesh, epoch: int, positio
             batch_sampler=[indices for share in mine for indices in share],
             collate_fn=dataset.collate,
             num_workers=cfg.data.num_workers,
+            # Its own generator: an iterator drawn from the global one would shift the random
+            # stream (LoRA dropout) of a resumed run, which starts its loader after restoring it.
+            generator=torch.Generator().manual_seed(train_cfg.seed + epoch),
         )
         batches = iter(loader)
         for block, share in zip(blocks, mine, strict=True):
@@ -850,6 +904,7 @@ class _Checkpoints:
             dict(run.state),
             variant=run.variant,
             media=run.cfg.data.media,
+            lora=run.lora,
         )
         step, options = run.state["step"], run.save_options
         if run.world.distributed:
@@ -881,10 +936,23 @@ def _export_hf(run: _Run, hf_dir: str, checkpoint: Path | None) -> Path | None:
     assert checkpoint is not None  # the loop saved the last step
     written = None
     with checked(run.world):
-        if run.world.main:
+        if run.world.main and run.lora is not None:  # the base and the adapters the checkpoint holds
+            written = save_hf(load_model(checkpoint), hf_dir, **options)
+        elif run.world.main:
             model = run.model
             written = export_hf(DCPSource(checkpoint), run.spec, model.config, hf_dir, **options)
     return written
+
+
+def _export_peft(run: _Run, peft_dir: str, checkpoint: Path | None) -> None:
+    """``train.save_peft``: the trained adapters as a PEFT adapter directory. On many ranks rank 0
+    writes it from the run's last checkpoint (the model's adapters are sharded)."""
+    from mmzoo.lora.peft_format import save_peft
+
+    with checked(run.world):
+        if run.world.main:
+            model = load_model(checkpoint) if run.world.distributed and checkpoint else run.model
+            save_peft(model, peft_dir, base=run.cfg.model.load, overwrite=True)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -1019,8 +1087,13 @@ def _train(
     seconds = time.monotonic() - progress.started
     export = run.cfg.train.save_hf
     hf_dir = _export_hf(run, export, checkpoints.last) if export and not interrupted else None
+    peft_dir = run.cfg.train.save_peft
+    if peft_dir and not interrupted:
+        _export_peft(run, peft_dir, checkpoints.last)
     for line in progress.summary(seconds, checkpoints.last, hf_dir):
         out(line)
+    if peft_dir and not interrupted:
+        out(f"peft adapter: {Path(peft_dir).absolute()}")
     losses = progress.losses
     return TrainResult(
         run.output, checkpoints.last, len(losses), progress.tokens, seconds, losses, interrupted, hf_dir

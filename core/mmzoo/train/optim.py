@@ -10,6 +10,7 @@ from torch import nn
 
 from mmzoo.config import TrainConfig
 from mmzoo.errors import MmzooError, nearest
+from mmzoo.lora.attach import is_adapter
 
 
 def freeze(model: nn.Module, groups: Sequence[str], freeze_groups: Mapping[str, Sequence[str]]) -> None:
@@ -27,8 +28,8 @@ def freeze(model: nn.Module, groups: Sequence[str], freeze_groups: Mapping[str, 
 
 
 def trainable_summary(model: nn.Module, freeze_groups: Mapping[str, Sequence[str]]) -> list[str]:
-    """One line per group: parameters, how many train, and the total (of every parameter, also
-    those in no group)."""
+    """One line per group: parameters, how many train; LoRA adapters when attached; and the total
+    (of every parameter, also those in no group) with the trainable count and share."""
     lines = []
     for group, prefixes in freeze_groups.items():
         params = [p for n, p in model.named_parameters() if n.startswith(tuple(prefixes))]
@@ -36,9 +37,17 @@ def trainable_summary(model: nn.Module, freeze_groups: Mapping[str, Sequence[str
         train = sum(p.numel() for p in params if p.requires_grad)
         state = "trainable" if train == count else "frozen" if train == 0 else "partly frozen"
         lines.append(f"  {group:<10} {count / 1e6:>10.2f}M  {state}")
+    adapters = [(n, p) for n, p in model.named_parameters() if is_adapter(n)]
+    if adapters:
+        count = sum(p.numel() for _, p in adapters)
+        layers = len({n.partition(".lora_")[0] for n, _ in adapters})
+        lines.append(
+            f"  {'lora':<10} {count / 1e6:>10.2f}M  adapters on {layers} layers (in the groups above)"
+        )
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines.append(f"  {'total':<10} {total / 1e6:>10.2f}M  ({trainable / 1e6:.2f}M trainable)")
+    share = 100 * trainable / max(total, 1)
+    lines.append(f"  {'total':<10} {total / 1e6:>10.2f}M  ({trainable / 1e6:.2f}M trainable, {share:.2f}%)")
     return lines
 
 
