@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_data_pipeline import build, skip_lines
 
 import mmzoo
 from mmzoo.cli import main
-from mmzoo.config import DataConfig
-from mmzoo.data.dataset import VLDataset, build_dataset
+from mmzoo.data.dataset import VLDataset
 from mmzoo.data.media import MediaBytes, load_video
 from mmzoo.data.records import iter_records
 from mmzoo.data.tokenizer import default_qwen_tokenizer
@@ -31,7 +31,6 @@ from mmzoo.errors import MmzooError
 from mmzoo_qwen2_5_vl import media as qwen_media
 
 DEMO = Path(mmzoo.__file__).parent / "demo"
-MEDIA = {"max_pixels": 64 * 28 * 28, "video_min_pixels": 16 * 28 * 28, "video_max_pixels": 32 * 28 * 28}
 TURN = pa.struct([("role", pa.string()), ("content", pa.string())])
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -125,16 +124,6 @@ def write_llava_dataset(root: Path, out: Path) -> Path:
     )
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(out))
     return out
-
-
-def build(spec, tok, path: Path, lines: list[str] | None = None, **data) -> VLDataset:
-    config = DataConfig(data=str(path), **{"seq_length": 1024, "media": MEDIA, **data})
-    log = lines.append if lines is not None else (lambda _: None)
-    return build_dataset(spec, spec.variant("tiny"), tok, config, log=log)
-
-
-def skip_lines(lines: list[str]) -> list[str]:
-    return [line for line in lines if line.startswith("skipped")]
 
 
 def assert_same_samples(a: VLDataset, b: VLDataset) -> None:

@@ -16,7 +16,6 @@ next step; ``train.save_hf`` exports the trained weights.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -35,8 +34,8 @@ from test_distributed import (  # noqa: F401  (cached_tokenizer: the module's au
     torchrun_jobs,
     weights,
 )
+from test_tensor_parallel import assert_weights_close, make_work, run_args
 
-import mmzoo
 from mmzoo.config import load_config
 from mmzoo.train.loop import train
 
@@ -65,22 +64,7 @@ INTERLEAVED = [*PP, "--parallel.pp_schedule", "interleaved", "--parallel.llm_pp_
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    """The data file, and a random tiny model as an HF directory and as an mm checkpoint (tp 2)."""
-    from mmzoo.checkpoint.hf_export import save_hf
-    from mmzoo.cli import main
-    from mmzoo.testing import spread_weights_
-
-    root = tmp_path_factory.mktemp("megatron_parallel")
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    torch.manual_seed(3)
-    save_hf(spread_weights_(mmzoo.build_model("qwen2_5_vl", "tiny"), std=0.05), root / "hf")
-    mm = ["convert", "hf-to-mm", "--hf-dir", str(root / "hf"), "--mm-dir", str(root / "mm"), "--tp", "2"]
-    assert main(mm) == 0
-    return root
-
-
-def run_args(work: Path, name: str, *extra: str) -> list[str]:
-    return args(work / "data.jsonl", work / name, *extra)
+    return make_work(tmp_path_factory.mktemp("megatron_parallel"))
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +102,6 @@ def one_process(work) -> dict[str, Path]:
     for options in runs.values():
         train(load_config(None, options), out=quiet)
     return {name: Path(options[options.index("--train.output_dir") + 1]) for name, options in runs.items()}
-
-
-def assert_weights_close(got: Path, expected: Path) -> None:
-    """Weights after the same steps (Adam moves a near-zero gradient's weight by up to lr)."""
-    a, b = weights(got), weights(expected)
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max() for k in a) < 2e-4
 
 
 def test_tp2_equals_one_process(two_ranks, one_process, work):

@@ -86,12 +86,16 @@ INTERNVL3 = [
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    """The data file, and a random tiny model as an HF directory and as an mm checkpoint (tp 2)."""
+    return make_work(tmp_path_factory.mktemp("tensor_parallel"))
+
+
+def make_work(root: Path) -> Path:
+    """``root`` with the data file, and a random tiny model as an HF directory and as an mm
+    checkpoint (tp 2)."""
     from mmzoo.checkpoint.hf_export import save_hf
     from mmzoo.cli import main
     from mmzoo.testing import spread_weights_
 
-    root = tmp_path_factory.mktemp("tensor_parallel")
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     torch.manual_seed(3)
     save_hf(spread_weights_(mmzoo.build_model("qwen2_5_vl", "tiny"), std=0.05), root / "hf")
