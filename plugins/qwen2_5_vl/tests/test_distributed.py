@@ -245,6 +245,25 @@ def _join_process_group(n: int) -> None:
     )
 
 
+def run_jobs_patching(
+    jobs_file: Path, output_name: str, module: object, attribute: str, value: object
+) -> None:
+    """:func:`run_jobs`, with ``module.attribute`` set to ``value`` while the job whose output
+    directory is named ``output_name`` trains (a negative control's wrong layout)."""
+    import test_distributed
+
+    plain = test_distributed.train
+
+    def training(cfg, **options):
+        with pytest.MonkeyPatch.context() as m:
+            if Path(cfg.train.output_dir).name == output_name:
+                m.setattr(module, attribute, value)
+            return plain(cfg, **options)
+
+    test_distributed.train = training
+    run_jobs(jobs_file)
+
+
 def torchrun_jobs(
     ranks: int, jobs: list[dict], results: Path, timeout: float = 600, script: Path = HERE, **extra: str
 ) -> list[dict]:

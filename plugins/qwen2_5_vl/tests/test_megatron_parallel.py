@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from test_distributed import (  # noqa: F401  (cached_tokenizer: the module's au
     cut_at,
     metrics,
     quiet,
-    run_jobs,
+    run_jobs_patching,
     torchrun_jobs,
     weights,
 )
@@ -184,23 +183,12 @@ def test_save_hf_exports_the_trained_weights(two_ranks, work):
 # --- the multi-rank jobs (this file run by torchrun) ---------------------------------------------
 
 
-def _run_jobs_with_a_naive_job(jobs_file: Path) -> None:
-    """``test_distributed.run_jobs``, with the job whose output directory is ``naive`` copying each
-    rank's ``linear_fc1`` rows from ``[gate; up]`` as stored."""
-    import test_distributed
-
-    import mmzoo.distributed.megatron_parallel as megatron_parallel
-
-    def training(cfg, **options):
-        with ExitStack() as stack:
-            if Path(cfg.train.output_dir).name == "naive":
-                m = stack.enter_context(pytest.MonkeyPatch.context())
-                m.setattr(megatron_parallel, "blocked_glu_order", lambda rows, blocks: torch.arange(rows))
-            return train(cfg, **options)
-
-    test_distributed.train = training
-    run_jobs(jobs_file)
+def _stored_order(rows: int, blocks: int) -> torch.Tensor:
+    """Each rank's ``linear_fc1`` rows from ``[gate; up]`` as stored: rank 0 gets all of the gate."""
+    return torch.arange(rows)
 
 
 if __name__ == "__main__":
-    _run_jobs_with_a_naive_job(Path(sys.argv[1]))
+    import mmzoo.distributed.megatron_parallel as megatron_parallel
+
+    run_jobs_patching(Path(sys.argv[1]), "naive", megatron_parallel, "blocked_glu_order", _stored_order)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ from test_distributed import (  # noqa: F401  (cached_tokenizer: the module's au
     cut_at,
     metrics,
     quiet,
-    run_jobs,
+    run_jobs_patching,
     torchrun_jobs,
     weights,
 )
@@ -366,23 +365,7 @@ def _naive_fc1(mlp, tp: int) -> None:
     """``linear_fc1`` left as ``[gate; up]``: a plain row split gives rank 0 all of the gate."""
 
 
-def _run_jobs_with_a_naive_job(jobs_file: Path) -> None:
-    """``test_distributed.run_jobs``, with the job whose output directory is ``naive`` splitting
-    ``linear_fc1`` naively."""
-    import test_distributed
-
+if __name__ == "__main__":
     import mmzoo.distributed.tensor_parallel as tensor_parallel
 
-    def training(cfg, **options):
-        with ExitStack() as stack:
-            if Path(cfg.train.output_dir).name == "naive":
-                m = stack.enter_context(pytest.MonkeyPatch.context())
-                m.setattr(tensor_parallel, "_block_fc1", _naive_fc1)
-            return train(cfg, **options)
-
-    test_distributed.train = training
-    run_jobs(jobs_file)
-
-
-if __name__ == "__main__":
-    _run_jobs_with_a_naive_job(Path(sys.argv[1]))
+    run_jobs_patching(Path(sys.argv[1]), "naive", tensor_parallel, "_block_fc1", _naive_fc1)
