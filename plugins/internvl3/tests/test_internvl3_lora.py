@@ -10,9 +10,8 @@ import json
 
 import pytest
 import torch
-from internvl3_tiny import VIT_6B_STYLE, VIT_300M_STYLE, original_state_dict, tiny_config
+from internvl3_tiny import VIT_6B_STYLE, VIT_300M_STYLE, original_state_dict, sample, tiny_config
 from safetensors.torch import load_file, save_file
-from test_internvl3_parity import sample, theirs
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 import mmzoo
@@ -56,6 +55,11 @@ def spread_adapters_(model: torch.nn.Module, seed: int = 3) -> None:
 def ours(model, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(batch["input_ids"], media={"pixel_values": batch["pixel_values"]}).logits
+
+
+def theirs(model, batch: dict):
+    with torch.no_grad():
+        return model(**batch)
 
 
 def hf_base(directory) -> InternVLForConditionalGeneration:
