@@ -92,6 +92,11 @@ def _open_source(
     return open_mm(path, template)
 
 
+def _template(template: str | Path | None) -> Path | None:
+    """An HF template directory, or the Hub snapshot a ``org/name[@revision]`` id names."""
+    return None if template is None else resolve_model_dir(template)
+
+
 def _weights_format(source: MMSource | DCPSource) -> str:
     """The weights format of a source's shards (a DCP checkpoint's: the default, safetensors)."""
     if isinstance(source, MMSource) and weights_file(source.shard(0, 0)).name == MEGATRON_WEIGHTS:
@@ -196,7 +201,7 @@ def resplit(
     """
     out = Path(dst)
     _check_target(out, force)
-    meta, spec, config, source = _open_source(src, template)
+    meta, spec, config, source = _open_source(src, _template(template))
     iteration, mapping = source.iteration, spec.weight_mapping(config)
     parallel = make_layout(depths(mapping), tp, vit_pp_layers, llm_pp_layers, layout or meta["layout"])
     _check_tp(mapping, {name: source.spec(name) for name in source.names}, tp)
@@ -275,6 +280,7 @@ def mm_to_hf(
     """
     out = Path(hf_dir)
     _check_target(out, force)
+    template = _template(template)
     meta, spec, config, source = _open_source(mm_dir, template)
     iteration, mapping = source.iteration, spec.weight_mapping(config)
     assets = iteration / HF_ASSETS

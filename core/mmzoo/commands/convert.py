@@ -75,8 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-dir", required=True, help="HF checkpoint directory to create")
     p.add_argument(
         "--hf-template",
-        help="HF checkpoint whose config, tokenizer, processor files and sharding to reuse (its "
-        "config.json also describes an mm checkpoint without mm_meta.json, e.g. MindSpeed-MM's)",
+        help="HF checkpoint directory or Hub id org/name[@revision] whose config, tokenizer, "
+        "processor files and sharding to reuse (its config.json also describes an mm checkpoint "
+        "without mm_meta.json, e.g. MindSpeed-MM's)",
     )
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.set_defaults(func=mm_to_hf)
@@ -86,7 +87,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dst", required=True, help="mm checkpoint root to create")
     _parallel_args(p, None, None)
     p.add_argument(
-        "--hf-template", help="HF checkpoint whose config.json describes a source without mm_meta.json"
+        "--hf-template",
+        help="HF checkpoint directory or Hub id org/name[@revision] whose config.json describes a "
+        "source without mm_meta.json",
     )
     p.set_defaults(func=resplit)
 

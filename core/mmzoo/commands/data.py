@@ -47,7 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--variant", help="variant whose config sets token ids and media sizes (default: the family's first)"
     )
-    p.add_argument("--tokenizer", help="checkpoint directory with the tokenizer (default: the family's own)")
+    p.add_argument(
+        "--tokenizer",
+        help="checkpoint directory with the tokenizer, or Hub id org/name[@revision] (default: the "
+        "family's own)",
+    )
     p.add_argument("--dataset-dir", help="base of relative media paths (default: the data file's directory)")
     p.add_argument("--seq-length", type=int, default=4096, help="truncation length (default 4096)")
     p.add_argument("--train-on-prompt", action="store_true", help="train on prompt tokens too")
@@ -76,10 +80,11 @@ def convert_llava(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(spec: mmzoo.ModelSpec, path: str | None):
+    from mmzoo.checkpoint.hub import resolve_model_dir
     from mmzoo.data.tokenizer import load_tokenizer
 
     if path:
-        return load_tokenizer(path)
+        return load_tokenizer(resolve_model_dir(path))
     if spec.default_tokenizer is None:
         raise MmzooError(f"model '{spec.name}' has no built-in tokenizer; pass --tokenizer CHECKPOINT_DIR")
     return spec.default_tokenizer()

@@ -124,6 +124,7 @@ def _parallel(cfg: dict[str, str], prefix: str) -> dict[str, Any]:
 def run(argv: Sequence[str]) -> int:
     """Run one conversion from ``mm-convert`` arguments."""
     from mmzoo.checkpoint import conversion as convert
+    from mmzoo.checkpoint.hub import resolve_model_dir
     from mmzoo.registry import model_for_converter
 
     if len(argv) < 2 or argv[1] not in OPS:
@@ -147,6 +148,7 @@ def run(argv: Sequence[str]) -> int:
     elif op == "mm_to_hf":
         _parallel(cfg, "parallel_config")  # read from the checkpoint's shards instead
         mm_dir, template = _required(cfg, "mm_dir"), _take(cfg, "hf_config.hf_dir", "hf_dir")
+        template = None if template is None else str(resolve_model_dir(template))
         if weights_format is not None:
             raise MmzooError("--cfg.format applies to hf_to_mm and resplit, not mm_to_hf")
         if layout is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mmzoo.checkpoint.mm import write_json
 from mmzoo.config import LoraConfig
@@ -208,6 +209,22 @@ def _part_rows(rule: Rule, parts: Mapping[str, Mapping[str, Any]]) -> list[int]:
     return [rows.pop()] * len(rule.hf)
 
 
+def _check_adaptable(
+    model: VLModel, directory: Path, found: Mapping[str, Any], by_hf: Mapping[str, Rule]
+) -> None:
+    """Refuse adapters on tensors mmzoo has no row-wise linear layer for (e.g. a patch Conv2d)."""
+    for hf in sorted(found):
+        rule = by_hf.get(hf)
+        if rule is None or rule.mm is None or not _row_split(rule):
+            raise MmzooError(f"model.load_adapter: {directory} adapts {hf}, which mmzoo cannot adapt")
+        module = model.get_submodule(rule.mm.removesuffix(".weight"))
+        if not isinstance(getattr(module, "base_layer", module), nn.Linear):
+            raise MmzooError(
+                f"model.load_adapter: {directory} adapts {hf} ({type(module).__name__} {rule.mm}); "
+                "mmzoo adapts nn.Linear layers only"
+            )
+
+
 def read_peft(model: VLModel, directory: str | Path) -> ImportedAdapter:
     """A PEFT adapter trained on transformers' model of ``model``'s family, fused onto ``model``'s
     layers (a fused layer's rank is the sum of its parts'; its scaling theirs, which must agree)."""
@@ -216,9 +233,7 @@ def read_peft(model: VLModel, directory: str | Path) -> ImportedAdapter:
     mapping, rules = _weight_rules(model)
     by_hf = {hf: rule for rule in rules.values() for hf in rule.hf}
     found = _read_tensors(directory, mapping)
-    unknown = sorted(hf for hf in found if hf not in by_hf or not _row_split(by_hf[hf]))
-    if unknown:
-        raise MmzooError(f"model.load_adapter: {directory} adapts {unknown[0]}, which mmzoo cannot adapt")
+    _check_adaptable(model, directory, found, by_hf)
     imported = ImportedAdapter(LoraConfig())
     for mm in dict.fromkeys(by_hf[hf].mm for hf in found):
         assert mm is not None

@@ -46,6 +46,23 @@ def tiny_config(vision: VisionConfig = VIT_300M_STYLE, **changes) -> InternVL3Co
     return dataclasses.replace(config, **changes)
 
 
+def sample(config, layout: list[int], seed: int = 0) -> dict:
+    """``input_ids`` (1, S) and the ``pixel_values`` of its images (text runs at even indices)."""
+    g = torch.Generator().manual_seed(seed)
+    ids: list[int] = []
+    tiles = 0
+    for i, n in enumerate(layout):
+        if i % 2 == 0:
+            ids += torch.randint(0, config.image_start_token_id, (n,), generator=g).tolist()
+        else:
+            ids += [config.image_start_token_id, *[config.image_token_id] * (n * config.tokens_per_tile)]
+            ids.append(config.image_end_token_id)
+            tiles += n
+    size = config.vision.image_size
+    pixels = torch.randn(tiles, 3, size, size, generator=g) if tiles else None
+    return {"input_ids": torch.tensor([ids]), "pixel_values": pixels}
+
+
 def hf_model(config: InternVL3Config, seed: int = 0) -> InternVLForConditionalGeneration:
     """transformers' model for ``config``, weights spread so every part moves the output."""
     torch.manual_seed(seed)

@@ -69,6 +69,30 @@ def test_infer_answers_on_hf_and_mm_checkpoints(hello_dir, tmp_path, capsys):
     assert captured.out == "Hello\n" and "no tokenizer files" not in captured.err
 
 
+def test_infer_with_a_peft_adapter_answers_as_the_merged_model(hello_dir, tmp_path, capsys):
+    """``--adapter`` loads a PEFT adapter (here written by ``save_peft``, in the checkpoint's own
+    layout's names) and answers as the checkpoint with that adapter merged (``save_hf``)."""
+    pytest.importorskip("peft")
+    from mmzoo.config import LoraConfig
+    from mmzoo.lora.attach import attach
+    from mmzoo.lora.peft_format import save_peft
+
+    model = mmzoo.load_model(hello_dir)
+    attach(model, LoraConfig(r=2, alpha=4, targets=("text.attention", "text.mlp", "vision.mlp", "projector")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g))
+    save_peft(model, tmp_path / "adapter")
+    save_hf(model, tmp_path / "merged", tokenizer=mmzoo.get_model("internvl3").default_tokenizer())
+    prompt = ("--image", CAT, "--prompt", "Who is there?")
+    assert main(infer_args(tmp_path / "merged", *prompt)) == 0
+    merged = capsys.readouterr().out
+    assert main(infer_args(hello_dir, "--adapter", str(tmp_path / "adapter"), *prompt)) == 0
+    assert capsys.readouterr().out == merged != "Hello\n" and merged.strip()
+
+
 def test_eval_end_to_end(hello_dir, tmp_path, capsys):
     """`mmzoo eval` on a two-row TSV: the model answers "Hello" to everything."""
     buffer = io.BytesIO()

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from internvl3_tiny import VIT_6B_STYLE, VIT_300M_STYLE, original_state_dict, tiny_config
+from internvl3_tiny import VIT_6B_STYLE, VIT_300M_STYLE, original_state_dict, sample, tiny_config
 from safetensors.torch import save_file
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
@@ -19,7 +19,7 @@ from mmzoo.infer import SamplingConfig, generate
 from mmzoo.testing import assert_parity, parity_pair
 from mmzoo_internvl3.hf_config import config_to_hf
 
-START, END, CONTEXT = 297, 298, 299
+END, CONTEXT = 298, 299  # tiny_config's image end and context token ids
 TOL = dict(atol=1e-5, rtol=1e-4)
 # Each sample: its text runs and images (tiles each), alternating text, image, text, ...
 CASES = {
@@ -27,22 +27,6 @@ CASES = {
     "two_images": [3, 1, 2, 3, 6],
     "text_only": [9],
 }
-
-
-def sample(config, layout: list[int], seed: int = 0) -> dict:
-    """``input_ids`` (1, S) and the ``pixel_values`` of its images (text runs at even indices)."""
-    g = torch.Generator().manual_seed(seed)
-    ids: list[int] = []
-    tiles = 0
-    for i, n in enumerate(layout):
-        if i % 2 == 0:
-            ids += torch.randint(0, START, (n,), generator=g).tolist()
-        else:
-            ids += [START, *[CONTEXT] * (n * config.tokens_per_tile), END]
-            tiles += n
-    size = config.vision.image_size
-    pixels = torch.randn(tiles, 3, size, size, generator=g) if tiles else None
-    return {"input_ids": torch.tensor([ids]), "pixel_values": pixels}
 
 
 def left_pad(*samples: dict) -> tuple[dict, torch.Tensor]:

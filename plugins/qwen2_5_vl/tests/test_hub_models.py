@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,9 @@ from tiny_hf import infer_args
 import mmzoo
 from mmzoo.checkpoint.hf_export import save_hf
 from mmzoo.cli import main
+from mmzoo.commands.mm_convert import main as mm_convert_main
 
+DEMO = Path(mmzoo.__file__).parent / "demo" / "demo.jsonl"
 MAIN, V1 = hashlib.sha1(b"main").hexdigest(), hashlib.sha1(b"v1").hexdigest()  # commit hashes
 
 
@@ -104,6 +107,83 @@ def test_convert_hf_to_mm_by_id(hub, weights, tmp_path):
     assert main(["convert", "hf-to-mm", "--hf-dir", "org/name@v1", "--mm-dir", str(mm), "--tp", "2"]) == 0
     assert_same(state(mm), weights["v1"])
     assert (mm / "release" / "hf_assets" / "tokenizer.json").is_file()
+
+
+@pytest.fixture
+def bare_mm(hello_dir, tmp_path) -> Path:
+    """hello_dir as an mm checkpoint without mm_meta.json or hf_assets (as MindSpeed-MM writes it):
+    its config, tokenizer and processor files can only come from the template."""
+    mm = tmp_path / "bare"
+    assert main(["convert", "hf-to-mm", "--hf-dir", str(hello_dir), "--mm-dir", str(mm), "--tp", "2"]) == 0
+    for meta in mm.rglob("mm_meta.json"):
+        meta.unlink()
+    shutil.rmtree(mm / "release" / "hf_assets")
+    return mm
+
+
+def test_convert_templates_by_id(hub, weights, bare_mm, tmp_path, capsys):
+    hf, re = tmp_path / "hf", tmp_path / "re"
+    assert (
+        main(
+            [
+                "convert",
+                "mm-to-hf",
+                "--mm-dir",
+                str(bare_mm),
+                "--hf-dir",
+                str(hf),
+                "--hf-template",
+                "org/name",
+            ]
+        )
+        == 0
+    )
+    assert (hf / "tokenizer.json").read_bytes() == (hub_snapshot(hub, MAIN) / "tokenizer.json").read_bytes()
+    assert_same(state(hf), weights["main"])
+    args = [
+        "convert",
+        "resplit",
+        "--src",
+        str(bare_mm),
+        "--dst",
+        str(re),
+        "--hf-template",
+        f"org/name@{MAIN}",
+    ]
+    assert main(args) == 0
+    assert_same(state(re), weights["main"])
+    capsys.readouterr()
+    missing = ["convert", "mm-to-hf", "--mm-dir", str(bare_mm), "--hf-dir", str(tmp_path / "no")]
+    assert main([*missing, "--hf-template", "org/missing"]) == 2
+    assert capsys.readouterr().err.startswith("mmzoo: error: org/missing@main (Hub cache ")
+
+
+def test_mm_convert_template_by_id(hub, weights, bare_mm, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    args = ["Qwen2_5_VLConverter", "mm_to_hf", "--cfg.mm_dir", str(bare_mm), "--cfg.save_hf_dir", str(hf)]
+    args += ["--cfg.common_model_config.enable_canonical_hf_struct", "false", "--cfg.hf_config.hf_dir"]
+    assert mm_convert_main([*args, "org/name"]) == 0
+    assert (hf / "tokenizer.json").read_bytes() == (hub_snapshot(hub, MAIN) / "tokenizer.json").read_bytes()
+    assert_same(state(hf), weights["main"])
+    capsys.readouterr()
+    # v1's config.json (a tied output layer) does not describe these shards: the revision was read.
+    assert mm_convert_main([*args, "org/name@v1", "--cfg.force", "true"]) == 2
+    err = capsys.readouterr().err
+    assert f"does not hold the qwen2_5_vl model {hub_snapshot(hub, V1) / 'config.json'}" in err
+
+
+def test_data_inspect_tokenizer_by_id(hub, hello_dir, capsys):
+    inspect = ["data", "inspect", "--model", "qwen2_5_vl", "--data", str(DEMO), "--max-pixels", "12544"]
+    assert main([*inspect, "--tokenizer", str(hello_dir)]) == 0
+    local = capsys.readouterr().out
+    assert main([*inspect, "--tokenizer", "org/name@v1"]) == 0
+    assert capsys.readouterr().out == local and "<|im_start|>" in local
+    assert main([*inspect, "--tokenizer", "org/missing"]) == 2
+    assert capsys.readouterr().err.startswith("mmzoo: error: org/missing@main (Hub cache ")
+
+
+def hub_snapshot(cache: Path, commit: str) -> Path:
+    return cache / "models--org--name" / "snapshots" / commit
 
 
 def test_train_starts_from_the_id(hub, weights, tmp_path):
