@@ -3,6 +3,7 @@ is exact, and a checkpoint loads back for inference."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ import mmzoo.train.loop as loop
 from mmzoo.checkpoint.mm import save_mm
 from mmzoo.cli import main
 from mmzoo.config import load_config
-from mmzoo.lora.peft_format import import_adapter
+from mmzoo.lora.peft_format import import_adapter, save_peft
 from mmzoo.model import VLModel
 from mmzoo.train.loop import train
 
@@ -298,3 +299,47 @@ def test_bf16_frozen_base_trains_the_fp32_adapters():
             assert ".lora_A." in name or param.grad.abs().sum() > 0, name
         else:
             assert param.dtype == torch.bfloat16 and param.grad is None, name
+
+
+@pytest.mark.parametrize("imported", [False, True])
+def test_meta_device_adapters_equal_the_loaded_ones(tmp_path, imported):
+    """Built on the meta device, adapters attached, materialized and filled: the same model as
+    loading the checkpoint and attaching in one process from the same seed (or the same import)."""
+    from mmzoo.api import open_weights
+    from mmzoo.checkpoint.hf_export import save_hf
+    from mmzoo.checkpoint.weights import fill_parameters
+    from mmzoo.lora.checkpoint import adapt
+    from mmzoo.lora.meta import adapt_on_meta, base_tensors, fill_adapters
+    from mmzoo.nn.init import materialize
+    from mmzoo.testing import spread_weights_
+
+    torch.manual_seed(3)
+    save_hf(spread_weights_(mmzoo.build_model("qwen2_5_vl", "tiny"), std=0.05), tmp_path / "hf")
+    model_cfg = load_config(None, [*SMALL, *LORA, "--model.load", str(tmp_path / "hf")]).model
+    if imported:  # an adapter with nonzero B, exported and named by model.load_adapter
+        model = mmzoo.load_model(tmp_path / "hf")
+        adapt(model, model_cfg, 0)
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                torch.nn.init.normal_(param.data, std=0.1)
+        save_peft(model, tmp_path / "adapter")
+        model_cfg = dataclasses.replace(model_cfg, load_adapter=str(tmp_path / "adapter"))
+    torch.manual_seed(7)
+    expected = mmzoo.load_model(tmp_path / "hf")
+    expected_record = adapt(expected, model_cfg, 7)
+    expected_rng = torch.get_rng_state()
+    weights = open_weights(tmp_path / "hf")
+    torch.manual_seed(7)
+    model = weights.empty_model()
+    record, values = adapt_on_meta(model, model_cfg, 7)
+    assert torch.equal(torch.get_rng_state(), expected_rng)  # dropout and data draw the same next
+    assert record == expected_record
+    materialize(model, "cpu")
+    fill_parameters(model, weights, params=base_tensors(model))
+    fill_adapters(model, values)
+    ours = dict(model.named_parameters())
+    assert set(ours) == {n for n, _ in expected.named_parameters()}
+    for name, param in expected.named_parameters():
+        assert torch.equal(ours[name], param), name
+        assert ours[name].requires_grad == param.requires_grad, name
+    assert any(".lora_A." in n for n in ours)
