@@ -242,27 +242,6 @@ def test_save_peft_needs_adapters(tmp_path):
         train(config(tmp_path, "--train.steps", "1", "--train.save_peft", str(tmp_path / "a")), out=quiet)
 
 
-@pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path):
-    from launch import torchrun
-
-    run = [*RUN, "--train.loss_reduction", "per_token", "--train.steps", "3"]
-    one = train(config(tmp_path / "one", *run, "--train.grad_accum", "2"), out=quiet)  # = 2 ranks' step
-    two = tmp_path / "two"
-    args = [*SMALL, *run, "--train.output_dir", str(two), "--save-peft", str(tmp_path / "adapter")]
-    done = torchrun(2, "train", *args, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert losses == pytest.approx(one.losses, rel=1e-5)
-    assert (two / "iter_0000003" / "lora.json").is_file()
-    trained = {n for n, p in mmzoo.load_model(tmp_path / "one").named_parameters() if p.requires_grad}
-    ours, theirs = dict(mmzoo.load_model(one.checkpoint).named_parameters()), mmzoo.load_model(two)
-    for name, param in theirs.named_parameters():
-        tolerance = dict(rtol=1e-3, atol=1e-4) if name in trained else dict(rtol=0, atol=0)  # Adam: lr 1e-2
-        torch.testing.assert_close(param, ours[name], **tolerance, msg=lambda m, name=name: f"{name}: {m}")
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-
-
 def test_tensor_parallel_lora_is_refused(tmp_path):
     with pytest.raises(mmzoo.MmzooError, match="model.lora runs on data-parallel ranks only"):
         train(config(tmp_path, *RUN, "--parallel.tp", "2"), out=quiet)
