@@ -26,7 +26,7 @@ from mmzoo.model import VLModel
 from mmzoo.nn.init import persistent_buffers
 
 
-def _hollow(model: nn.Module) -> nn.Module:
+def _hollow(model: VLModel) -> VLModel:
     """A copy of a meta-device ``model`` whose linear layers hold zero-stride CPU parameters."""
     hollow = copy.deepcopy(model)
     for module in hollow.modules():
@@ -45,7 +45,7 @@ def adapt_on_meta(
     ends where attaching in one process leaves it."""
     hollow = _hollow(model)
     before = torch.get_rng_state()
-    record = adapt(hollow, model_cfg, seed)  # type: ignore[arg-type]
+    record = adapt(hollow, model_cfg, seed)
     if record is None:
         return None, {}
     after = torch.get_rng_state()

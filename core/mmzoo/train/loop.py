@@ -27,7 +27,7 @@ from mmzoo.build import build_model, use_text_backend
 from mmzoo.checkpoint.dcp import DCP_META
 from mmzoo.checkpoint.hub import resolve_model_dir
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
-from mmzoo.checkpoint.weights import fill_parameters
+from mmzoo.checkpoint.weights import Weights, fill_parameters
 from mmzoo.config import Config, TrainConfig, with_derived_defaults
 from mmzoo.data.collate import batch_to
 from mmzoo.data.dataset import VLDataset, build_dataset
@@ -243,29 +243,37 @@ def _sharded_lora_model(
     (or a LoRA run's checkpoint as the base) is built whole on every rank, then sharded. With bf16
     on an accelerator the frozen base is stored in bf16 before sharding.
     """
-    model_cfg, load = cfg.model, cfg.model.load
-    meta = bool(load) and not is_lora_checkpoint(load)  # type: ignore[arg-type]
+    model_cfg = cfg.model
     with checked(world):
-        if meta:
-            weights = open_weights(load)  # type: ignore[arg-type]
-            _check_family(weights.spec.name, spec)
+        weights = _base_weights(model_cfg.load, spec)
+        if weights is not None:
             model = use_text_backend(weights.empty_model(), model_cfg.text_backend)
             lora, values = adapt_on_meta(model, model_cfg, cfg.train.seed)
         else:
             model = _base_model(cfg, spec)
             lora = adapt(model, model_cfg, cfg.train.seed)
     _freeze_and_recompute(model, cfg, spec)
-    model = model if meta else model.to(device)
+    model = model if weights is not None else model.to(device)
     _store_frozen_base(model, cfg.train.precision, device)
     policy, parallel = mixed_precision(cfg.train.precision, device), cfg.parallel
     options = {"offload": parallel.offload, "reshard_after_forward": parallel.reshard_after_forward}
     shard_model(model, mesh[FSDP_DIM], mp_policy=policy, **options)
-    if meta:
+    if weights is not None:
         materialize(model, device)
         with checked(world):
             fill_parameters(model, weights, params=base_tensors(model))
         fill_adapters(model, values)
     return model.train(), lora
+
+
+def _base_weights(load: str | None, spec: ModelSpec) -> Weights | None:
+    """The weights ``model.load`` names, to fill a meta-device model; ``None`` for a random init or
+    a LoRA run's checkpoint (built whole)."""
+    if not load or is_lora_checkpoint(load):
+        return None
+    weights = open_weights(load)
+    _check_family(weights.spec.name, spec)
+    return weights
 
 
 def _store_frozen_base(model: VLModel, precision: str, device: torch.device) -> None:
