@@ -322,3 +322,20 @@ def test_meta_device_adapters_equal_the_loaded_ones(tmp_path, imported):
         assert torch.equal(ours[name], param), name
         assert ours[name].requires_grad == param.requires_grad, name
     assert any(".lora_A." in n for n in ours)
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "frozen"),
+    [("bf16", "cuda", torch.bfloat16), ("bf16", "npu", torch.bfloat16), ("bf16", "cpu", torch.float32),
+     ("fp32", "cuda", torch.float32)],
+)  # fmt: skip
+def test_frozen_base_dtype_on_many_ranks(precision, device, frozen):
+    """What both paths store before sharding (no device is touched: the model stays on the CPU)."""
+    from mmzoo.config import LoraConfig
+    from mmzoo.lora.attach import attach
+
+    model = mmzoo.build_model("qwen2_5_vl", "tiny")
+    attach(model, LoraConfig(r=4, targets=("text.attention",), modules_to_save=("final_layernorm",)))
+    loop._store_frozen_base(model, precision, torch.device(device))
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(False, frozen), (True, torch.float32)}
