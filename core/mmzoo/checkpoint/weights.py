@@ -89,16 +89,25 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def fill_parameters(model: torch.nn.Module, weights: Weights, *, part: bool = False) -> None:
+def fill_parameters(
+    model: torch.nn.Module,
+    weights: Weights,
+    *,
+    part: bool = False,
+    params: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Copy every tensor of ``weights`` into the parameter or persistent buffer of the same name,
     one at a time.
 
     A parameter sharded by FSDP or tensor parallel (a ``DTensor``) takes only its own shard of the
     tensor (rows reordered first where the model holds them so, see :mod:`mmzoo.nn.tp_layout`). Names
     the weights lack or the model lacks, and shapes that differ, are MmzooErrors. With ``part``
-    the model is a part of the whole (a pipeline stage's): only its own names are read.
+    the model is a part of the whole (a pipeline stage's): only its own names are read. ``params``
+    gives the tensors to fill by checkpoint name (default: the model's parameters and persistent
+    buffers by their own names).
     """
-    params = {**dict(model.named_parameters()), **persistent_buffers(model)}
+    if params is None:
+        params = {**dict(model.named_parameters()), **persistent_buffers(model)}
     orders = held_row_orders(model)  # tensor parallel: rows held in per-rank blocks
     loaded = _fill_from_own_shard(params, weights, orders)
     rest = set(params) - loaded
@@ -110,7 +119,7 @@ def fill_parameters(model: torch.nn.Module, weights: Weights, *, part: bool = Fa
                 f"{weights.spec.name} model"
             )
         _check_shape(name, param, tensor, weights)
-        _copy_into(param, tensor.index_select(0, orders[name]) if name in orders else tensor)
+        copy_into(param, tensor.index_select(0, orders[name]) if name in orders else tensor)
         loaded.add(name)
     not_loaded = sorted(set(params) - loaded)
     if not_loaded:
@@ -125,7 +134,7 @@ def _check_shape(name: str, param: torch.Tensor, tensor: torch.Tensor, weights: 
         )
 
 
-def _copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
+def copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
     """``tensor`` (whole) into ``param``; a ``DTensor`` takes only its own shard of it."""
     if _is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
@@ -156,7 +165,7 @@ def _fill_from_own_shard(params: dict[str, Any], weights: Weights, orders: dict[
         if plan.dim is None:
             tensor = plan.read(rank)
             _check_shape(name, param, tensor, weights)
-            _copy_into(param, tensor)
+            copy_into(param, tensor)
         elif (plan.glu and name not in orders) or not _copy_blocks(name, param, plan, tp, weights):
             continue
         filled.add(name)

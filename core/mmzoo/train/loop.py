@@ -27,7 +27,7 @@ from mmzoo.build import build_model, use_text_backend
 from mmzoo.checkpoint.dcp import DCP_META
 from mmzoo.checkpoint.hub import resolve_model_dir
 from mmzoo.checkpoint.mm import TRACKER, iteration_name
-from mmzoo.checkpoint.weights import fill_parameters
+from mmzoo.checkpoint.weights import Weights, fill_parameters
 from mmzoo.config import Config, TrainConfig, with_derived_defaults
 from mmzoo.data.collate import batch_to
 from mmzoo.data.dataset import VLDataset, build_dataset
@@ -59,7 +59,8 @@ from mmzoo.distributed.pipeline import (
 )
 from mmzoo.errors import MmzooError
 from mmzoo.lora.attach import store_frozen
-from mmzoo.lora.checkpoint import adapt, frozen_dtype
+from mmzoo.lora.checkpoint import adapt, frozen_dtype, is_lora_checkpoint
+from mmzoo.lora.meta import adapt_on_meta, base_tensors, fill_adapters
 from mmzoo.loss import LossReduction, batch_target_counts
 from mmzoo.model import VLModel
 from mmzoo.nn.init import materialize
@@ -233,19 +234,55 @@ def _sharded_model(
 def _sharded_lora_model(
     cfg: Config, spec: ModelSpec, world: World, mesh: TrainMesh, device: torch.device
 ) -> tuple[VLModel, dict[str, Any] | None]:
-    """LoRA on many ranks: every rank builds the whole base on the CPU (``model.load``, or the
-    random init the shared seed makes) with the same adapters, then FSDP2 shards it over the
-    data-parallel ranks; returns it and the adapters' record. The frozen base stays in its
-    dtype: FSDP2 gathers one dtype per unit, and its policy computes in bf16 anyway."""
+    """LoRA on many ranks, sharded with FSDP2 over the data-parallel ranks; returns the model and
+    the adapters' record.
+
+    From a checkpoint (``model.load``) it is built on the meta device with its adapters, sharded
+    and materialized; each rank then copies its shards of the base from the checkpoint and of the
+    adapters from the values one process would start from (:mod:`mmzoo.lora.meta`). A random init
+    (or a LoRA run's checkpoint as the base) is built whole on every rank, then sharded. With bf16
+    on an accelerator the frozen base is stored in bf16 before sharding.
+    """
+    model_cfg = cfg.model
     with checked(world):
-        model = _base_model(cfg, spec)
-        lora = adapt(model, cfg.model, cfg.train.seed)
+        weights = _base_weights(model_cfg.load, spec)
+        if weights is not None:
+            model = use_text_backend(weights.empty_model(), model_cfg.text_backend)
+            lora, values = adapt_on_meta(model, model_cfg, cfg.train.seed)
+        else:
+            model = _base_model(cfg, spec)
+            lora = adapt(model, model_cfg, cfg.train.seed)
     _freeze_and_recompute(model, cfg, spec)
-    model = model.to(device)
+    model = model if weights is not None else model.to(device)
+    _store_frozen_base(model, cfg.train.precision, device)
     policy, parallel = mixed_precision(cfg.train.precision, device), cfg.parallel
     options = {"offload": parallel.offload, "reshard_after_forward": parallel.reshard_after_forward}
     shard_model(model, mesh[FSDP_DIM], mp_policy=policy, **options)
+    if weights is not None:
+        materialize(model, device)
+        with checked(world):
+            fill_parameters(model, weights, params=base_tensors(model))
+        fill_adapters(model, values)
     return model.train(), lora
+
+
+def _base_weights(load: str | None, spec: ModelSpec) -> Weights | None:
+    """The weights ``model.load`` names, to fill a meta-device model; ``None`` for a random init or
+    a LoRA run's checkpoint (built whole)."""
+    if not load or is_lora_checkpoint(load):
+        return None
+    weights = open_weights(load)
+    _check_family(weights.spec.name, spec)
+    return weights
+
+
+def _store_frozen_base(model: VLModel, precision: str, device: torch.device) -> None:
+    """bf16 on an accelerator: the frozen parameters in bf16 (the adapters and ``modules_to_save``
+    keep float32 and their AdamW state). FSDP2 needs one dtype among a unit's trainable parameters
+    only; its policy gathers every parameter in bf16 for compute."""
+    dtype = frozen_dtype(precision, device)
+    if dtype is not None:
+        store_frozen(model, dtype)
 
 
 def _check_lr(lr: float) -> None:
@@ -395,9 +432,8 @@ def _model_and_tokenizer(
     lora = adapt(model, cfg.model, cfg.train.seed)
     _freeze_and_recompute(model, cfg, spec)
     model = model.to(device)
-    base_dtype = frozen_dtype(cfg.train.precision, device) if lora else None
-    if base_dtype is not None:
-        store_frozen(model, base_dtype)
+    if lora:
+        _store_frozen_base(model, cfg.train.precision, device)
     return model.train(), tokenizer, None, lora
 
 
