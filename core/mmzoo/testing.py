@@ -48,6 +48,16 @@ def spread_weights_(module: nn.Module, std: float = 0.08, seed: int = 0) -> nn.M
     return module
 
 
+@torch.no_grad()
+def spread_adapters_(model: nn.Module, seed: int = 3) -> None:
+    """Redraw ``model``'s LoRA adapters (``lora_A``, ``lora_B``) from ``N(0, 0.1)``: adapters as
+    after training (``lora_B`` starts at zero, which would hide any mistake)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
 def deviation(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float) -> float:
     """The worst ``|actual - expected| / (atol + rtol * |expected|)``: at most 1 means close."""
     actual, expected = actual.detach().double(), expected.detach().double()

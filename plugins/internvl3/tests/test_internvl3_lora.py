@@ -19,7 +19,7 @@ from mmzoo.config import LoraConfig
 from mmzoo.convert.mapping import QKV
 from mmzoo.lora.attach import attach
 from mmzoo.lora.peft_format import import_adapter, save_peft
-from mmzoo.testing import assert_parity, parity_pair
+from mmzoo.testing import assert_parity, parity_pair, spread_adapters_
 from mmzoo_internvl3.hf_config import config_to_hf
 from mmzoo_internvl3.mapping import StackedQKV
 
@@ -41,15 +41,6 @@ def hf_pair(request, tmp_path_factory):
     hf_config._attn_implementation = "eager"
     found = parity_pair(InternVLForConditionalGeneration, hf_config, tmp_path_factory.mktemp("hf"))
     return config, found.directory
-
-
-@torch.no_grad()
-def spread_adapters_(model: torch.nn.Module, seed: int = 3) -> None:
-    """Adapters as after training: B is zero at init, which would hide any mistake."""
-    g = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if ".lora_" in name:
-            param.copy_(torch.randn(param.shape, generator=g) * 0.1)
 
 
 def ours(model, batch: dict) -> torch.Tensor:

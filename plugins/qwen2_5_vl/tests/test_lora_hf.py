@@ -16,7 +16,7 @@ from mmzoo.config import LoraConfig
 from mmzoo.convert.mapping import QKV
 from mmzoo.lora.attach import attach
 from mmzoo.lora.peft_format import import_adapter, save_peft
-from mmzoo.testing import assert_parity
+from mmzoo.testing import assert_parity, spread_adapters_
 from mmzoo_qwen2_5_vl.compat import hf_forward
 
 peft = pytest.importorskip("peft")
@@ -24,15 +24,6 @@ peft = pytest.importorskip("peft")
 TARGETS = ("text.attention", "text.mlp", "vision.attention", "vision.mlp", "projector")
 TOL = dict(atol=1e-5, rtol=1e-4)
 BATCH = dict(images=[(1, 8, 12)])
-
-
-@torch.no_grad()
-def spread_adapters_(model: torch.nn.Module, seed: int = 3) -> None:
-    """Adapters as after training: B is zero at init, which would hide any mistake."""
-    g = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if ".lora_" in name:
-            param.copy_(torch.randn(param.shape, generator=g) * 0.1)
 
 
 @pytest.fixture
