@@ -12,7 +12,7 @@ from PIL import Image
 
 from mmzoo.data import records as records_module
 from mmzoo.data.llava import convert_llava
-from mmzoo.data.records import Record, SkipReport, read_records
+from mmzoo.data.records import Record, SkipReport, read_records, stream_records
 from mmzoo.errors import MmzooError
 
 
@@ -139,6 +139,17 @@ def test_comma_separated_datasets_and_dataset_dir(tmp_path):
     shared = read_records(f"{first},{second}", dataset_dir=str(tmp_path / "media"))
     assert shared[0].images == [tmp_path / "media" / "x.png"]
     assert shared[1].images == [absolute]  # absolute paths ignore dataset_dir
+
+
+def test_stream_records_reads_a_file_only_when_its_records_are_wanted(tmp_path):
+    first = write_jsonl(tmp_path / "one.jsonl", [GOOD, chat("q", "")])
+    report = SkipReport()
+    records = stream_records(f"{first},{tmp_path / 'missing.jsonl'}", report=report)
+    assert next(records).source == f"{first}:1"  # the second file is not opened yet
+    assert report.total == 0  # the first file's skips are merged once it is read
+    with pytest.raises(MmzooError, match="missing.jsonl: data file not found"):
+        next(records)
+    assert report.total == 1
 
 
 def test_max_samples_caps_each_dataset_after_skipping(tmp_path):

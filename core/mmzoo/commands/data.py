@@ -9,7 +9,7 @@ from itertools import groupby
 import mmzoo
 from mmzoo.commands.infer import add_media_arg, key_values
 from mmzoo.config import DataConfig
-from mmzoo.data.records import SkipReport, read_records
+from mmzoo.data.records import SkipReport, stream_records
 from mmzoo.errors import MmzooError
 from mmzoo.loss import IGNORE_INDEX
 
@@ -129,7 +129,7 @@ def inspect(args: argparse.Namespace) -> int:
     if args.index < 0:
         raise MmzooError(f"--index {args.index} is negative; samples count from 0")
     report = SkipReport()
-    records = read_records(args.data, args.dataset_dir, report=report)
+    records = stream_records(args.data, args.dataset_dir, report=report)  # one at a time
     preprocessor = Preprocessor(spec, config, tokenizer, data)
     # Every record is prepared, as training does: samples are numbered and counted as training sees
     # them, a record that cannot be prepared is skipped (with its reason), never shown or counted.

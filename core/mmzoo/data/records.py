@@ -138,8 +138,8 @@ def read_records(
 ) -> list[Record]:
     """Read records from one or more data files, skipping and counting bad ones.
 
-    Each file is read by :func:`iter_records`; this keeps all records in memory (media bytes
-    embedded in parquet / arrow rows included): training streams them instead.
+    :func:`stream_records` as a list: this keeps all records in memory (media bytes embedded in
+    parquet / arrow rows included); training and ``mmzoo data inspect`` stream them instead.
 
     Args:
         data: a path, or several joined by commas.
@@ -157,19 +157,30 @@ def read_records(
         MmzooError: a data file is missing or unreadable, a file yields no good record, or
             (with ``strict``) a record is bad.
     """
+    return list(stream_records(data, dataset_dir, max_samples, strict, report, format))
+
+
+def stream_records(
+    data: str,
+    dataset_dir: str | None = None,
+    max_samples: int | None = None,
+    strict: bool = False,
+    report: SkipReport | None = None,
+    format: str = "auto",
+) -> Iterator[Record]:
+    """The good records of one or more data files (as :func:`read_records`), read as they are
+    consumed: each file by :func:`iter_records`, its skips merged into ``report`` once it is read."""
     paths = [p.strip() for p in data.split(",") if p.strip()]
     if not paths:
         raise MmzooError(f"no data file given (data={data!r}); pass a JSON/JSONL path, or several with ,")
-    records: list[Record] = []
     for path in paths:
         local = SkipReport()
-        records.extend(iter_records(path, dataset_dir, max_samples, strict, local, format))
+        yield from iter_records(path, dataset_dir, max_samples, strict, local, format)
         if report is not None:
             report.merge(local)
         else:
             for line in local.summary_lines():
                 logger.warning(line)
-    return records
 
 
 def iter_records(
