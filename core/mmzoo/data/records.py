@@ -128,36 +128,10 @@ class _Skip(Exception):
         self.detail = detail
 
 
-def read_records(
-    data: str,
-    dataset_dir: str | None = None,
-    max_samples: int | None = None,
-    strict: bool = False,
-    report: SkipReport | None = None,
-    format: str = "auto",
-) -> list[Record]:
-    """Read records from one or more data files, skipping and counting bad ones.
-
-    :func:`stream_records` as a list: this keeps all records in memory (media bytes embedded in
-    parquet / arrow rows included); training and ``mmzoo data inspect`` stream them instead.
-
-    Args:
-        data: a path, or several joined by commas.
-        dataset_dir: directory that relative media paths are resolved against; default: each data
-            file's own directory. Absolute media paths are kept.
-        max_samples: keep at most this many good records per data file (reading stops there).
-        strict: raise at the first bad record instead of skipping it.
-        report: where skips are counted; if None, the summary is logged as warnings instead.
-        format: ``auto``, ``json``, ``parquet`` or ``arrow`` (see :func:`iter_records`).
-
-    Returns:
-        The good records of all files, in file order.
-
-    Raises:
-        MmzooError: a data file is missing or unreadable, a file yields no good record, or
-            (with ``strict``) a record is bad.
-    """
-    return list(stream_records(data, dataset_dir, max_samples, strict, report, format))
+def read_records(data: str, dataset_dir: str | None = None, **options: Any) -> list[Record]:
+    """:func:`stream_records` as a list: all records in memory (media bytes embedded in parquet /
+    arrow rows included); training and ``mmzoo data inspect`` stream them instead."""
+    return list(stream_records(data, dataset_dir, **options))
 
 
 def stream_records(
@@ -168,8 +142,22 @@ def stream_records(
     report: SkipReport | None = None,
     format: str = "auto",
 ) -> Iterator[Record]:
-    """The good records of one or more data files (as :func:`read_records`), read as they are
-    consumed: each file by :func:`iter_records`, its skips merged into ``report`` once it is read."""
+    """The good records of one or more data files, in file order, read as they are consumed: each
+    file by :func:`iter_records`, its skips merged into ``report`` once it is read.
+
+    Args:
+        data: a path, or several joined by commas.
+        dataset_dir: directory that relative media paths are resolved against; default: each data
+            file's own directory. Absolute media paths are kept.
+        max_samples: keep at most this many good records per data file (reading stops there).
+        strict: raise at the first bad record instead of skipping it.
+        report: where skips are counted; if None, the summary is logged as warnings instead.
+        format: ``auto``, ``json``, ``parquet`` or ``arrow`` (see :func:`iter_records`).
+
+    Raises:
+        MmzooError: a data file is missing or unreadable, a file yields no good record, or
+            (with ``strict``) a record is bad.
+    """
     paths = [p.strip() for p in data.split(",") if p.strip()]
     if not paths:
         raise MmzooError(f"no data file given (data={data!r}); pass a JSON/JSONL path, or several with ,")
@@ -200,7 +188,7 @@ def iter_records(
     :func:`mmzoo.data.tables.detect_format`).
 
     Raises:
-        MmzooError: as :func:`read_records`; "no usable records" only once the file is read.
+        MmzooError: as :func:`stream_records`; "no usable records" only once the file is read.
     """
     if max_samples is not None and max_samples < 1:
         raise MmzooError(f"max_samples must be at least 1 (or unset), got {max_samples}")

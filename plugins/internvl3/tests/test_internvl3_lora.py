@@ -64,13 +64,18 @@ def lora_model(directory) -> mmzoo.VLModel:
     return model
 
 
+def exported(model, out) -> set[str]:
+    """The tensor names of ``model``'s adapters as ``--save-peft`` writes them to ``out``."""
+    save_peft(model, out)
+    return set(load_file(out / "adapter_model.safetensors"))
+
+
 # --- export (--save-peft) --------------------------------------------------------------------------
 
 
 def test_export_names_are_transformers(hf_pair, tmp_path):
     _, directory = hf_pair
-    save_peft(lora_model(directory), tmp_path / "adapter")
-    names = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    names = exported(lora_model(directory), tmp_path / "adapter")
     for module in (
         "language_model.layers.0.self_attn.k_proj",
         "language_model.layers.1.mlp.gate_proj",
@@ -115,8 +120,7 @@ def test_opengvlab_layout_exports_its_names_and_imports_back(hf_pair, tmp_path):
     hf = config_to_hf(dataclasses.replace(config, hf_layout="opengvlab"))
     (original / "config.json").write_text(json.dumps(hf))
     model = lora_model(original)
-    save_peft(model, tmp_path / "adapter")
-    names = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    names = exported(model, tmp_path / "adapter")
     for module in (
         "vision_model.encoder.layers.0.attn.qkv",
         "vision_model.encoder.layers.0.mlp.fc2",
